@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_description
 from pydicom.tag import Tag
 
 
@@ -56,9 +56,7 @@ class PixelDecodeError(IntakeError):
 class AttributeProblem(IntakeError):
     """A required attribute is missing or holds an unusable value."""
 
-    def __init__(
-        self, tag: int, problem: str, *, instance: int | None = None
-    ) -> None:
+    def __init__(self, tag: int, problem: str, *, instance: int | None = None) -> None:
         self.tag = Tag(tag)
         super().__init__(f"{describe_tag(tag)} {problem}", instance=instance)
 
@@ -88,23 +86,10 @@ class InputTooLargeError(IntakeError):
 
 
 def describe_tag(tag: int) -> str:
-    """'(0028,0030) Pixel Spacing', as pydicom names attributes."""
+    """'(0028,0030) Pixel Spacing', named as the DICOM dictionary (and pydicom) names it."""
     value = Tag(tag)
-    keyword = keyword_for_tag(value)
-    name = _split_keyword(keyword) if keyword else "Unknown Attribute"
+    try:
+        name = dictionary_description(value)
+    except KeyError:
+        name = "Unknown Attribute"
     return f"({value.group:04X},{value.element:04X}) {name}"
-
-
-def _split_keyword(keyword: str) -> str:
-    """'PixelSpacing' -> 'Pixel Spacing' (acronyms such as 'UID' stay whole)."""
-    words: list[str] = []
-    for index, char in enumerate(keyword):
-        previous = keyword[index - 1] if index else ""
-        following = keyword[index + 1] if index + 1 < len(keyword) else ""
-        starts_word = char.isupper() and index > 0 and (
-            previous.islower() or (following.islower() and previous.isupper())
-        )
-        if starts_word:
-            words.append(" ")
-        words.append(char)
-    return "".join(words)

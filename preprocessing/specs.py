@@ -333,7 +333,8 @@ def _replace_path(node: Any, parts: list[str], value: Any, path: str) -> Any:
         index = names.index(head)
         child = _replace_path(node[index], rest, value, path) if rest else value
         return (*node[:index], child, *node[index + 1 :])
-    if not dataclasses.is_dataclass(node) or head not in {f.name for f in dataclasses.fields(node)}:
+    is_instance = dataclasses.is_dataclass(node) and not isinstance(node, type)
+    if not is_instance or head not in {f.name for f in dataclasses.fields(node)}:
         raise SpecError(f"override {path!r}: unknown field {head!r}")
     current = getattr(node, head)
     new_value = _replace_path(current, rest, value, path) if rest else _coerce(current, value)
@@ -350,4 +351,3 @@ def _coerce(current: object, value: Any) -> Any:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
-

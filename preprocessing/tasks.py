@@ -34,7 +34,9 @@ LIVER_MASS_CT = TaskSpec(
     paper="Yasaka K et al. Radiology 2018;286:887-896",
     modality="CT",
     images=ImageSet(
-        roles=("non_contrast", "arterial", "delayed"), min_images=3, max_images=3,
+        roles=("non_contrast", "arterial", "delayed"),
+        min_images=3,
+        max_images=3,
         stacking="channels",
     ),
     intensity=CTWindow(center_hu=100.0, width_hu=400.0),
@@ -59,8 +61,9 @@ LIVER_MASS_CT = TaskSpec(
         "images": choice("one image per phase, at the level of the mass"),
         "images.stacking": choice("the three phases are the channels of one sample"),
         "intensity": choice("soft-tissue window 100/400 HU spans cyst to enhancing tumour"),
-        "geometry": choice("square crop around the request's ROI, 64 px: the paper's size is "
-                           "not in the abstract"),
+        "geometry": choice(
+            "square crop around the request's ROI, 64 px: the paper's size is not in the abstract"
+        ),
         "clinical_inputs": paper("images only"),
         "output.labels": paper("categories A-E"),
         "output.descriptions": paper("categories A-E"),
@@ -86,7 +89,10 @@ LIVER_FIBROSIS_CT = TaskSpec(
         labels=("F_DLCT", "F0", "F1", "F2", "F3", "F4"),
         descriptions=(
             "deep-learning fibrosis score on the 0-4 stage scale",
-            "no fibrosis", "portal fibrosis", "periportal fibrosis", "septal fibrosis",
+            "no fibrosis",
+            "portal fibrosis",
+            "periportal fibrosis",
+            "septal fibrosis",
             "cirrhosis",
         ),
         unit="stage",
@@ -98,8 +104,9 @@ LIVER_FIBROSIS_CT = TaskSpec(
         "modality": paper("portal-venous-phase CT"),
         "images": choice("1-16 axial slices through the liver, each scored"),
         "intensity": choice("liver window 60/250 HU"),
-        "geometry": choice("1.5 mm pixels, 192 px (288 mm) centred: the liver magnification is "
-                           "not in the abstract"),
+        "geometry": choice(
+            "1.5 mm pixels, 192 px (288 mm) centred: the liver magnification is not in the abstract"
+        ),
         "clinical_inputs": paper("age and sex were inputs"),
         "clinical_inputs.age.offset": choice("feature scaling"),
         "clinical_inputs.age.scale": choice("feature scaling"),
@@ -125,8 +132,14 @@ LIVER_FIBROSIS_MRI = TaskSpec(
     geometry=FixedSpacing(spacing_mm=1.5, matrix=192),
     clinical_inputs=(
         ClinicalInput(
-            "field_strength", "number", unit="T", minimum=0.2, maximum=7.0, offset=1.5,
-            scale=1.5, dicom_fallback=MAGNETIC_FIELD_STRENGTH,
+            "field_strength",
+            "number",
+            unit="T",
+            minimum=0.2,
+            maximum=7.0,
+            offset=1.5,
+            scale=1.5,
+            dicom_fallback=MAGNETIC_FIELD_STRENGTH,
         ),
         ClinicalInput("hbv", "category", choices=("negative", "positive")),
         ClinicalInput("hcv", "category", choices=("negative", "positive")),
@@ -136,7 +149,10 @@ LIVER_FIBROSIS_MRI = TaskSpec(
         labels=("F_DLMRI", "F0", "F1", "F2", "F3", "F4"),
         descriptions=(
             "deep-learning fibrosis score on the 0-4 stage scale",
-            "no fibrosis", "portal fibrosis", "periportal fibrosis", "septal fibrosis",
+            "no fibrosis",
+            "portal fibrosis",
+            "periportal fibrosis",
+            "septal fibrosis",
             "cirrhosis",
         ),
         unit="stage",
@@ -152,7 +168,8 @@ LIVER_FIBROSIS_MRI = TaskSpec(
         "geometry": choice("1.5 mm pixels, 192 px centred"),
         "clinical_inputs": paper("field strength and HBV/HCV status were inputs"),
         "clinical_inputs.field_strength.dicom_fallback": choice(
-            "read (0018,0087) when the request leaves it out"),
+            "read (0018,0087) when the request leaves it out"
+        ),
         "clinical_inputs.field_strength.offset": choice("feature scaling"),
         "clinical_inputs.field_strength.scale": choice("feature scaling"),
         "clinical_inputs.field_strength.minimum": choice("plausible range"),
@@ -196,8 +213,10 @@ BONE_DENSITY_CT = TaskSpec(
         "output.labels": paper("DXA lumbar BMD"),
         "output.descriptions": paper("DXA lumbar BMD"),
         "output.unit": paper("g/cm2"),
-        "output": choice("study BMD = mean of slices; osteoporosis flag at <= 0.70 g/cm2, "
-                         "70% of a 1.0 g/cm2 young-adult mean (Japanese criterion)"),
+        "output": choice(
+            "study BMD = mean of slices; osteoporosis flag at <= 0.70 g/cm2, "
+            "70% of a 1.0 g/cm2 young-adult mean (Japanese criterion)"
+        ),
         "limits": _LIMITS_CHOICE,
     },
 )
@@ -236,7 +255,10 @@ ESOPHAGEAL_CANCER_CT = TaskSpec(
 TASKS: Mapping[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        LIVER_MASS_CT, LIVER_FIBROSIS_CT, LIVER_FIBROSIS_MRI, BONE_DENSITY_CT,
+        LIVER_MASS_CT,
+        LIVER_FIBROSIS_CT,
+        LIVER_FIBROSIS_MRI,
+        BONE_DENSITY_CT,
         ESOPHAGEAL_CANCER_CT,
     )
 }
