@@ -28,11 +28,17 @@ from preprocessing.errors import (
     InputTooLargeError,
     NoPixelDataError,
     NotDicomError,
-    PixelDecodeError,
     TruncatedDicomError,
     UnsupportedObjectError,
 )
 from preprocessing.frames import Frame, frames_of
+from preprocessing.pixel_data import (
+    PixelSpan,
+    decoded_pixels,
+    frame_shape,
+    native_pixels,
+    native_span,
+)
 from preprocessing.specs import IntakeLimits
 
 PIXEL_DATA = 0x7FE00010
@@ -80,12 +86,13 @@ def decode_instance(
             f"{len(data)} bytes exceed the limit of {limits.max_bytes_per_instance} per instance",
             instance=index,
         )
-    dataset = parse_dataset(data, index)
-    check_is_image(dataset, index)
+    parsed = parse_dataset(data, index)
+    dataset = parsed.dataset
+    check_is_image(parsed, index)
     check_pixel_budget(dataset, index, limits)
     modality = (header.text(dataset, MODALITY) or "").upper()
     slope, intercept = modality_lut(dataset, modality, index)
-    pixels = decode_pixels(dataset, index)
+    pixels = decode_pixels(data, parsed, index)
     return DecodedInstance(
         index=index,
         modality=modality,
@@ -120,24 +127,40 @@ def modality_lut(dataset: Dataset, modality: str, index: int) -> tuple[float, fl
     return values[0], values[1]
 
 
-def parse_dataset(data: bytes, index: int) -> Dataset:
-    """Read the dataset, falling back to files without preamble or file meta."""
+@dataclass(frozen=True, eq=False)
+class Parsed:
+    """The header, and where native pixel data lies in the bytes (fast path) if it does."""
+
+    dataset: Dataset
+    syntax: UID | None
+    span: PixelSpan | None
+
+
+def parse_dataset(data: bytes, index: int) -> Parsed:
+    """Read the header; find native pixel data in place, or read everything."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        force = False
         try:
-            return _read(data, index, force=False)
+            dataset, position = _read(data, index, force=False, header_only=True)
         except InvalidDicomError:
-            dataset = _read(data, index, force=True)
-    if not any(keyword in dataset for keyword in _RECOGNISABLE):
+            force = True
+            dataset, position = _read(data, index, force=True, header_only=True)
+        syntax = _transfer_syntax(dataset)
+        span = native_span(data, position, syntax)
+        if span is None:  # compressed, deflated, no pixels, ...: pydicom reads it all
+            dataset, _ = _read(data, index, force=force, header_only=False)
+    if force and not any(keyword in dataset for keyword in _RECOGNISABLE):
         raise NotDicomError(
             "not a DICOM dataset: no 'DICM' prefix and no recognisable attributes", instance=index
         )
-    return dataset
+    return Parsed(dataset, syntax, span)
 
 
-def _read(data: bytes, index: int, *, force: bool) -> Dataset:
+def _read(data: bytes, index: int, *, force: bool, header_only: bool) -> tuple[Dataset, int]:
+    stream = io.BytesIO(data)
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=force)
+        dataset = pydicom.dcmread(stream, force=force, stop_before_pixels=header_only)
     except InvalidDicomError:
         raise
     except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as error:
@@ -146,12 +169,15 @@ def _read(data: bytes, index: int, *, force: bool) -> Dataset:
         ) from error
     if len(dataset) == 0:
         raise TruncatedDicomError("the dataset ends before its first attribute", instance=index)
-    return dataset
+    return dataset, stream.tell()
 
 
-def check_is_image(dataset: Dataset, index: int) -> None:
+def check_is_image(parsed: Parsed, index: int) -> None:
     """Refuse non-image objects, pixel-less images and colour images, naming why."""
-    has_pixels = PIXEL_DATA in dataset or any(tag in dataset for tag in FLOAT_PIXEL_TAGS)
+    dataset = parsed.dataset
+    has_pixels = parsed.span is not None or any(
+        tag in dataset for tag in (PIXEL_DATA, *FLOAT_PIXEL_TAGS)
+    )
     if not has_pixels:
         sop_class = UID(header.text(dataset, SOP_CLASS_UID) or "")
         if sop_class and "Image" not in sop_class.name:
@@ -175,8 +201,8 @@ def check_is_image(dataset: Dataset, index: int) -> None:
 
 def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> None:
     """Refuse oversized images from the header alone, before decoding anything."""
-    pixels = header.unsigned(dataset, ROWS, 0, index) * header.unsigned(dataset, COLUMNS, 0, index)
-    pixels *= _frame_count(dataset, index)
+    frames, rows, columns = frame_shape(dataset, index)
+    pixels = frames * rows * columns
     if pixels > limits.max_pixels_per_instance:
         raise InputTooLargeError(
             f"(0028,0010) Rows x (0028,0011) Columns x frames = {pixels} pixels exceeds the "
@@ -185,81 +211,16 @@ def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> No
         )
 
 
-def decode_pixels(dataset: Dataset, index: int) -> np.ndarray:
+def decode_pixels(data: bytes, parsed: Parsed, index: int) -> np.ndarray:
     """Stored pixel values as (frames, rows, columns)."""
-    syntax = _transfer_syntax(dataset)
-    if syntax is not None and not syntax.is_compressed and PIXEL_DATA in dataset:
-        native = _native_pixels(dataset, index)
-        if native is not None:
-            return native
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = dataset.pixel_array
-    except Exception as error:  # decoder plugins raise many unrelated types
-        name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise PixelDecodeError(
-            f"pixel data could not be decoded ({name}): {error}", instance=index
-        ) from error
-    return array.reshape(_shape(dataset, index))
-
-
-def _native_pixels(dataset: Dataset, index: int) -> np.ndarray | None:
-    """Uncompressed pixels straight from the buffer; None where pydicom must handle them.
-
-    pydicom's pixel pipeline costs more than the copy itself for a 512x512 slice,
-    and per-slice preprocessing has to stay within 1.25x of a bare decode.
-    """
-    bits = header.unsigned(dataset, BITS_ALLOCATED, 0, index)
-    if bits not in (8, 16, 32):
-        return None
-    shape = _shape(dataset, index)
-    signed = header.unsigned(dataset, PIXEL_REPRESENTATION, 0, index) == 1
-    order = ">" if _is_big_endian(dataset) else "<"
-    dtype = np.dtype(f"{order}{'i' if signed else 'u'}{bits // 8}")
-    buffer = header.raw_bytes(dataset, PIXEL_DATA)
-    if buffer is None:
-        return None
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(buffer) < expected:
-        raise TruncatedDicomError(
-            f"(7FE0,0010) Pixel Data holds {len(buffer)} bytes, expected {expected}", instance=index
-        )
-    pixels: np.ndarray = np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape)))
-    pixels = pixels.reshape(shape)
-    stored = header.unsigned(dataset, BITS_STORED, bits, index)
-    if stored < bits and not _within_stored_bits(pixels, stored, signed):
-        pixels = _mask_stored_bits(pixels, stored, signed)
-    return pixels
-
-
-def _shape(dataset: Dataset, index: int) -> tuple[int, int, int]:
-    frames = _frame_count(dataset, index)
-    return (
-        frames,
-        header.unsigned(dataset, ROWS, 0, index),
-        header.unsigned(dataset, COLUMNS, 0, index),
-    )
-
-
-def _within_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> bool:
-    """True when no value uses bits above Bits Stored: one pass, cheaper than masking."""
-    if signed:
-        limit = 1 << (stored - 1)
-        return bool(-limit <= int(pixels.min()) and int(pixels.max()) < limit)
-    return int(pixels.max()) < (1 << stored)
-
-
-def _mask_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> np.ndarray:
-    """Drop bits above Bits Stored (overlays, junk); sign-extend signed values."""
-    size = pixels.dtype.itemsize
-    native = pixels.astype(pixels.dtype.newbyteorder("="))
-    masked: np.ndarray = native.view(f"u{size}") & np.array((1 << stored) - 1, f"u{size}")
-    if not signed:
-        return masked
-    shift = size * 8 - stored
-    extended: np.ndarray = (masked.view(f"i{size}") << shift) >> shift
-    return extended
+    if parsed.span is not None:
+        pixels = native_pixels(data, parsed.span, parsed.dataset, index)
+        if pixels is not None:
+            return pixels
+        # A layout numpy cannot view (e.g. 1-bit): let pydicom read and unpack it.
+        dataset, _ = _read(data, index, force=True, header_only=False)
+        return decoded_pixels(dataset, parsed.syntax, index)
+    return decoded_pixels(parsed.dataset, parsed.syntax, index)
 
 
 def _transfer_syntax(dataset: Dataset) -> UID | None:
@@ -274,13 +235,3 @@ def _transfer_syntax(dataset: Dataset) -> UID | None:
     if little:
         return UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
     return UID("1.2.840.10008.1.2.2")
-
-
-def _is_big_endian(dataset: Dataset) -> bool:
-    syntax = _transfer_syntax(dataset)
-    return syntax == "1.2.840.10008.1.2.2"
-
-
-def _frame_count(dataset: Dataset, index: int) -> int:
-    value = header.number(dataset, NUMBER_OF_FRAMES, index)
-    return int(value) if value is not None and value >= 1 else 1

@@ -68,7 +68,10 @@ class StudyPreparer:
         ]
         arranged = arrange(spec, images)
         values.update(fallback_values(spec, values, decoded))
-        pixels = [self.prepare_image(image, clinical.get(ROI_KEY)) for image in arranged]
+        # Each image is written straight into the stacked array: no extra copy per study.
+        pixels = np.empty((len(arranged), spec.matrix, spec.matrix), dtype=np.float32)
+        for image, target in zip(arranged, pixels, strict=True):
+            self.prepare_image(image, clinical.get(ROI_KEY), target)
         return assemble(spec, arranged, pixels, feature_vector(spec, values))
 
     def decode(self, data: bytes, index: int) -> DecodedInstance:
@@ -81,10 +84,10 @@ class StudyPreparer:
             )
         return decoded
 
-    def prepare_image(self, image: Image, roi: object) -> np.ndarray:
-        """One frame -> (matrix, matrix) float32 in [0, 1]."""
+    def prepare_image(self, image: Image, roi: object, out: np.ndarray | None = None) -> np.ndarray:
+        """One frame -> (matrix, matrix) float32 in [0, 1], written into `out` if given."""
         grid = self.grid_for(image, roi)
-        resampled = resample(image.frame.pixels, grid)
+        resampled = resample(image.frame.pixels, grid, out)
         source = image.instance
         if isinstance(self.spec.intensity, CTWindow):
             window_ct(resampled, source.slope, source.intercept, self.spec.intensity)
@@ -148,9 +151,8 @@ def fallback_values(
 
 
 def assemble(
-    spec: TaskSpec, images: Sequence[Image], pixels: Sequence[np.ndarray], features: np.ndarray
+    spec: TaskSpec, images: Sequence[Image], stacked: np.ndarray, features: np.ndarray
 ) -> PreparedStudy:
-    stacked = np.stack(pixels)
     indices = [image.instance.index for image in images]
     if spec.images.stacking == "channels":
         samples = stacked[None, ...]

@@ -1,0 +1,59 @@
+"""`abdoserve`: one console command, one subcommand per job.
+
+Each subcommand lives in the module that owns the job and exposes
+`add_arguments(parser)` and `run(args) -> int`. Those modules import heavy
+libraries (torch, onnxruntime) inside `run`, so building the parser stays cheap
+and `abdoserve infer` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# (command path, module, help)
+COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("phantom",), "preprocessing.phantom.cli", "write a phantom DICOM study for a task"),
+    (("bench", "preprocess"), "preprocessing.bench",
+     "preprocessing throughput vs bare pydicom decode"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="abdoserve", description="Abdominal radiology models served through Triton."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for path, module_name, help_text in COMMANDS:
+        target = commands
+        if len(path) == 2:
+            if path[0] not in groups:
+                group = commands.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = group.add_subparsers(
+                    dest="subcommand", required=True, metavar="SUBCOMMAND"
+                )
+            target = groups[path[0]]
+        module = importlib.import_module(module_name)
+        sub = target.add_parser(path[-1], help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

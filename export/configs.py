@@ -1,0 +1,190 @@
+"""Triton model configs for one task, rendered from its spec.
+
+The spec is the single source of truth: a hospital override of the matrix or the
+clinical inputs changes the tensor dims here, the ONNX graph and the client alike.
+The committed `model_repository/*/config.pbtxt` files are these renderings for
+the default specs; a contract test keeps them identical.
+
+Tensor contract (the ensemble is the public entry point):
+  <task>              DICOM (BYTES [-1]), CLINICAL (BYTES [1], JSON)
+                      -> SCORES (FP32 [-1, K]), STUDY (FP32 [K]), ANSWER (BYTES [1], JSON)
+  <task>_preprocess   -> SAMPLES (FP32 [-1, C, M, M]), FEATURES (FP32 [F], if F > 0),
+                         SAMPLE_SOURCE (INT32 [-1]), STUDY_INFO (BYTES [1], JSON)
+  <task>_net          SAMPLES, FEATURES -> OUTPUT (FP32 [-1, K])
+  <task>_postprocess  OUTPUT, SAMPLE_SOURCE, STUDY_INFO -> SCORES, STUDY, ANSWER
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from preprocessing.clinical import ROI_KEY
+from preprocessing.specs import RoiCrop, TaskSpec
+
+MAX_BATCH_SIZE = 8
+FP32 = mc.DataType.TYPE_FP32
+INT32 = mc.DataType.TYPE_INT32
+BYTES = mc.DataType.TYPE_STRING
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Scheduling knobs an operator sets per deployment (see docs/benchmarks.md)."""
+
+    preprocess_instances: int = 1
+    net_instances: int = 1
+    postprocess_instances: int = 1
+    net_intra_op_threads: int = 2
+    max_queue_delay_us: int = 500
+    max_samples_per_run: int = 64
+
+
+def model_names(task: str) -> tuple[str, str, str, str]:
+    return task, f"{task}_preprocess", f"{task}_net", f"{task}_postprocess"
+
+
+def render_task(
+    spec: TaskSpec, tuning: Tuning = Tuning(), provenance: Mapping[str, str] | None = None
+) -> dict[str, mc.ModelConfig]:
+    """All four configs of a task, by model name."""
+    ensemble, preprocess, net, postprocess = model_names(spec.name)
+    weights = dict(provenance or {})
+    return {
+        ensemble: ensemble_config(spec, weights),
+        preprocess: preprocess_config(spec, tuning),
+        net: net_config(spec, tuning, weights),
+        postprocess: postprocess_config(spec, tuning, weights),
+    }
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    return str(text_format.MessageToString(config))
+
+
+def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelConfig:
+    _, preprocess, net, postprocess = model_names(spec.name)
+    config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
+    config.input.extend(_public_inputs())
+    config.output.extend(_public_outputs(spec))
+    steps = config.ensemble_scheduling.step
+    prepared = ["SAMPLES", "SAMPLE_SOURCE", "STUDY_INFO"] + (
+        ["FEATURES"] if spec.feature_width else []
+    )
+    steps.add(model_name=preprocess, model_version=-1,
+              input_map={"DICOM": "DICOM", "CLINICAL": "CLINICAL"},
+              output_map={name: name.lower() for name in prepared})
+    steps.add(model_name=net, model_version=-1,
+              input_map={name: name.lower() for name in prepared if name in _NET_INPUTS},
+              output_map={"OUTPUT": "output"})
+    steps.add(model_name=postprocess, model_version=-1,
+              input_map={"OUTPUT": "output", "SAMPLE_SOURCE": "sample_source",
+                         "STUDY_INFO": "study_info"},
+              output_map={"SCORES": "SCORES", "STUDY": "STUDY", "ANSWER": "ANSWER"})
+    _parameters(config, {**describe_task(spec), **provenance})
+    return config
+
+
+_NET_INPUTS = ("SAMPLES", "FEATURES")
+
+
+def describe_task(spec: TaskSpec) -> dict[str, str]:
+    """What a client needs to read the answer, published in the ensemble's config."""
+    output = spec.output
+    return {
+        "task": spec.name,
+        "title": spec.title,
+        "paper": spec.paper,
+        "output_kind": output.kind,
+        "labels": json.dumps(list(output.labels)),
+        "label_descriptions": json.dumps(list(output.descriptions)),
+        "unit": output.unit,
+        "clinical_inputs": json.dumps(
+            [item.name for item in spec.clinical_inputs]
+            + ([ROI_KEY] if isinstance(spec.geometry, RoiCrop) else [])
+        ),
+        "images": json.dumps({"roles": list(spec.images.roles), "min": spec.images.min_images,
+                              "max": spec.images.max_images}),
+    }
+
+
+def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
+    config = _python_model(f"{spec.name}_preprocess", tuning.preprocess_instances, tuning)
+    config.input.extend(_public_inputs(ragged=True))
+    channels, rows, columns = spec.sample_shape
+    config.output.extend([
+        mc.ModelOutput(name="SAMPLES", data_type=FP32, dims=[-1, channels, rows, columns]),
+        mc.ModelOutput(name="SAMPLE_SOURCE", data_type=INT32, dims=[-1]),
+        mc.ModelOutput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
+    ])
+    if spec.feature_width:
+        config.output.append(mc.ModelOutput(name="FEATURES", data_type=FP32,
+                                            dims=[spec.feature_width]))
+    _parameters(config, {"task": spec.name})
+    return config
+
+
+def net_config(spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]) -> mc.ModelConfig:
+    config = _python_model(f"{spec.name}_net", tuning.net_instances, tuning)
+    channels, rows, columns = spec.sample_shape
+    config.input.append(mc.ModelInput(name="SAMPLES", data_type=FP32,
+                                      dims=[-1, channels, rows, columns], allow_ragged_batch=True))
+    if spec.feature_width:
+        config.input.append(mc.ModelInput(name="FEATURES", data_type=FP32,
+                                          dims=[spec.feature_width]))
+    config.output.append(mc.ModelOutput(name="OUTPUT", data_type=FP32,
+                                        dims=[-1, spec.output.width]))
+    _parameters(config, {
+        "task": spec.name,
+        "intra_op_threads": str(tuning.net_intra_op_threads),
+        "max_samples_per_run": str(tuning.max_samples_per_run),
+        **provenance,
+    })
+    return config
+
+
+def postprocess_config(
+    spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]
+) -> mc.ModelConfig:
+    config = _python_model(f"{spec.name}_postprocess", tuning.postprocess_instances, tuning)
+    width = spec.output.width
+    config.input.extend([
+        mc.ModelInput(name="OUTPUT", data_type=FP32, dims=[-1, width], allow_ragged_batch=True),
+        mc.ModelInput(name="SAMPLE_SOURCE", data_type=INT32, dims=[-1], allow_ragged_batch=True),
+        mc.ModelInput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
+    ])
+    config.output.extend(_public_outputs(spec))
+    _parameters(config, {"task": spec.name, "model_version": "1", **provenance})
+    return config
+
+
+def _public_inputs(ragged: bool = False) -> list[mc.ModelInput]:
+    return [
+        mc.ModelInput(name="DICOM", data_type=BYTES, dims=[-1], allow_ragged_batch=ragged),
+        mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1]),
+    ]
+
+
+def _public_outputs(spec: TaskSpec) -> list[mc.ModelOutput]:
+    width = spec.output.width
+    return [
+        mc.ModelOutput(name="SCORES", data_type=FP32, dims=[-1, width]),
+        mc.ModelOutput(name="STUDY", data_type=FP32, dims=[width]),
+        mc.ModelOutput(name="ANSWER", data_type=BYTES, dims=[1]),
+    ]
+
+
+def _python_model(name: str, instances: int, tuning: Tuning) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=MAX_BATCH_SIZE)
+    config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.KIND_CPU, count=instances)
+    return config
+
+
+def _parameters(config: mc.ModelConfig, values: Mapping[str, str]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value

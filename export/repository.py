@@ -1,0 +1,117 @@
+"""Build the served Triton model repository: ONNX weights, configs, Python models.
+
+The committed `model_repository/` holds the default configs and the shared Python
+model sources; weights are never committed. A build renders every config from the
+(possibly overridden) task specs, exports each network to ONNX with its parity
+check, writes the weights' provenance into the configs' parameters (and from there
+into every response), and copies the Python models into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from export.configs import Tuning, model_names, render_task, to_text
+from export.onnx_export import ExportResult, export_task
+from preprocessing.tasks import TASKS, get_task
+
+logger = logging.getLogger(__name__)
+
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+PYTHON_MODELS = SOURCE_REPOSITORY / "_python_models"
+ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
+BUILD_RECORD = "BUILD.json"
+
+
+def build_repository(
+    out: Path,
+    tasks: Iterable[str] = tuple(TASKS),
+    checkpoints: Mapping[str, Path] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    tuning: Tuning = Tuning(),
+) -> dict[str, ExportResult]:
+    """Write a complete repository to `out` (replaced atomically when done)."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    results = {}
+    for task in tasks:
+        task_overrides = dict((overrides or {}).get(task, {}))
+        checkpoint = (checkpoints or {}).get(task)
+        results[task] = build_task(staging, task, checkpoint, task_overrides, tuning)
+    record = {task: _record(result, (overrides or {}).get(task)) for task, result in results.items()}
+    (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    logger.info("model repository ready at %s (%d tasks)", out, len(results))
+    return results
+
+
+def build_task(
+    root: Path, task: str, checkpoint: Path | None, overrides: Mapping[str, Any], tuning: Tuning
+) -> ExportResult:
+    spec = get_task(task, overrides)
+    _, _, net, _ = model_names(task)
+    result = export_task(spec, root / net / "1", checkpoint)
+    configs = render_task(spec, tuning, result.provenance.to_parameters())
+    for name, config in configs.items():
+        if overrides and config.backend == "python" and not name.endswith("_net"):
+            config.parameters["spec_overrides"].string_value = json.dumps(dict(overrides))
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.pbtxt").write_text(to_text(config))
+        role = name.removeprefix(task + "_")
+        if role in ROLE_SOURCES:
+            (folder / "1").mkdir(exist_ok=True)
+            shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
+    return result
+
+
+def _record(result: ExportResult, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        **result.provenance.to_parameters(),
+        "parameters": result.parameters,
+        "flops_per_sample": result.flops_per_sample,
+        "parity_relative_error": result.parity.relative_error,
+        "overrides": dict(overrides or {}),
+    }
+
+
+def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
+    """Render the default configs into the committed repository (a developer command)."""
+    written = []
+    for spec in TASKS.values():
+        for name, config in render_task(spec).items():
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "config.pbtxt"
+            path.write_text(to_text(config))
+            written.append(path)
+            role = name.removeprefix(spec.name + "_")
+            if role in ROLE_SOURCES:
+                _link_model(folder, ROLE_SOURCES[role])
+    return written
+
+
+def _link_model(folder: Path, source: str) -> None:
+    """`1/model.py` -> the shared source, so a reader of the folder finds its code."""
+    link = folder / "1" / "model.py"
+    link.parent.mkdir(exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("..", "..", "_python_models", source))
+
+
+def is_built(out: Path, tasks: Iterable[str] = tuple(TASKS)) -> bool:
+    """Whether `out` holds a finished build with every task's models."""
+    record = out / BUILD_RECORD
+    if not record.is_file():
+        return False
+    built = json.loads(record.read_text())
+    return all(
+        task in built and (out / f"{task}_net" / "1" / "model.onnx").is_file() for task in tasks
+    )
