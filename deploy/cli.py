@@ -17,8 +17,13 @@ from collections.abc import Sequence
 # (command path, module, help)
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("phantom",), "preprocessing.phantom.cli", "write a phantom DICOM study for a task"),
-    (("bench", "preprocess"), "preprocessing.bench",
-     "preprocessing throughput vs bare pydicom decode"),
+    (
+        ("bench", "preprocess"),
+        "preprocessing.bench",
+        "preprocessing throughput vs bare pydicom decode",
+    ),
+    (("build-repository",), "export.cli", "export the networks and build the model repository"),
+    (("serve",), "deploy.serve", "serve all models on the embedded Triton server"),
 )
 
 

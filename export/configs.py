@@ -49,11 +49,12 @@ def model_names(task: str) -> tuple[str, str, str, str]:
 
 
 def render_task(
-    spec: TaskSpec, tuning: Tuning = Tuning(), provenance: Mapping[str, str] | None = None
+    spec: TaskSpec, tuning: Tuning | None = None, provenance: Mapping[str, str] | None = None
 ) -> dict[str, mc.ModelConfig]:
     """All four configs of a task, by model name."""
     ensemble, preprocess, net, postprocess = model_names(spec.name)
     weights = dict(provenance or {})
+    tuning = tuning or Tuning()
     return {
         ensemble: ensemble_config(spec, weights),
         preprocess: preprocess_config(spec, tuning),
@@ -75,16 +76,28 @@ def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelCo
     prepared = ["SAMPLES", "SAMPLE_SOURCE", "STUDY_INFO"] + (
         ["FEATURES"] if spec.feature_width else []
     )
-    steps.add(model_name=preprocess, model_version=-1,
-              input_map={"DICOM": "DICOM", "CLINICAL": "CLINICAL"},
-              output_map={name: name.lower() for name in prepared})
-    steps.add(model_name=net, model_version=-1,
-              input_map={name: name.lower() for name in prepared if name in _NET_INPUTS},
-              output_map={"OUTPUT": "output"})
-    steps.add(model_name=postprocess, model_version=-1,
-              input_map={"OUTPUT": "output", "SAMPLE_SOURCE": "sample_source",
-                         "STUDY_INFO": "study_info"},
-              output_map={"SCORES": "SCORES", "STUDY": "STUDY", "ANSWER": "ANSWER"})
+    steps.add(
+        model_name=preprocess,
+        model_version=-1,
+        input_map={"DICOM": "DICOM", "CLINICAL": "CLINICAL"},
+        output_map={name: name.lower() for name in prepared},
+    )
+    steps.add(
+        model_name=net,
+        model_version=-1,
+        input_map={name: name.lower() for name in prepared if name in _NET_INPUTS},
+        output_map={"OUTPUT": "output"},
+    )
+    steps.add(
+        model_name=postprocess,
+        model_version=-1,
+        input_map={
+            "OUTPUT": "output",
+            "SAMPLE_SOURCE": "sample_source",
+            "STUDY_INFO": "study_info",
+        },
+        output_map={"SCORES": "SCORES", "STUDY": "STUDY", "ANSWER": "ANSWER"},
+    )
     _parameters(config, {**describe_task(spec), **provenance})
     return config
 
@@ -107,8 +120,13 @@ def describe_task(spec: TaskSpec) -> dict[str, str]:
             [item.name for item in spec.clinical_inputs]
             + ([ROI_KEY] if isinstance(spec.geometry, RoiCrop) else [])
         ),
-        "images": json.dumps({"roles": list(spec.images.roles), "min": spec.images.min_images,
-                              "max": spec.images.max_images}),
+        "images": json.dumps(
+            {
+                "roles": list(spec.images.roles),
+                "min": spec.images.min_images,
+                "max": spec.images.max_images,
+            }
+        ),
     }
 
 
@@ -116,14 +134,17 @@ def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_preprocess", tuning.preprocess_instances, tuning)
     config.input.extend(_public_inputs(ragged=True))
     channels, rows, columns = spec.sample_shape
-    config.output.extend([
-        mc.ModelOutput(name="SAMPLES", data_type=FP32, dims=[-1, channels, rows, columns]),
-        mc.ModelOutput(name="SAMPLE_SOURCE", data_type=INT32, dims=[-1]),
-        mc.ModelOutput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
-    ])
+    config.output.extend(
+        [
+            mc.ModelOutput(name="SAMPLES", data_type=FP32, dims=[-1, channels, rows, columns]),
+            mc.ModelOutput(name="SAMPLE_SOURCE", data_type=INT32, dims=[-1]),
+            mc.ModelOutput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
+        ]
+    )
     if spec.feature_width:
-        config.output.append(mc.ModelOutput(name="FEATURES", data_type=FP32,
-                                            dims=[spec.feature_width]))
+        config.output.append(
+            mc.ModelOutput(name="FEATURES", data_type=FP32, dims=[spec.feature_width])
+        )
     _parameters(config, {"task": spec.name})
     return config
 
@@ -131,19 +152,30 @@ def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
 def net_config(spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_net", tuning.net_instances, tuning)
     channels, rows, columns = spec.sample_shape
-    config.input.append(mc.ModelInput(name="SAMPLES", data_type=FP32,
-                                      dims=[-1, channels, rows, columns], allow_ragged_batch=True))
+    config.input.append(
+        mc.ModelInput(
+            name="SAMPLES",
+            data_type=FP32,
+            dims=[-1, channels, rows, columns],
+            allow_ragged_batch=True,
+        )
+    )
     if spec.feature_width:
-        config.input.append(mc.ModelInput(name="FEATURES", data_type=FP32,
-                                          dims=[spec.feature_width]))
-    config.output.append(mc.ModelOutput(name="OUTPUT", data_type=FP32,
-                                        dims=[-1, spec.output.width]))
-    _parameters(config, {
-        "task": spec.name,
-        "intra_op_threads": str(tuning.net_intra_op_threads),
-        "max_samples_per_run": str(tuning.max_samples_per_run),
-        **provenance,
-    })
+        config.input.append(
+            mc.ModelInput(name="FEATURES", data_type=FP32, dims=[spec.feature_width])
+        )
+    config.output.append(
+        mc.ModelOutput(name="OUTPUT", data_type=FP32, dims=[-1, spec.output.width])
+    )
+    _parameters(
+        config,
+        {
+            "task": spec.name,
+            "intra_op_threads": str(tuning.net_intra_op_threads),
+            "max_samples_per_run": str(tuning.max_samples_per_run),
+            **provenance,
+        },
+    )
     return config
 
 
@@ -152,11 +184,15 @@ def postprocess_config(
 ) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_postprocess", tuning.postprocess_instances, tuning)
     width = spec.output.width
-    config.input.extend([
-        mc.ModelInput(name="OUTPUT", data_type=FP32, dims=[-1, width], allow_ragged_batch=True),
-        mc.ModelInput(name="SAMPLE_SOURCE", data_type=INT32, dims=[-1], allow_ragged_batch=True),
-        mc.ModelInput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
-    ])
+    config.input.extend(
+        [
+            mc.ModelInput(name="OUTPUT", data_type=FP32, dims=[-1, width], allow_ragged_batch=True),
+            mc.ModelInput(
+                name="SAMPLE_SOURCE", data_type=INT32, dims=[-1], allow_ragged_batch=True
+            ),
+            mc.ModelInput(name="STUDY_INFO", data_type=BYTES, dims=[1]),
+        ]
+    )
     config.output.extend(_public_outputs(spec))
     _parameters(config, {"task": spec.name, "model_version": "1", **provenance})
     return config

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = SOURCE_REPOSITORY / "_python_models"
 ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
 BUILD_RECORD = "BUILD.json"
+DEFAULT_TUNING = Tuning()
 
 
 def build_repository(
@@ -33,7 +35,7 @@ def build_repository(
     tasks: Iterable[str] = tuple(TASKS),
     checkpoints: Mapping[str, Path] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    tuning: Tuning = Tuning(),
+    tuning: Tuning = DEFAULT_TUNING,
 ) -> dict[str, ExportResult]:
     """Write a complete repository to `out` (replaced atomically when done)."""
     staging = out.with_name(out.name + ".partial")
@@ -43,7 +45,10 @@ def build_repository(
         task_overrides = dict((overrides or {}).get(task, {}))
         checkpoint = (checkpoints or {}).get(task)
         results[task] = build_task(staging, task, checkpoint, task_overrides, tuning)
-    record = {task: _record(result, (overrides or {}).get(task)) for task, result in results.items()}
+    record: dict[str, Any] = {
+        task: _record(result, (overrides or {}).get(task)) for task, result in results.items()
+    }
+    record["tuning"] = asdict(tuning)
     (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -64,9 +69,9 @@ def build_task(
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.pbtxt").write_text(to_text(config))
+        (folder / "1").mkdir(exist_ok=True)  # ensembles too: Triton needs a version folder
         role = name.removeprefix(task + "_")
         if role in ROLE_SOURCES:
-            (folder / "1").mkdir(exist_ok=True)
             shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
     return result
 
@@ -106,12 +111,16 @@ def _link_model(folder: Path, source: str) -> None:
     link.symlink_to(Path("..", "..", "_python_models", source))
 
 
-def is_built(out: Path, tasks: Iterable[str] = tuple(TASKS)) -> bool:
-    """Whether `out` holds a finished build with every task's models."""
+def is_built(
+    out: Path, tasks: Iterable[str] = tuple(TASKS), tuning: Tuning = DEFAULT_TUNING
+) -> bool:
+    """Whether `out` holds a finished build of these tasks with this tuning."""
     record = out / BUILD_RECORD
     if not record.is_file():
         return False
     built = json.loads(record.read_text())
+    if built.get("tuning") != asdict(tuning):
+        return False
     return all(
         task in built and (out / f"{task}_net" / "1" / "model.onnx").is_file() for task in tasks
     )

@@ -1,0 +1,252 @@
+"""The embedded CPU Triton server: the real `tritonserver` binary from the nvidia-pytriton wheel.
+
+`EmbeddedServer` starts it on the given ports with the environment its Python
+backend needs, waits until every model is ready, and stops it cleanly. The
+`serve` command and the integration tests both use it.
+
+Environment facts (see DESIGN.md): the Python-backend stub links the system
+libpython3.11 and must sit in the backend folder; it sees this virtual
+environment's packages when the environment's bin/ is first on PATH; the wheel's
+shared libraries live in `nvidia_pytriton.libs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DIR = PROJECT_ROOT / "build"
+STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not become ready."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+    def named(self) -> dict[str, int]:
+        return {"gRPC": self.grpc, "HTTP": self.http, "metrics": self.metrics}
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    repository: Path
+    ports: Ports = field(default_factory=Ports)
+    log_file: Path = BUILD_DIR / "triton.log"
+    host: str = "127.0.0.1"
+    log_verbose: int = 0
+    startup_timeout_s: float = 300.0
+    extra_args: tuple[str, ...] = ()
+
+
+def triton_home() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def backend_directory(target: Path = BUILD_DIR / "triton_backends") -> Path:
+    """A backend folder whose python/ holds the stub matching this interpreter."""
+    home = triton_home()
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "libtriton_python.so": home / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": home
+        / "backends"
+        / "python"
+        / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": home
+        / "python_backend_stubs"
+        / STUB_PYTHON
+        / "triton_python_backend_stub",
+    }
+    for name, source in sources.items():
+        if not source.exists():
+            raise ServerError(f"the Triton wheel lacks {source}")
+        destination = python_dir / name
+        if not destination.exists() or destination.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, destination)
+    return target
+
+
+def server_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = triton_home().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        item for item in (str(libs), env.get("LD_LIBRARY_PATH", "")) if item
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PYTHONPATH"] = os.pathsep.join(
+        item for item in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if item
+    )
+    # One thread per numpy/OpenMP pool: the stubs share two cores with the server.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(variable, "1")
+    return env
+
+
+def check_ports_free(host: str, ports: Ports) -> None:
+    for name, port in ports.named().items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                flag = {"gRPC": "--grpc-port", "HTTP": "--http-port", "metrics": "--metrics-port"}
+                raise ServerError(
+                    f"port {port} ({name}) on {host} is already in use; "
+                    f"choose another with {flag[name]}"
+                ) from error
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def free_ports() -> Ports:
+    return Ports(grpc=free_port(), http=free_port(), metrics=free_port())
+
+
+class EmbeddedServer:
+    """A running `tritonserver` process; use as a context manager."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def ports(self) -> Ports:
+        return self.options.ports
+
+    def command(self) -> list[str]:
+        options = self.options
+        return [
+            str(triton_home() / "bin" / "tritonserver"),
+            f"--model-repository={options.repository}",
+            f"--backend-directory={backend_directory()}",
+            f"--grpc-address={options.host}",
+            f"--grpc-port={options.ports.grpc}",
+            f"--http-address={options.host}",
+            f"--http-port={options.ports.http}",
+            f"--metrics-address={options.host}",
+            f"--metrics-port={options.ports.metrics}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--disable-auto-complete-config",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={options.log_verbose}",
+            *options.extra_args,
+        ]
+
+    def start(self) -> EmbeddedServer:
+        options = self.options
+        if not options.repository.is_dir():
+            raise ServerError(f"no model repository at {options.repository}")
+        check_ports_free(options.host, options.ports)
+        options.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = options.log_file.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=server_environment(),
+            start_new_session=True,  # Ctrl-C in a terminal reaches us; we forward it
+        )
+        self.wait_ready()
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://{self.options.host}:{self.ports.http}{path}"
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url("/v2/health/ready"), timeout=2) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(
+            f"tritonserver not ready after {self.options.startup_timeout_s:.0f} s;"
+            f" last log lines:\n{self.log_tail()}"
+        )
+
+    def model_names(self) -> list[str]:
+        request = urllib.request.Request(
+            self.url("/v2/repository/index"), data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return [item["name"] for item in json.loads(reply.read())]
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.options.log_file
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGINT first (Triton unloads models and exits), SIGKILL if it hangs."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                code = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait()
+        elif process is not None:
+            code = process.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,117 @@
+"""`abdoserve serve`: build the model repository if needed, start the embedded Triton server,
+print its endpoints, and run until Ctrl-C (or SIGTERM), then shut down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from deploy.embedded import BUILD_DIR, EmbeddedServer, Ports, ServerError, ServerOptions
+
+DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"served model repository (default {DEFAULT_REPOSITORY})",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the repository first")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)"
+    )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=BUILD_DIR / "triton.log",
+        help="server log (default build/triton.log)",
+    )
+    parser.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=1,
+        help="preprocess model instances per task (default 1)",
+    )
+    parser.add_argument(
+        "--net-instances", type=int, default=1, help="network model instances per task (default 1)"
+    )
+    parser.add_argument(
+        "--net-threads",
+        type=int,
+        default=2,
+        help="ONNX Runtime threads per network instance (default 2)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.configs import Tuning
+    from export.repository import build_repository, is_built
+
+    tuning = Tuning(
+        preprocess_instances=args.preprocess_instances,
+        net_instances=args.net_instances,
+        net_intra_op_threads=args.net_threads,
+    )
+    if args.rebuild or not is_built(args.repository, tuning=tuning):
+        print(f"building the model repository at {args.repository} ...", flush=True)
+        build_repository(args.repository, tuning=tuning)
+    options = ServerOptions(
+        repository=args.repository,
+        host=args.host,
+        log_file=args.log_file,
+        ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
+    )
+    server = EmbeddedServer(options)
+    print("starting tritonserver (all models load before it reports ready) ...", flush=True)
+    try:
+        server.start()
+    except ServerError as error:
+        print(f"error: {error}")
+        return 1
+    announce(server)
+    stop = wait_for_signal(server)
+    code = server.stop()
+    print(f"tritonserver stopped ({stop}, exit code {code})")
+    return 0
+
+
+def announce(server: EmbeddedServer) -> None:
+    host, ports = server.options.host, server.ports
+    names = sorted(
+        name
+        for name in server.model_names()
+        if "_" not in name or not name.endswith(("_preprocess", "_net", "_postprocess"))
+    )
+    print(f"AbdoServe ready: {len(names)} tasks: {', '.join(names)}")
+    print(
+        f"  gRPC     {host}:{ports.grpc}   (abdoserve infer TASK FILES --url {host}:{ports.grpc})"
+    )
+    print(f"  HTTP     http://{host}:{ports.http}/v2/health/ready")
+    print(f"  metrics  http://{host}:{ports.metrics}/metrics")
+    print(f"  log      {server.options.log_file}")
+    print("Ctrl-C stops the server.", flush=True)
+
+
+def wait_for_signal(server: EmbeddedServer) -> str:
+    """Block until SIGINT/SIGTERM arrives or the server dies; say which."""
+    stopped = threading.Event()
+    reason = {"why": "server exited"}
+
+    def handle(number: int, _frame: FrameType | None) -> None:
+        reason["why"] = signal.Signals(number).name
+        stopped.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    while not stopped.wait(1.0):
+        if server.process is None or server.process.poll() is not None:
+            break
+    return reason["why"]
