@@ -35,25 +35,28 @@ class TritonPythonModel:
         self.max_samples = int(parameters.get("max_samples_per_run", "64"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        studies, responses = [], [None] * len(requests)
+        responses: list[Any] = [None] * len(requests)
+        positions, samples, features = [], [], []
         for position, request in enumerate(requests):
             try:
-                studies.append((position, *self.read(request)))
-            except Exception as error:
+                study_samples, study_features = self.read(request)
+            except Exception as error:  # this request only
                 responses[position] = glue.error_response(pb_utils, error)
-        if studies:
-            outputs = self.run([study[1] for study in studies],
-                               [study[2] for study in studies] if self.with_features else None)
-            for (position, _, _), output in zip(studies, outputs, strict=True):
+                continue
+            positions.append(position)
+            samples.append(study_samples)
+            features.append(study_features)
+        if positions:
+            outputs = self.run(samples, features if self.with_features else None)
+            for position, output in zip(positions, outputs, strict=True):
                 responses[position] = glue.response(pb_utils, {"OUTPUT": output[None, ...]})
         return responses
 
-    def read(self, request: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
         samples = glue.single_study(glue.require_input(pb_utils, request, "SAMPLES"), "SAMPLES")
-        features = None
-        if self.with_features:
-            array = glue.require_input(pb_utils, request, "FEATURES")
-            features = glue.single_study(array, "FEATURES")
+        if not self.with_features:
+            return samples, np.zeros(0, dtype=np.float32)
+        features = glue.single_study(glue.require_input(pb_utils, request, "FEATURES"), "FEATURES")
         return samples, features
 
     def run(self, samples: list[np.ndarray], features: list[np.ndarray] | None) -> list[np.ndarray]:

@@ -38,7 +38,9 @@ class TritonPythonModel:
                 glue.require_input(pb_utils, request, "SAMPLE_SOURCE"), "SAMPLE_SOURCE"
             )
             info = glue.json_object(
-                glue.single_study(glue.require_input(pb_utils, request, "STUDY_INFO"), "STUDY_INFO"),
+                glue.single_study(
+                    glue.require_input(pb_utils, request, "STUDY_INFO"), "STUDY_INFO"
+                ),
                 "STUDY_INFO",
             )
             study, answer = study_answer(

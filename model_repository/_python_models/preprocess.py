@@ -47,8 +47,10 @@ class TritonPythonModel:
             "SAMPLES": prepared.samples[None, ...],
             "SAMPLE_SOURCE": prepared.sources[None, ...],
             "STUDY_INFO": glue.json_tensor(
-                {"roles": dict(zip(prepared.roles, prepared.role_sources, strict=True)),
-                 "instances": len(instances)}
+                {
+                    "roles": dict(zip(prepared.roles, prepared.role_sources, strict=True)),
+                    "instances": len(instances),
+                }
             ),
         }
         if self.spec.feature_width:
@@ -57,4 +59,3 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.prepare = None  # type: ignore[assignment]
-
