@@ -182,11 +182,27 @@ def test_200_concurrent_mixed_requests_all_succeed(grpc_url: str, stubs_before: 
         local = grpcclient.InferenceServerClient(grpc_url)
         return task, infer(local, task, study.instances, study.clinical).study
 
+    before = execution_counts(client)
     with ThreadPoolExecutor(max_workers=16) as pool:
         results = list(pool.map(call, tasks))
     assert len(results) == 200
     for task, study in results:
         np.testing.assert_allclose(study, expected[task], rtol=1e-6)
+    # Dynamic batching really batches: the queued requests reached `execute` together.
+    after = execution_counts(client)
+    inferences = sum(after[name][0] - before[name][0] for name in after)
+    executions = sum(after[name][1] - before[name][1] for name in after)
+    assert inferences == 200
+    assert executions < inferences
+
+
+def execution_counts(client: grpcclient.InferenceServerClient) -> dict[str, tuple[int, int]]:
+    """(inference_count, execution_count) of every task's preprocess model."""
+    counts = {}
+    for task in TASKS:
+        stats = client.get_inference_statistics(f"{task}_preprocess").model_stats[0]
+        counts[task] = (stats.inference_count, stats.execution_count)
+    return counts
 
 
 def test_no_patient_identifier_in_server_log(server: EmbeddedServer) -> None:
