@@ -1,0 +1,178 @@
+"""`AbdoServeClient`: the thin, typed, blocking gRPC client for AbdoServe's five tasks.
+
+One long-lived channel per client; every call carries an explicit deadline
+(`timeout_s`, per attempt); only UNAVAILABLE is retried, with exponential backoff.
+Logs go to the `clients` logger at DEBUG and never include DICOM content or
+clinical values. For asyncio, see `clients.aio.AsyncAbdoServeClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from clients.instances import Instance, load_instances
+from clients.protocol import (
+    DEFAULT_URL,
+    RetryPolicy,
+    build_inputs,
+    expect,
+    fibrosis_ct_clinical,
+    fibrosis_mri_clinical,
+    liver_mass_clinical,
+    parse_response,
+    request_summary,
+    requested_outputs,
+    task_info,
+)
+from clients.results import (
+    BoneDensityResult,
+    EsophagealCancerResult,
+    FibrosisResult,
+    LiverMassResult,
+    ModelInfo,
+    StudyResult,
+    TaskInfo,
+)
+
+log = logging.getLogger("clients")
+T = TypeVar("T")
+
+
+class AbdoServeClient:
+    """Blocking client; use as a context manager or call `close()`.
+
+    TLS: `ssl=True` with `root_certificates` (and, for mutual TLS, `private_key`
+    and `certificate_chain`) given as PEM file paths.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.policy = RetryPolicy(retries, backoff_s)
+        self._triton: Any = grpcclient.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        self._tasks: dict[str, TaskInfo] = {}
+        self._sleep: Callable[[float], None] = time.sleep  # replaced in tests
+
+    def __enter__(self) -> AbdoServeClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._triton.close()
+
+    def _call(self, what: str, action: Callable[[], T]) -> T:
+        """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except InferenceServerException as error:
+                delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+            self._sleep(delay)
+            attempt += 1
+
+    def is_ready(self) -> bool:
+        """Whether the server answers and reports ready (one try, no retries)."""
+        try:
+            return bool(self._triton.is_server_ready(client_timeout=self.timeout_s))
+        except InferenceServerException as error:
+            log.debug("readiness probe of %s failed: %s", self.url, error.status())
+            return False
+
+    def task_info(self, task: str) -> TaskInfo:
+        """The task's published description (labels, units, inputs), fetched once."""
+        if task not in self._tasks:
+            config = self._call(
+                "model config",
+                lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+            )
+            metadata = self._call(
+                "model metadata",
+                lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+            )
+            self._tasks[task] = task_info(config, metadata)
+        return self._tasks[task]
+
+    def model_info(self, task: str) -> ModelInfo:
+        return self.task_info(task).model
+
+    def infer(
+        self,
+        task: str,
+        instances: Sequence[Instance],
+        clinical: Mapping[str, Any] | None = None,
+    ) -> StudyResult:
+        """One study through the task's ensemble; the typed result for its output kind."""
+        info = self.task_info(task)
+        data = load_instances(instances)
+        inputs = build_inputs(data, clinical)
+        log.debug("infer %s", request_summary(task, data, clinical or {}))
+        started = time.perf_counter()
+        response = self._call(
+            f"infer {task}",
+            lambda: self._triton.infer(
+                task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
+            ),
+        )
+        log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
+        return parse_response(info, response)
+
+    def liver_mass(self, instances: Sequence[Instance], *, roi: Sequence[float]) -> LiverMassResult:
+        """Category A-E of one liver mass: non-contrast, arterial and delayed images."""
+        result = self.infer("liver_mass_ct", instances, liver_mass_clinical(roi))
+        return expect(result, LiverMassResult)
+
+    def liver_fibrosis_ct(
+        self, instances: Sequence[Instance], *, age: float, sex: str
+    ) -> FibrosisResult:
+        result = self.infer("liver_fibrosis_ct", instances, fibrosis_ct_clinical(age, sex))
+        return expect(result, FibrosisResult)
+
+    def liver_fibrosis_mri(
+        self,
+        instances: Sequence[Instance],
+        *,
+        field_strength: float | None = None,
+        hbv: str,
+        hcv: str,
+    ) -> FibrosisResult:
+        """`field_strength` None: the server reads (0018,0087) from the images."""
+        clinical = fibrosis_mri_clinical(field_strength, hbv, hcv)
+        return expect(self.infer("liver_fibrosis_mri", instances, clinical), FibrosisResult)
+
+    def bone_density(self, instances: Sequence[Instance]) -> BoneDensityResult:
+        return expect(self.infer("bone_density_ct", instances), BoneDensityResult)
+
+    def esophageal_cancer(self, instances: Sequence[Instance]) -> EsophagealCancerResult:
+        return expect(self.infer("esophageal_cancer_ct", instances), EsophagealCancerResult)
