@@ -13,13 +13,15 @@ and is applied after resampling, on four to ten times fewer pixels.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 from preprocessing import header
@@ -61,6 +63,19 @@ SOP_CLASS_UID = 0x00080016
 # Attributes any image must have; a dataset without one of these is not an image.
 _IMAGE_PIXEL_MODULE = (ROWS, COLUMNS, BITS_ALLOCATED)
 _RECOGNISABLE = ("SOPClassUID", "Modality", "Rows", "PixelData", "StudyInstanceUID")
+# What pydicom raises on bytes that end early or hold garbage: a short read (struct),
+# a value of the wrong length (BytesLengthException), a cut deflate stream (zlib), ...
+_PARSE_ERRORS = (
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+    BytesLengthException,
+)
 
 
 @dataclass(frozen=True)
@@ -103,12 +118,15 @@ def decode_instance(
         acquisition_time=(
             header.text(dataset, ACQUISITION_TIME) or header.text(dataset, CONTENT_TIME) or ""
         ),
-        extras={tag: _value(dataset, tag) for tag in extra_tags},
+        extras={tag: _value(dataset, tag, index) for tag in extra_tags},
     )
 
 
-def _value(dataset: Dataset, tag: int) -> object:
-    element = dataset.get(tag)
+def _value(dataset: Dataset, tag: int, index: int) -> object:
+    try:
+        element = dataset.get(tag)
+    except _PARSE_ERRORS as error:  # a raw value pydicom cannot convert
+        raise AttributeProblem(tag, "cannot be read", instance=index) from error
     return None if element is None else element.value
 
 
@@ -163,7 +181,7 @@ def _read(data: bytes, index: int, *, force: bool, header_only: bool) -> tuple[D
         dataset = pydicom.dcmread(stream, force=force, stop_before_pixels=header_only)
     except InvalidDicomError:
         raise
-    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as error:
+    except _PARSE_ERRORS as error:
         raise TruncatedDicomError(
             f"the dataset cannot be parsed ({error})", instance=index
         ) from error

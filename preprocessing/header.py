@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 
 from preprocessing.errors import AttributeProblem
 
@@ -70,10 +71,10 @@ def unsigned(dataset: Dataset, tag: int, default: int, index: int) -> int:
         if raw is None or len(raw) < 2:
             return default
         return int.from_bytes(raw[:2], "little" if element.is_little_endian else "big")
-    value = element.value if isinstance(element, DataElement) else dataset[tag].value
-    try:
+    try:  # a raw element of another VR is converted here, which can fail on garbage
+        value = element.value if isinstance(element, DataElement) else dataset[tag].value
         return int(value)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, NotImplementedError, BytesLengthException) as error:
         raise AttributeProblem(tag, "is not an integer", instance=index) from error
 
 
@@ -85,8 +86,8 @@ def raw_bytes(dataset: Dataset, tag: int) -> bytes | None:
 
 
 def _element(dataset: Dataset, tag: int) -> RawDataElement | DataElement | None:
-    try:
-        element = dataset.get_item(tag)
+    try:  # keep_deferred: never convert here (an unknown VR would raise)
+        element = dataset.get_item(tag, keep_deferred=True)
     except KeyError:
         return None
     if element is None or element.value in (None, b"", ""):

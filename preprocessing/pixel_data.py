@@ -104,11 +104,19 @@ def decoded_pixels(dataset: Dataset, syntax: UID | None, index: int) -> np.ndarr
             warnings.simplefilter("ignore")
             array = dataset.pixel_array
     except Exception as error:  # decoder plugins raise many unrelated types
-        name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise PixelDecodeError(
-            f"pixel data could not be decoded ({name}): {error}", instance=index
-        ) from error
+        raise _decode_error(syntax, index, error) from error
+    except BaseException as error:
+        # Rust plugins (pylibjpeg-rle) panic on corrupt streams with pyo3's
+        # PanicException, a BaseException: one bad instance must not fail the batch.
+        if type(error).__name__ != "PanicException":
+            raise
+        raise _decode_error(syntax, index, error) from error
     return array.reshape(frame_shape(dataset, index))
+
+
+def _decode_error(syntax: UID | None, index: int, error: BaseException) -> PixelDecodeError:
+    name = syntax.name if syntax is not None else "unknown transfer syntax"
+    return PixelDecodeError(f"pixel data could not be decoded ({name}): {error}", instance=index)
 
 
 def _mask_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> np.ndarray:

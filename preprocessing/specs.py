@@ -31,6 +31,16 @@ def _require(condition: bool, message: str) -> None:
         raise SpecError(message)
 
 
+def _require_integers(owner: object, *names: str) -> None:
+    """Counts and sizes must be ints: a float matrix would pass range checks and fail later."""
+    for name in names:
+        value = getattr(owner, name)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{name} must be an integer, got {value!r}",
+        )
+
+
 class Source(enum.Enum):
     PAPER = "paper"
     CHOICE = "serving choice"
@@ -88,6 +98,7 @@ class FixedSpacing:
     matrix: int
 
     def __post_init__(self) -> None:
+        _require_integers(self, "matrix")
         _require(0.1 <= self.spacing_mm <= 10, "target pixel spacing outside 0.1..10 mm")
         _require(16 <= self.matrix <= 1024, "matrix outside 16..1024")
 
@@ -104,6 +115,7 @@ class RoiCrop:
     min_fov_mm: float
 
     def __post_init__(self) -> None:
+        _require_integers(self, "matrix")
         _require(16 <= self.matrix <= 1024, "matrix outside 16..1024")
         _require(1.0 <= self.margin <= 10.0, "ROI margin outside 1..10")
         _require(self.min_fov_mm > 0, "minimum field of view must be positive")
@@ -127,6 +139,7 @@ class ImageSet:
     stacking: Stacking
 
     def __post_init__(self) -> None:
+        _require_integers(self, "min_images", "max_images")
         _require(1 <= self.min_images <= self.max_images, "need 1 <= min_images <= max_images")
         if self.roles:
             _require(
@@ -222,6 +235,9 @@ class IntakeLimits:
     max_instances_per_request: int = 256
 
     def __post_init__(self) -> None:
+        _require_integers(
+            self, "max_bytes_per_instance", "max_pixels_per_instance", "max_instances_per_request"
+        )
         _require(self.max_bytes_per_instance >= 1024, "max_bytes_per_instance below 1 KiB")
         _require(self.max_pixels_per_instance >= 64 * 64, "max_pixels_per_instance below 64x64")
         _require(self.max_instances_per_request >= 1, "max_instances_per_request below 1")
@@ -244,6 +260,14 @@ class TaskSpec:
     def __post_init__(self) -> None:
         _require(self.name.isidentifier() and self.name.islower(), f"bad task name {self.name!r}")
         _require(self.modality in ("CT", "MR"), f"unknown modality {self.modality!r}")
+        for name, kinds in _PARTS.items():  # an override may replace a whole part
+            expected = " or ".join(kind.__name__ for kind in kinds)
+            _require(isinstance(getattr(self, name), kinds), f"{name} must be {expected}")
+        _require(
+            isinstance(self.clinical_inputs, tuple)
+            and all(isinstance(item, ClinicalInput) for item in self.clinical_inputs),
+            "clinical_inputs must be a tuple of ClinicalInput",
+        )
         if self.modality == "CT":
             _require(isinstance(self.intensity, CTWindow), "a CT task needs a CT window")
         else:
@@ -278,6 +302,13 @@ class TaskSpec:
 
 
 _TOP_LEVEL_SKIP = {"name", "title", "paper", "sources"}
+_PARTS: dict[str, tuple[type, ...]] = {
+    "images": (ImageSet,),
+    "intensity": (CTWindow, MRPercentileScaling),
+    "geometry": (FixedSpacing, RoiCrop),
+    "output": (Output,),
+    "limits": (IntakeLimits,),
+}
 
 
 def leaf_paths(spec: TaskSpec) -> Iterator[str]:
