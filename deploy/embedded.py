@@ -110,6 +110,8 @@ def server_environment() -> dict[str, str]:
 def check_ports_free(host: str, ports: Ports) -> None:
     for name, port in ports.named().items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the server will: connections closing in TIME_WAIT do not block a listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as error:

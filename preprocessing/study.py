@@ -7,8 +7,9 @@ where it can, and every refusal is an `IntakeError` naming instance and attribut
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +39,7 @@ class PreparedStudy:
     sources: np.ndarray  # int32 (n,): request instance index of each sample
     roles: tuple[str, ...]  # channel roles (phases, levels) or () for a series
     role_sources: tuple[int, ...]  # request instance index of each role
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)  # decode, arrange, pixels
 
 
 class StudyPreparer:
@@ -60,7 +62,9 @@ class StudyPreparer:
             for item in spec.clinical_inputs
             if clinical.get(item.name) is not None
         }
+        started = time.perf_counter()
         decoded = [self.decode(data, index) for index, data in enumerate(instances)]
+        decoded_at = time.perf_counter()
         images = [
             Image(item, number, frame)
             for item in decoded
@@ -68,11 +72,18 @@ class StudyPreparer:
         ]
         arranged = arrange(spec, images)
         values.update(fallback_values(spec, values, decoded))
+        arranged_at = time.perf_counter()
         # Each image is written straight into the stacked array: no extra copy per study.
         pixels = np.empty((len(arranged), spec.matrix, spec.matrix), dtype=np.float32)
         for image, target in zip(arranged, pixels, strict=True):
             self.prepare_image(image, clinical.get(ROI_KEY), target)
-        return assemble(spec, arranged, pixels, feature_vector(spec, values))
+        prepared = assemble(spec, arranged, pixels, feature_vector(spec, values))
+        stages = {
+            "decode": decoded_at - started,
+            "arrange": arranged_at - decoded_at,
+            "pixels": time.perf_counter() - arranged_at,
+        }
+        return replace(prepared, stage_seconds=stages)
 
     def decode(self, data: bytes, index: int) -> DecodedInstance:
         decoded = decode_instance(data, index, self.spec.limits, self.fallback_tags)

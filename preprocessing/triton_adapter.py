@@ -91,8 +91,12 @@ def error_response(pb_utils: Any, error: Exception) -> Any:
         message = str(error)
     else:
         # Unexpected failures: type and stack only; messages could echo request content.
+        # Triton's own exceptions describe server state, never the request: keep theirs.
         stack = "".join(traceback.format_tb(error.__traceback__))
-        _LOG.error("internal error %s while serving a request:\n%s", type(error).__name__, stack)
+        detail = f": {error}" if type(error).__name__.startswith("Triton") else ""
+        _LOG.error(
+            "internal error %s%s while serving a request:\n%s", type(error).__name__, detail, stack
+        )
         code = pb_utils.TritonError.INTERNAL
         message = f"internal error ({error.__class__.__name__}); see the server log"
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

@@ -7,11 +7,13 @@ tasks; the task comes from the config parameter "task".
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
 from preprocessing import triton_adapter as glue
+from preprocessing.metrics import IntakeMetrics
 from preprocessing.phantom import build_study
 from preprocessing.study import StudyPreparer
 from preprocessing.tasks import get_task
@@ -26,6 +28,8 @@ class TritonPythonModel:
         self.spec = get_task(parameters["task"], overrides)
         self.prepare = StudyPreparer(self.spec)
         self.warm_up()
+        # After warm-up: the metrics count patients' requests only.
+        self.metrics = IntakeMetrics(pb_utils, self.spec.name)
 
     def warm_up(self) -> None:
         """Decode and prepare a real (phantom) DICOM study once before serving."""
@@ -36,13 +40,19 @@ class TritonPythonModel:
         return [self.handle(request) for request in requests]
 
     def handle(self, request: Any) -> Any:
+        started = time.perf_counter()
         try:
-            instances = glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
+            instances = glue.bytes_elements(
+                glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
+            )
+            self.metrics.received(len(instances), sum(len(item) for item in instances))
             clinical_array = glue.require_input(pb_utils, request, "CLINICAL")
             clinical = glue.json_object(glue.single_study(clinical_array, "CLINICAL"), "CLINICAL")
-            prepared = self.prepare(glue.bytes_elements(instances), clinical)
+            prepared = self.prepare(instances, clinical)
         except Exception as error:  # every failure answers this request only
+            self.metrics.rejected(error)
             return glue.error_response(pb_utils, error)
+        self.metrics.prepared(prepared.stage_seconds, time.perf_counter() - started)
         outputs = {
             "SAMPLES": prepared.samples[None, ...],
             "SAMPLE_SOURCE": prepared.sources[None, ...],

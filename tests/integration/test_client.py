@@ -32,7 +32,6 @@ from preprocessing.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
-INFER_COMMAND = (("infer",), "clients.cli", "send a study to a running server")
 SEED = 11
 
 
@@ -152,10 +151,8 @@ def test_deadline_is_enforced_and_not_retried(grpc_url: str) -> None:
 
 
 @pytest.fixture
-def abdoserve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Sequence[str]], int]:
-    """deploy.cli.main, with `infer` registered if deploy/cli.py does not list it yet."""
-    if not any(path == ("infer",) for path, _, _ in deploy.cli.COMMANDS):
-        monkeypatch.setattr(deploy.cli, "COMMANDS", (*deploy.cli.COMMANDS, INFER_COMMAND))
+def abdoserve() -> Callable[[Sequence[str]], int]:
+    """The `abdoserve` console command, in process."""
     return deploy.cli.main
 
 
