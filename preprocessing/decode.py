@@ -2,9 +2,12 @@
 
 Tolerant on decode: explicit/implicit VR, big endian, deflated, files without
 preamble or file meta, multi-frame, MONOCHROME1, and the compressed transfer
-syntaxes through pydicom's decoder plugins (pylibjpeg, openjpeg, libjpeg, rle,
-pyjpegls, gdcm). Strict where the answer would be wrong: no pixel data, colour,
-missing rescale or spacing, truncated pixel data.
+syntaxes through pydicom's decoder plugins (pylibjpeg with openjpeg, libjpeg and
+rle; pyjpegls). python-gdcm is deliberately not installed: pydicom tries it first,
+and a byte-flipped JPEG-LS header made it abort the whole process from C++, which
+in Triton would kill the stub and every request batched with the bad one.
+Strict where the answer would be wrong: no pixel data, colour, missing rescale or
+spacing, truncated pixel data.
 
 Pixels stay as stored integers here; the modality LUT (slope/intercept) is affine
 and is applied after resampling, on four to ten times fewer pixels.
