@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one INFO line per encoded tile
     result: int = args.run(args)
     return result
 
