@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a hospital's trained checkpoint for TASK (state_dict or TorchScript); repeatable",
     )
     parser.add_argument(
+        "--net-runtime",
+        choices=("python", "onnxruntime", "tensorrt"),
+        default="python",
+        help="the _net model: python (embedded CPU server, default), or a GPU server's "
+        "onnxruntime / tensorrt (TensorRT plans are built on the GPU host)",
+    )
+    parser.add_argument(
         "--spec-overrides",
         action="append",
         default=[],
@@ -63,7 +70,13 @@ def run(args: argparse.Namespace) -> int:
         task: json.loads(Path(path).read_text())
         for task, path in _pairs(args.spec_overrides, "--spec-overrides").items()
     }
-    results = build_repository(args.out, args.tasks or tuple(TASKS), checkpoints, overrides)
+    results = build_repository(
+        args.out,
+        args.tasks or tuple(TASKS),
+        checkpoints=checkpoints,
+        overrides=overrides,
+        net_runtime=args.net_runtime,
+    )
     for task, result in results.items():
         print(
             f"{task:<22} params={result.parameters:>9,}  "

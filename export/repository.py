@@ -15,10 +15,19 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from export.configs import Tuning, model_names, render_task, to_text
-from export.onnx_export import ExportResult, export_task
+from export.errors import ExportError
+from export.gpu_net import (
+    GpuRuntime,
+    engine_script,
+    export_study_batched,
+    gpu_net_config,
+    study_batched_error,
+)
+from export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
+from export.weights import load_network
 from preprocessing.tasks import TASKS, get_task
 
 logger = logging.getLogger(__name__)
@@ -28,16 +37,23 @@ PYTHON_MODELS = SOURCE_REPOSITORY / "_python_models"
 ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
 BUILD_RECORD = "BUILD.json"
 DEFAULT_TUNING = Tuning()
+NetRuntime = Literal["python", "onnxruntime", "tensorrt"]
 
 
 def build_repository(
     out: Path,
     tasks: Iterable[str] = tuple(TASKS),
+    *,
     checkpoints: Mapping[str, Path] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     tuning: Tuning = DEFAULT_TUNING,
+    net_runtime: NetRuntime = "python",
 ) -> dict[str, ExportResult]:
-    """Write a complete repository to `out` (replaced atomically when done)."""
+    """Write a complete repository to `out` (replaced atomically when done).
+
+    `net_runtime` picks the `_net` model: "python" (ONNX Runtime inside the Python
+    backend, the embedded CPU server) or a GPU server's "onnxruntime" / "tensorrt".
+    """
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     results = {}
@@ -45,10 +61,20 @@ def build_repository(
         task_overrides = dict((overrides or {}).get(task, {}))
         checkpoint = (checkpoints or {}).get(task)
         results[task] = build_task(staging, task, checkpoint, task_overrides, tuning)
+        if net_runtime != "python":
+            replace_net_for_gpu(
+                staging,
+                task,
+                checkpoint=checkpoint,
+                overrides=task_overrides,
+                tuning=tuning,
+                runtime=net_runtime,
+            )
     record: dict[str, Any] = {
         task: _record(result, (overrides or {}).get(task)) for task, result in results.items()
     }
     record["tuning"] = asdict(tuning)
+    record["net_runtime"] = net_runtime
     (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -74,6 +100,34 @@ def build_task(
         if role in ROLE_SOURCES:
             shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
     return result
+
+
+def replace_net_for_gpu(
+    root: Path,
+    task: str,
+    *,
+    checkpoint: Path | None,
+    overrides: Mapping[str, Any],
+    tuning: Tuning,
+    runtime: GpuRuntime,
+) -> None:
+    """Swap the CPU `_net` (Python backend) for a GPU backend's; nothing else changes."""
+    spec = get_task(task, overrides)
+    folder = root / model_names(task)[2]
+    loaded = load_network(spec, checkpoint)
+    onnx_path = folder / "1" / "model.onnx"
+    export_study_batched(spec, loaded.module, onnx_path)
+    error = study_batched_error(spec, loaded.module, onnx_path)
+    if error > PARITY_TOLERANCE:
+        raise ExportError(f"{task}: study-batched ONNX differs from PyTorch by {error:.2e}")
+    (folder / "1" / "model.py").unlink()
+    config = gpu_net_config(spec, runtime, loaded.provenance.to_parameters(), tuning)
+    (folder / "config.pbtxt").write_text(to_text(config))
+    if runtime == "tensorrt":
+        script = folder / "build_engine.sh"
+        script.write_text(engine_script(spec))
+        script.chmod(0o755)
+    logger.info("%s: %s net, study-batched parity %.1e", task, runtime, error)
 
 
 def _record(result: ExportResult, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
