@@ -6,9 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck unit clean
+.PHONY: install serve test lint typecheck unit clean system-packages
 
-install: $(STAMP)
+install: $(STAMP) system-packages
+
+# Real Prometheus for the metrics integration test (Debian's package; root, as on CI).
+system-packages:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		 apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: install
+serve: $(STAMP)
 	$(BIN)/abdoserve serve
 
 lint: install
@@ -26,7 +32,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+test: install lint typecheck
 	$(BIN)/pytest
 
 clean:
