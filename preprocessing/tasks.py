@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from preprocessing.specs import (
+    Aggregation,
     ClinicalInput,
     CTWindow,
     FixedSpacing,
@@ -27,6 +28,27 @@ from preprocessing.specs import (
 MAGNETIC_FIELD_STRENGTH = 0x00180087
 
 _LIMITS_CHOICE = choice("refuse oversized input before decoding pixel data")
+
+
+def fibrosis_output(score: str, aggregation: Aggregation) -> Output:
+    """A 0-4 fibrosis score with stages F0-F4 at the nearest integer (both fibrosis papers)."""
+    return Output(
+        kind="regression",
+        labels=(score, "F0", "F1", "F2", "F3", "F4"),
+        descriptions=(
+            "deep-learning fibrosis score on the 0-4 stage scale",
+            "no fibrosis",
+            "portal fibrosis",
+            "periportal fibrosis",
+            "septal fibrosis",
+            "cirrhosis",
+        ),
+        unit="stage",
+        aggregation=aggregation,
+        value_range=(0.0, 4.0),
+        stage_cutoffs=(0.5, 1.5, 2.5, 3.5),
+    )
+
 
 LIVER_MASS_CT = TaskSpec(
     name="liver_mass_ct",
@@ -84,22 +106,7 @@ LIVER_FIBROSIS_CT = TaskSpec(
         ClinicalInput("age", "number", unit="years", minimum=0, maximum=120, offset=60, scale=20),
         ClinicalInput("sex", "category", choices=("M", "F")),
     ),
-    output=Output(
-        kind="regression",
-        labels=("F_DLCT", "F0", "F1", "F2", "F3", "F4"),
-        descriptions=(
-            "deep-learning fibrosis score on the 0-4 stage scale",
-            "no fibrosis",
-            "portal fibrosis",
-            "periportal fibrosis",
-            "septal fibrosis",
-            "cirrhosis",
-        ),
-        unit="stage",
-        aggregation="mean",
-        value_range=(0.0, 4.0),
-        stage_cutoffs=(0.5, 1.5, 2.5, 3.5),
-    ),
+    output=fibrosis_output("F_DLCT", "mean"),
     sources={
         "modality": paper("portal-venous-phase CT"),
         "images": choice("1-16 axial slices through the liver, each scored"),
@@ -144,22 +151,7 @@ LIVER_FIBROSIS_MRI = TaskSpec(
         ClinicalInput("hbv", "category", choices=("negative", "positive")),
         ClinicalInput("hcv", "category", choices=("negative", "positive")),
     ),
-    output=Output(
-        kind="regression",
-        labels=("F_DLMRI", "F0", "F1", "F2", "F3", "F4"),
-        descriptions=(
-            "deep-learning fibrosis score on the 0-4 stage scale",
-            "no fibrosis",
-            "portal fibrosis",
-            "periportal fibrosis",
-            "septal fibrosis",
-            "cirrhosis",
-        ),
-        unit="stage",
-        aggregation="none",
-        value_range=(0.0, 4.0),
-        stage_cutoffs=(0.5, 1.5, 2.5, 3.5),
-    ),
+    output=fibrosis_output("F_DLMRI", "none"),
     sources={
         "modality": paper("gadoxetic-acid hepatobiliary phase MR"),
         "images.roles": paper("three section levels"),
