@@ -205,7 +205,8 @@ def check_is_image(parsed: Parsed, index: int) -> None:
             raise UnsupportedObjectError(
                 f"{sop_class.name or 'an unknown SOP class'} is not an image object", instance=index
             )
-        if not any(tag in dataset for tag in _IMAGE_PIXEL_MODULE):
+        is_image_class = bool(sop_class) and "Image" in sop_class.name
+        if not is_image_class and not any(tag in dataset for tag in _IMAGE_PIXEL_MODULE):
             raise UnsupportedObjectError(
                 "the dataset holds no image (no Rows, Columns or Pixel Data)", instance=index
             )
