@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as aio_client
 from tritonclient.utils import InferenceServerException
 
 from clients.instances import Instance, load_instances
+from clients.metrics import ClientMetrics, timed
 from clients.protocol import (
     DEFAULT_URL,
     RetryPolicy,
@@ -60,10 +61,12 @@ class AsyncAbdoServeClient:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.policy = RetryPolicy(retries, backoff_s)
+        self.metrics = metrics
         self._channel_options: dict[str, Any] = {
             "ssl": ssl,
             "root_certificates": root_certificates,
@@ -96,7 +99,7 @@ class AsyncAbdoServeClient:
         if client is not None:
             await client.close()
 
-    async def _call(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, action: Callable[[], Awaitable[T]], task: str = "") -> T:
         """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
         attempt = 0
         while True:
@@ -104,6 +107,8 @@ class AsyncAbdoServeClient:
                 return await action()
             except InferenceServerException as error:
                 delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+            if self.metrics is not None:
+                self.metrics.retried(task)
             await self._sleep(delay)
             attempt += 1
 
@@ -121,10 +126,12 @@ class AsyncAbdoServeClient:
             config = await self._call(
                 "model config",
                 lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+                task,
             )
             metadata = await self._call(
                 "model metadata",
                 lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+                task,
             )
             self._tasks[task] = task_info(config, metadata)
         return self._tasks[task]
@@ -139,19 +146,21 @@ class AsyncAbdoServeClient:
         clinical: Mapping[str, Any] | None = None,
     ) -> StudyResult:
         """One study through the task's ensemble; the typed result for its output kind."""
-        info = await self.task_info(task)
-        data = load_instances(instances)
-        inputs = build_inputs(data, clinical)
-        log.debug("infer %s", request_summary(task, data, clinical or {}))
-        started = time.perf_counter()
-        response = await self._call(
-            f"infer {task}",
-            lambda: self._triton.infer(
-                task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
-            ),
-        )
-        log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
-        return parse_response(info, response)
+        with timed(self.metrics, task):
+            info = await self.task_info(task)
+            data = load_instances(instances)
+            inputs = build_inputs(data, clinical)
+            log.debug("infer %s", request_summary(task, data, clinical or {}))
+            started = time.perf_counter()
+            response = await self._call(
+                f"infer {task}",
+                lambda: self._triton.infer(
+                    task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
+                ),
+                task,
+            )
+            log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
+            return parse_response(info, response)
 
     async def liver_mass(
         self, instances: Sequence[Instance], *, roi: Sequence[float]

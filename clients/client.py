@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.instances import Instance, load_instances
+from clients.metrics import ClientMetrics, timed
 from clients.protocol import (
     DEFAULT_URL,
     RetryPolicy,
@@ -49,7 +50,8 @@ class AbdoServeClient:
     """Blocking client; use as a context manager or call `close()`.
 
     TLS: `ssl=True` with `root_certificates` (and, for mutual TLS, `private_key`
-    and `certificate_chain`) given as PEM file paths.
+    and `certificate_chain`) given as PEM file paths. `metrics`: a
+    `clients.metrics.ClientMetrics` to record each call's latency, retries and errors.
     """
 
     def __init__(
@@ -63,10 +65,12 @@ class AbdoServeClient:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.policy = RetryPolicy(retries, backoff_s)
+        self.metrics = metrics
         self._triton: Any = grpcclient.InferenceServerClient(
             url,
             ssl=ssl,
@@ -91,7 +95,7 @@ class AbdoServeClient:
     def close(self) -> None:
         self._triton.close()
 
-    def _call(self, what: str, action: Callable[[], T]) -> T:
+    def _call(self, what: str, action: Callable[[], T], task: str = "") -> T:
         """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
         attempt = 0
         while True:
@@ -99,6 +103,8 @@ class AbdoServeClient:
                 return action()
             except InferenceServerException as error:
                 delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+            if self.metrics is not None:
+                self.metrics.retried(task)
             self._sleep(delay)
             attempt += 1
 
@@ -116,10 +122,12 @@ class AbdoServeClient:
             config = self._call(
                 "model config",
                 lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+                task,
             )
             metadata = self._call(
                 "model metadata",
                 lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+                task,
             )
             self._tasks[task] = task_info(config, metadata)
         return self._tasks[task]
@@ -134,19 +142,21 @@ class AbdoServeClient:
         clinical: Mapping[str, Any] | None = None,
     ) -> StudyResult:
         """One study through the task's ensemble; the typed result for its output kind."""
-        info = self.task_info(task)
-        data = load_instances(instances)
-        inputs = build_inputs(data, clinical)
-        log.debug("infer %s", request_summary(task, data, clinical or {}))
-        started = time.perf_counter()
-        response = self._call(
-            f"infer {task}",
-            lambda: self._triton.infer(
-                task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
-            ),
-        )
-        log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
-        return parse_response(info, response)
+        with timed(self.metrics, task):
+            info = self.task_info(task)
+            data = load_instances(instances)
+            inputs = build_inputs(data, clinical)
+            log.debug("infer %s", request_summary(task, data, clinical or {}))
+            started = time.perf_counter()
+            response = self._call(
+                f"infer {task}",
+                lambda: self._triton.infer(
+                    task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
+                ),
+                task,
+            )
+            log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
+            return parse_response(info, response)
 
     def liver_mass(self, instances: Sequence[Instance], *, roi: Sequence[float]) -> LiverMassResult:
         """Category A-E of one liver mass: non-contrast, arterial and delayed images."""
