@@ -1,0 +1,1 @@
+"""Locustfiles: each module here runs as `locust -f loadtests/scenarios/<name>.py`."""
