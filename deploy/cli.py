@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("build-repository",), "export.cli", "export the networks and build the model repository"),
     (("serve",), "deploy.serve", "serve all models on the embedded Triton server"),
     (("infer",), "clients.cli", "send a study to a running server and print the answer"),
+    (("loadtest",), "loadtests.cli", "run a locust scenario headless, then gate it on SLOs"),
 )
 
 
