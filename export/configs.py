@@ -36,12 +36,15 @@ BYTES = mc.DataType.TYPE_STRING
 class Tuning:
     """Scheduling knobs an operator sets per deployment (see docs/benchmarks.md)."""
 
-    preprocess_instances: int = 1
-    net_instances: int = 1
+    preprocess_instances: int = 2
+    net_instances: int = 2
     postprocess_instances: int = 1
     net_intra_op_threads: int = 2
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 0
     max_samples_per_run: int = 64
+    # Studies queued at a task's preprocess model beyond which Triton answers UNAVAILABLE
+    # (clients retry with backoff): bounds the DICOM bytes held under overload. 0: no bound.
+    max_queue_size: int = 128
 
 
 def model_names(task: str) -> tuple[str, str, str, str]:
@@ -132,6 +135,9 @@ def describe_task(spec: TaskSpec) -> dict[str, str]:
 
 def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_preprocess", tuning.preprocess_instances, tuning)
+    if tuning.max_queue_size:
+        # The ensemble's first step: every accepted request waits here first.
+        config.dynamic_batching.default_queue_policy.max_queue_size = tuning.max_queue_size
     config.input.extend(_public_inputs(ragged=True))
     channels, rows, columns = spec.sample_shape
     config.output.extend(

@@ -1,0 +1,1 @@
+"""`abdoserve bench serving`'s parts: study pools and timing, the compared pipelines, the report."""

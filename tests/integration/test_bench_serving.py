@@ -1,0 +1,152 @@
+"""`abdoserve bench serving` in quick mode: against the session's server and with its own.
+
+Checks the shape of what it prints and writes, never the timings (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from deploy import bench_serving
+from export.configs import Tuning
+
+pytestmark = pytest.mark.integration
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_LABELS = ("in-process onnxruntime", "in-process pytorch", "served gRPC")
+COLUMNS = ("pipeline", "conc", "studies/s", "images/s", "p50 ms", "p95 ms", "p99 ms")
+
+
+def run_bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    bench_serving.add_arguments(parser)
+    return bench_serving.run(parser.parse_args(argv))
+
+
+def outputs(tmp_path: Path) -> list[str]:
+    return ["--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")]
+
+
+def table_rows(printed: str, task: str) -> list[list[str]]:
+    """The rows of `task`'s table, split into label, concurrency and numbers."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{task}:"))
+    assert lines[start + 1].split() == [word for column in COLUMNS for word in column.split()]
+    rows = []
+    for line in lines[start + 2 :]:
+        label = next((label for label in ROW_LABELS if line.startswith(label)), None)
+        if label is None:
+            break
+        rows.append([label, *line[len(label) :].split()])
+    return rows
+
+
+def check_measurement(row: dict[str, Any], pipeline: str, concurrency: int, requests: int) -> None:
+    assert row["pipeline"] == pipeline and row["concurrency"] == concurrency
+    assert row["requests"] == requests == len(row["latencies_ms"])
+    for key in ("wall_seconds", "studies_per_second", "images_per_second", "p50_ms", "p99_ms"):
+        assert row[key] > 0, key
+    assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert all(latency > 0 for latency in row["latencies_ms"])
+
+
+def check_files(tmp_path: Path) -> dict[str, Any]:
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    document: dict[str, Any] = json.loads((tmp_path / "bench.json").read_text())
+    machine = document["machine"]
+    assert machine["cpu_count"] > 0 and machine["cpu_model"] and machine["platform"]
+    assert set(document["tuning"]) == set(asdict(Tuning()))
+    return document
+
+
+def check_task(document: dict[str, Any], task: str, requests: int) -> None:
+    result = document["tasks"][task]
+    check_measurement(result["onnxruntime"], "onnxruntime", 1, requests)
+    check_measurement(result["pytorch"], "pytorch", 1, requests)
+    for row, level in zip(result["served"], (1, 4), strict=True):
+        check_measurement(row, "served", level, requests)
+    ratios = result["ratios"]
+    assert ratios["served_over_in_process_throughput"] > 0
+    assert ratios["pytorch_over_onnxruntime_time"] > 0
+    assert isinstance(ratios["throughput_target_met"], bool)
+    assert isinstance(ratios["latency_target_met"], bool)
+
+
+def test_quick_against_the_running_server(
+    grpc_url: str, built_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--quick", "--url", grpc_url, "--repository", str(built_repository)]
+    assert run_bench(argv + outputs(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    rows = table_rows(printed, "liver_fibrosis_ct")
+    assert [(row[0], row[1]) for row in rows] == [
+        ("in-process onnxruntime", "1"),
+        ("in-process pytorch", "1"),
+        ("served gRPC", "1"),
+        ("served gRPC", "4"),
+    ]
+    assert all(len(row) == len(COLUMNS) and float(row[2]) > 0 for row in rows)
+    assert "served / in-process throughput:" in printed and "served p50 at c=1:" in printed
+    document = check_files(tmp_path)
+    assert document["settings"]["url"] == grpc_url
+    assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
+    check_task(document, "liver_fibrosis_ct", requests=10)
+    assert document["images_sweep"] is None
+
+
+def tritonservers() -> set[int]:
+    """Our tritonserver processes (the session's server among them, if started)."""
+    return {
+        child.pid
+        for child in psutil.Process().children(recursive=True)
+        if child.name() == "tritonserver"
+    }
+
+
+def test_quick_with_its_own_server_and_an_image_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = "esophageal_cancer_ct"
+    argv = ["--quick", "--tasks", task, "--images", "1,2", "--requests", "6"]
+    argv += ["--repository", str(tmp_path / "repository")]
+    argv += ["--log-file", str(tmp_path / "triton.log"), "--net-threads", "1"]
+    before = tritonservers()
+    assert run_bench(argv + outputs(tmp_path)) == 0
+    assert tritonservers() == before  # its own server stopped at the end
+    printed = capsys.readouterr().out
+    assert len(table_rows(printed, task)) == 4
+    assert "cost vs images per study: esophageal_cancer_ct" in printed
+    document = check_files(tmp_path)
+    assert document["tuning"]["net_intra_op_threads"] == 1
+    check_task(document, task, requests=6)
+    points = document["images_sweep"]["points"]
+    assert [point["images"] for point in points] == [1, 2]
+    for point in points:
+        check_measurement(point["onnxruntime"], "onnxruntime", 1, 6)
+        assert point["onnxruntime"]["images_per_study"] == point["images"]
+        for row, level in zip(point["served"], (1, 16), strict=True):
+            check_measurement(row, "served", level, 6)
+
+
+def test_ctrl_c_stops_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tritonservers()
+    during: set[int] = set()
+
+    def interrupted(plan: object, url: str, tuning: object) -> None:
+        during.update(tritonservers() - before)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_serving, "measure_all", interrupted)
+    argv = ["--quick", "--tasks", "liver_mass_ct", "--repository", str(tmp_path / "repository")]
+    assert run_bench([*argv, "--log-file", str(tmp_path / "triton.log")]) == 130
+    assert len(during) == 1 and tritonservers() == before
+    assert "interrupted" in capsys.readouterr().out
