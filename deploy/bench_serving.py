@@ -19,11 +19,12 @@ import argparse
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deploy.embedded import BUILD_DIR
+from deploy.tuning_options import add_tuning_arguments, tuning_from
 from export.configs import Tuning
 
 if TYPE_CHECKING:
@@ -91,7 +92,6 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Tuning()
     parser.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all five)")
     parser.add_argument(
         "--requests", type=int, help="timed requests per row (default 200; --quick 10)"
@@ -120,28 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-file", type=Path, default=BUILD_DIR / "bench_triton.log", help="server log"
     )
-    tuning = parser.add_argument_group("tuning of the server this command starts")
-    for flag, field, text in TUNING_OPTIONS:
-        tuning.add_argument(
-            flag,
-            dest=field,
-            type=int,
-            default=getattr(defaults, field),
-            help=f"{text} (default %(default)s)",
-        )
-
-
-TUNING_OPTIONS = (
-    ("--preprocess-instances", "preprocess_instances", "preprocess model instances per task"),
-    ("--net-instances", "net_instances", "network model instances per task"),
-    ("--net-threads", "net_intra_op_threads", "ONNX Runtime intra-op threads per instance"),
-    ("--queue-delay-us", "max_queue_delay_us", "dynamic batching max queue delay"),
-    (
-        "--max-queue-size",
-        "max_queue_size",
-        "queued requests per task before UNAVAILABLE (0: no limit)",
-    ),
-)
+    add_tuning_arguments(parser.add_argument_group("tuning of the server this command starts"))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -167,7 +146,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def requested_tuning(args: argparse.Namespace) -> Tuning:
-    return replace(Tuning(), **{field: getattr(args, field) for _, field, _ in TUNING_OPTIONS})
+    return tuning_from(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "preprocessing.bench",
         "preprocessing throughput vs bare pydicom decode",
     ),
+    (
+        ("bench", "serving"),
+        "deploy.bench_serving",
+        "served gRPC vs in-process ONNX Runtime and PyTorch",
+    ),
     (("build-repository",), "export.cli", "export the networks and build the model repository"),
     (("serve",), "deploy.serve", "serve all models on the embedded Triton server"),
     (("infer",), "clients.cli", "send a study to a running server and print the answer"),

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 from deploy.embedded import BUILD_DIR, EmbeddedServer, Ports, ServerError, ServerOptions
+from deploy.tuning_options import add_tuning_arguments, tuning_from
 
 DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
@@ -34,32 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=BUILD_DIR / "triton.log",
         help="server log (default build/triton.log)",
     )
-    parser.add_argument(
-        "--preprocess-instances",
-        type=int,
-        default=1,
-        help="preprocess model instances per task (default 1)",
-    )
-    parser.add_argument(
-        "--net-instances", type=int, default=1, help="network model instances per task (default 1)"
-    )
-    parser.add_argument(
-        "--net-threads",
-        type=int,
-        default=2,
-        help="ONNX Runtime threads per network instance (default 2)",
-    )
+    add_tuning_arguments(parser.add_argument_group("tuning (see docs/benchmarks.md)"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.configs import Tuning
     from export.repository import build_repository, is_built
 
-    tuning = Tuning(
-        preprocess_instances=args.preprocess_instances,
-        net_instances=args.net_instances,
-        net_intra_op_threads=args.net_threads,
-    )
+    tuning = tuning_from(args)
     if args.rebuild or not is_built(args.repository, tuning=tuning):
         print(f"building the model repository at {args.repository} ...", flush=True)
         build_repository(args.repository, tuning=tuning)

@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from deploy.embedded import EmbeddedServer
+from export.configs import Tuning
 from preprocessing.phantom import build_study
 from preprocessing.tasks import TASKS
 from tests.integration.triton_calls import infer, request_inputs
@@ -61,7 +62,9 @@ def stub_pids(server: EmbeddedServer) -> set[int]:
 @pytest.fixture(scope="module")
 def stubs_before(server: EmbeddedServer) -> Iterator[set[int]]:
     before = stub_pids(server)
-    assert len(before) == 3 * len(TASKS)  # preprocess, net and postprocess per task
+    tuning = Tuning()  # one stub per model instance
+    per_task = tuning.preprocess_instances + tuning.net_instances + tuning.postprocess_instances
+    assert len(before) == per_task * len(TASKS)
     yield before
     assert stub_pids(server) == before, "a Python-backend stub restarted or died"
     assert server.is_ready()
