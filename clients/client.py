@@ -21,15 +21,15 @@ from clients.instances import Instance, load_instances
 from clients.metrics import ClientMetrics, timed
 from clients.protocol import (
     DEFAULT_URL,
+    OUTPUT_NAMES,
     RetryPolicy,
-    build_inputs,
     expect,
     fibrosis_ct_clinical,
     fibrosis_mri_clinical,
     liver_mass_clinical,
     parse_response,
     request_summary,
-    requested_outputs,
+    request_tensors,
     task_info,
 )
 from clients.results import (
@@ -41,6 +41,7 @@ from clients.results import (
     StudyResult,
     TaskInfo,
 )
+from clients.wire import RawInfer, open_channel
 
 log = logging.getLogger("clients")
 T = TypeVar("T")
@@ -78,6 +79,17 @@ class AbdoServeClient:
             private_key=private_key,
             certificate_chain=certificate_chain,
         )
+        # Inference goes over its own channel, written in wire format (clients/wire.py);
+        # tritonclient keeps the metadata calls: readiness, configs.
+        self._transport: Any = RawInfer(
+            open_channel(
+                url,
+                ssl=ssl,
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+        )
         self._tasks: dict[str, TaskInfo] = {}
         self._sleep: Callable[[float], None] = time.sleep  # replaced in tests
 
@@ -93,6 +105,7 @@ class AbdoServeClient:
         self.close()
 
     def close(self) -> None:
+        self._transport.close()
         self._triton.close()
 
     def _call(self, what: str, action: Callable[[], T], task: str = "") -> T:
@@ -145,14 +158,12 @@ class AbdoServeClient:
         with timed(self.metrics, task):
             info = self.task_info(task)
             data = load_instances(instances)
-            inputs = build_inputs(data, clinical)
+            tensors = request_tensors(data, clinical)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
             response = self._call(
                 f"infer {task}",
-                lambda: self._triton.infer(
-                    task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
-                ),
+                lambda: self._transport.infer(task, tensors, OUTPUT_NAMES, self.timeout_s),
                 task,
             )
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))

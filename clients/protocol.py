@@ -71,16 +71,25 @@ def clinical_json(clinical: Mapping[str, Any] | None) -> bytes:
         raise InvalidRequestError(f"clinical inputs are not JSON-serialisable: {error}") from error
 
 
+def request_tensors(
+    instances: Sequence[bytes], clinical: Mapping[str, Any] | None
+) -> list[tuple[str, list[bytes]]]:
+    """The ensemble's two BYTES inputs: DICOM [1, n] and CLINICAL [1, 1] (JSON)."""
+    if not instances:
+        raise InvalidRequestError("no DICOM instances given")
+    return [("DICOM", list(instances)), ("CLINICAL", [clinical_json(clinical)])]
+
+
 def build_inputs(
     instances: Sequence[bytes], clinical: Mapping[str, Any] | None
 ) -> list[grpcclient.InferInput]:
-    if not instances:
-        raise InvalidRequestError("no DICOM instances given")
-    dicom = grpcclient.InferInput("DICOM", [1, len(instances)], "BYTES")
-    dicom.set_data_from_numpy(np.array([list(instances)], dtype=np.object_))
-    extra = grpcclient.InferInput("CLINICAL", [1, 1], "BYTES")
-    extra.set_data_from_numpy(np.array([[clinical_json(clinical)]], dtype=np.object_))
-    return [dicom, extra]
+    """The same tensors as tritonclient InferInputs (the asyncio client sends these)."""
+    inputs = []
+    for name, elements in request_tensors(instances, clinical):
+        tensor = grpcclient.InferInput(name, [1, len(elements)], "BYTES")
+        tensor.set_data_from_numpy(np.array([elements], dtype=np.object_))
+        inputs.append(tensor)
+    return inputs
 
 
 def requested_outputs() -> list[grpcclient.InferRequestedOutput]:

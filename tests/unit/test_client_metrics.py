@@ -39,7 +39,7 @@ class FakeResponse:
 
 
 class FakeInfer:
-    """tritonclient's client for `infer`: fails `failures` times first; each try takes STEP_S."""
+    """The client's inference transport: fails `failures` times first; each try takes STEP_S."""
 
     def __init__(self, failures: list[str], clock: Clock) -> None:
         self.failures = list(failures)
@@ -82,7 +82,7 @@ def sync_client(failures: list[str], registry: CollectorRegistry) -> AbdoServeCl
     clock = Clock()
     client = AbdoServeClient("127.0.0.1:1", retries=2, backoff_s=0.1)
     client.metrics = client_metrics(registry, clock)
-    client._triton = FakeInfer(failures, clock)
+    client._transport = FakeInfer(failures, clock)
     client._sleep = lambda _: None
     client._tasks[TASK] = FIBROSIS
     return client
@@ -133,7 +133,7 @@ def test_unavailable_through_every_retry_is_one_unavailable_error(
     client = sync_client(["UNAVAILABLE"] * 5, registry)
     with pytest.raises(ServerUnavailableError):
         client.infer(TASK, [b"dicom"], {})
-    assert client._triton.calls == 3
+    assert client._transport.calls == 3
     assert value(registry, "abdoserve_client_retries_total", task=TASK) == 2
     assert value(registry, "abdoserve_client_errors_total", task=TASK, code="UNAVAILABLE") == 1
     assert value(registry, "abdoserve_client_request_duration_seconds_sum", task=TASK) == (
