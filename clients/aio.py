@@ -22,15 +22,15 @@ from clients.instances import Instance, load_instances
 from clients.metrics import ClientMetrics, timed
 from clients.protocol import (
     DEFAULT_URL,
+    OUTPUT_NAMES,
     RetryPolicy,
-    build_inputs,
     expect,
     fibrosis_ct_clinical,
     fibrosis_mri_clinical,
     liver_mass_clinical,
     parse_response,
     request_summary,
-    requested_outputs,
+    request_tensors,
     task_info,
 )
 from clients.results import (
@@ -42,6 +42,7 @@ from clients.results import (
     StudyResult,
     TaskInfo,
 )
+from clients.wire import AsyncRawInfer, open_aio_channel
 
 log = logging.getLogger("clients")
 T = TypeVar("T")
@@ -74,6 +75,7 @@ class AsyncAbdoServeClient:
             "certificate_chain": certificate_chain,
         }
         self._client: Any = None
+        self._raw: Any = None  # inference in wire format (clients/wire.py), opened on first use
         self._tasks: dict[str, TaskInfo] = {}
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # replaced in tests
 
@@ -82,6 +84,12 @@ class AsyncAbdoServeClient:
         if self._client is None:
             self._client = aio_client.InferenceServerClient(self.url, **self._channel_options)
         return self._client
+
+    @property
+    def _transport(self) -> Any:
+        if self._raw is None:
+            self._raw = AsyncRawInfer(open_aio_channel(self.url, **self._channel_options))
+        return self._raw
 
     async def __aenter__(self) -> AsyncAbdoServeClient:
         return self
@@ -98,6 +106,9 @@ class AsyncAbdoServeClient:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            await raw.close()
 
     async def _call(self, what: str, action: Callable[[], Awaitable[T]], task: str = "") -> T:
         """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
@@ -149,14 +160,12 @@ class AsyncAbdoServeClient:
         with timed(self.metrics, task):
             info = await self.task_info(task)
             data = load_instances(instances)
-            inputs = build_inputs(data, clinical)
+            tensors = request_tensors(data, clinical)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
             response = await self._call(
                 f"infer {task}",
-                lambda: self._triton.infer(
-                    task, inputs, outputs=requested_outputs(), client_timeout=self.timeout_s
-                ),
+                lambda: self._transport.infer(task, tensors, OUTPUT_NAMES, self.timeout_s),
                 task,
             )
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))

@@ -106,3 +106,51 @@ class RawInfer:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def open_aio_channel(
+    url: str,
+    *,
+    ssl: bool,
+    root_certificates: str | None,
+    private_key: str | None,
+    certificate_chain: str | None,
+) -> Any:
+    """`open_channel` for asyncio: create it inside the running event loop."""
+    if not ssl:
+        return grpc.aio.insecure_channel(url, options=UNLIMITED_MESSAGES)
+    credentials = grpc.ssl_channel_credentials(
+        *(_read(path) for path in (root_certificates, private_key, certificate_chain))
+    )
+    return grpc.aio.secure_channel(url, credentials, options=UNLIMITED_MESSAGES)
+
+
+class AsyncRawInfer:
+    """`RawInfer` on an asyncio channel."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self._call = channel.unary_unary(
+            MODEL_INFER, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
+
+    async def infer(
+        self,
+        task: str,
+        tensors: Sequence[tuple[str, Sequence[bytes]]],
+        outputs: Sequence[str],
+        timeout_s: float,
+    ) -> grpcclient.InferResult:
+        request = encode_infer_request(task, tensors, outputs)
+        try:
+            response = await self._call(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise InferenceServerException(
+                msg=error.details(),
+                status=str(error.code()),
+                debug_details=error.debug_error_string(),
+            ) from error
+        return grpcclient.InferResult(response)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -157,10 +157,10 @@ def test_async_client_records_the_same(registry: CollectorRegistry) -> None:
 
         async with AsyncAbdoServeClient("127.0.0.1:1", retries=2, backoff_s=0.1) as client:
             client.metrics = client_metrics(registry, clock)
-            client._client, client._sleep = FakeAsyncInfer(["UNAVAILABLE"], clock), no_sleep
+            client._raw, client._sleep = FakeAsyncInfer(["UNAVAILABLE"], clock), no_sleep
             client._tasks[TASK] = FIBROSIS
             await client.infer(TASK, [b"dicom"], {})
-            client._client.failures = ["INTERNAL"]
+            client._raw.failures = ["INTERNAL"]
             with pytest.raises(AbdoServeError, match="INTERNAL"):
                 await client.infer(TASK, [b"dicom"], {})
 
