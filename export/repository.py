@@ -166,14 +166,17 @@ def _link_model(folder: Path, source: str) -> None:
 
 
 def is_built(
-    out: Path, tasks: Iterable[str] = tuple(TASKS), tuning: Tuning = DEFAULT_TUNING
+    out: Path,
+    tasks: Iterable[str] = tuple(TASKS),
+    tuning: Tuning = DEFAULT_TUNING,
+    net_runtime: NetRuntime = "python",
 ) -> bool:
-    """Whether `out` holds a finished build of these tasks with this tuning."""
+    """Whether `out` holds a finished build of these tasks with this tuning and runtime."""
     record = out / BUILD_RECORD
     if not record.is_file():
         return False
     built = json.loads(record.read_text())
-    if built.get("tuning") != asdict(tuning):
+    if built.get("tuning") != asdict(tuning) or built.get("net_runtime") != net_runtime:
         return False
     return all(
         task in built and (out / f"{task}_net" / "1" / "model.onnx").is_file() for task in tasks

@@ -64,3 +64,14 @@ def test_engine_script_profiles_cover_the_task_limits() -> None:
     assert "--maxShapes=SAMPLES:8x128x1x192x192" in script
     mri = engine_script(TASKS["liver_fibrosis_mri"])
     assert "FEATURES:8x5" in mri
+
+
+def test_a_gpu_build_is_not_taken_for_the_embedded_server(tmp_path: Path) -> None:
+    from export.repository import build_repository, is_built
+
+    out = tmp_path / "repository"
+    build_repository(out, ["bone_density_ct"], net_runtime="onnxruntime")
+    assert is_built(out, ["bone_density_ct"], net_runtime="onnxruntime")
+    assert not is_built(out, ["bone_density_ct"])  # `abdoserve serve` rebuilds for the CPU
+    assert not (out / "bone_density_ct_net" / "1" / "model.py").exists()
+    assert (out / "bone_density_ct_preprocess" / "1" / "model.py").is_file()
