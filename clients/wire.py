@@ -63,10 +63,13 @@ def open_channel(
     """A channel like tritonclient's (PEM files given as paths), without message size caps."""
     if not ssl:
         return grpc.insecure_channel(url, options=UNLIMITED_MESSAGES)
-    credentials = grpc.ssl_channel_credentials(
-        *(_read(path) for path in (root_certificates, private_key, certificate_chain))
-    )
+    credentials = _credentials(root_certificates, private_key, certificate_chain)
     return grpc.secure_channel(url, credentials, options=UNLIMITED_MESSAGES)
+
+
+def _credentials(*paths: str | None) -> Any:
+    """TLS credentials from PEM files: root certificates, private key, certificate chain."""
+    return grpc.ssl_channel_credentials(*(_read(path) for path in paths))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -74,6 +77,13 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def triton_error(error: Any) -> InferenceServerException:
+    """A gRPC error as tritonclient raises it, so the retry policy reads one exception type."""
+    return InferenceServerException(
+        msg=error.details(), status=str(error.code()), debug_details=error.debug_error_string()
+    )
 
 
 class RawInfer:
@@ -97,11 +107,7 @@ class RawInfer:
         try:
             response = self._call(request, timeout=timeout_s)
         except grpc.RpcError as error:
-            raise InferenceServerException(
-                msg=error.details(),
-                status=str(error.code()),
-                debug_details=error.debug_error_string(),
-            ) from error
+            raise triton_error(error) from error
         return grpcclient.InferResult(response)
 
     def close(self) -> None:
@@ -119,9 +125,7 @@ def open_aio_channel(
     """`open_channel` for asyncio: create it inside the running event loop."""
     if not ssl:
         return grpc.aio.insecure_channel(url, options=UNLIMITED_MESSAGES)
-    credentials = grpc.ssl_channel_credentials(
-        *(_read(path) for path in (root_certificates, private_key, certificate_chain))
-    )
+    credentials = _credentials(root_certificates, private_key, certificate_chain)
     return grpc.aio.secure_channel(url, credentials, options=UNLIMITED_MESSAGES)
 
 
@@ -145,11 +149,7 @@ class AsyncRawInfer:
         try:
             response = await self._call(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise InferenceServerException(
-                msg=error.details(),
-                status=str(error.code()),
-                debug_details=error.debug_error_string(),
-            ) from error
+            raise triton_error(error) from error
         return grpcclient.InferResult(response)
 
     async def close(self) -> None:
