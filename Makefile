@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck unit clean system-packages
+.PHONY: install serve test lint typecheck unit clean system-packages configs
 
 install: $(STAMP) system-packages
 
@@ -16,10 +16,11 @@ system-packages:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		 apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-$(STAMP): pyproject.toml
+# One resolve: the server depends on abdoserve-client, which comes from ./clients.
+$(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients -e '.[dev]'
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -29,11 +30,22 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy cannot follow the editable install's `abdoserve.*` import hook, so it checks a
+# tree of links with the installed names: build/typecheck/abdoserve/<package> -> folder.
+TYPECHECK_TREE := build/typecheck/abdoserve
 typecheck: install
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)
+	ln -s ../../../preprocessing ../../../export ../../../deploy ../../../loadtests $(TYPECHECK_TREE)/
+	ln -s ../../../model_repository/_serving $(TYPECHECK_TREE)/serving
 	$(BIN)/mypy
 
 test: install lint typecheck
 	$(BIN)/pytest
+
+# Re-render the committed model_repository/*/config.pbtxt from the task specs
+# (the contract test compares them with a fresh rendering).
+configs: $(STAMP)
+	$(BIN)/abdoserve configs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,23 +14,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# (command path, module, help)
+# (command path, module that owns the job, help), in the order a newcomer meets them.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("phantom",), "preprocessing.phantom.cli", "write a phantom DICOM study for a task"),
-    (
-        ("bench", "preprocess"),
-        "preprocessing.bench",
-        "preprocessing throughput vs bare pydicom decode",
-    ),
-    (
-        ("bench", "serving"),
-        "deploy.bench_serving",
-        "served gRPC vs in-process ONNX Runtime and PyTorch",
-    ),
-    (("build-repository",), "export.cli", "export the networks and build the model repository"),
-    (("serve",), "deploy.serve", "serve all models on the embedded Triton server"),
-    (("infer",), "clients.cli", "send a study to a running server and print the answer"),
-    (("loadtest",), "loadtests.cli", "run a locust scenario headless, then gate it on SLOs"),
+    (("serve",), "abdoserve.deploy.serve", "serve all models on the embedded Triton server"),
+    (("infer",), "abdoserve_client.cli", "send a study to a running server and print the answer"),
+    (("phantom",), "abdoserve.loadtests.phantom.cli", "write a phantom DICOM study for a task"),
+    (("build-repository",), "abdoserve.export.cli", "export the networks, build the repository"),
+    (("configs",), "abdoserve.export.configs_cli", "re-render the committed model configs"),
+    (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
+    (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
+    (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),
 )
 
 

@@ -5,7 +5,7 @@ with the project's rule files loaded, starts `prometheus` on a local port with
 its data in a given folder, waits until it is ready, answers PromQL queries
 through the HTTP API, and stops it cleanly.
 
-Development: `python -m deploy.prometheus_server --target 127.0.0.1:8002`.
+Development: `python -m abdoserve.deploy.prometheus_server --target 127.0.0.1:8002`.
 """
 
 from __future__ import annotations

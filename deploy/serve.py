@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from deploy.embedded import BUILD_DIR, EmbeddedServer, Ports, ServerError, ServerOptions
-from deploy.tuning_options import add_tuning_arguments, tuning_from
+from abdoserve.deploy.embedded import BUILD_DIR, EmbeddedServer, Ports, ServerError, ServerOptions
+from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 
 DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.repository import build_repository, is_built
+    from abdoserve.export.repository import build_repository, is_built
 
     tuning = tuning_from(args)
     if args.rebuild or not is_built(args.repository, tuning=tuning):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from export.configs import Tuning
+from abdoserve.export.configs import Tuning
 
 # (flag, Tuning field, help)
 TUNING_OPTIONS = (

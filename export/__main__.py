@@ -10,8 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from export.onnx_export import export_task
-from preprocessing.tasks import TASKS, get_task
+from abdoserve.export.onnx_export import export_task
+from abdoserve.preprocessing.tasks import TASKS, get_task
 
 
 def main(argv: list[str] | None = None) -> int:

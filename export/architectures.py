@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from abdoserve.export.errors import ExportError
+from abdoserve.preprocessing.specs import OutputKind, TaskSpec
 from torch import Tensor, nn
-
-from export.errors import ExportError
-from preprocessing.specs import OutputKind, TaskSpec
 
 
 @dataclass(frozen=True)

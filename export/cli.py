@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preprocessing.tasks import TASKS
+from abdoserve.preprocessing.tasks import TASKS
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "build" / "model_repository"
 
@@ -61,7 +61,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.repository import build_repository
+    from abdoserve.export.repository import build_repository
 
     checkpoints = {
         task: Path(path) for task, path in _pairs(args.checkpoint, "--checkpoint").items()

@@ -6,7 +6,8 @@ The committed `model_repository/*/config.pbtxt` files are these renderings for
 the default specs; a contract test keeps them identical.
 
 Tensor contract (the ensemble is the public entry point):
-  <task>              DICOM (BYTES [-1]), CLINICAL (BYTES [1], JSON)
+  <task>              DICOM (BYTES [-1]), CLINICAL (BYTES [1], JSON; optional where the
+                      task has no clinical inputs)
                       -> SCORES (FP32 [-1, K]), STUDY (FP32 [K]), ANSWER (BYTES [1], JSON)
   <task>_preprocess   -> SAMPLES (FP32 [-1, C, M, M]), FEATURES (FP32 [F], if F > 0),
                          SAMPLE_SOURCE (INT32 [-1]), STUDY_INFO (BYTES [1], JSON)
@@ -20,11 +21,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from abdoserve.preprocessing.clinical import ROI_KEY
+from abdoserve.preprocessing.specs import RoiCrop, TaskSpec
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-
-from preprocessing.clinical import ROI_KEY
-from preprocessing.specs import RoiCrop, TaskSpec
 
 MAX_BATCH_SIZE = 8
 FP32 = mc.DataType.TYPE_FP32
@@ -73,7 +73,7 @@ def to_text(config: mc.ModelConfig) -> str:
 def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelConfig:
     _, preprocess, net, postprocess = model_names(spec.name)
     config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
-    config.input.extend(_public_inputs())
+    config.input.extend(_public_inputs(spec))
     config.output.extend(_public_outputs(spec))
     steps = config.ensemble_scheduling.step
     prepared = ["SAMPLES", "SAMPLE_SOURCE", "STUDY_INFO"] + (
@@ -119,10 +119,7 @@ def describe_task(spec: TaskSpec) -> dict[str, str]:
         "labels": json.dumps(list(output.labels)),
         "label_descriptions": json.dumps(list(output.descriptions)),
         "unit": output.unit,
-        "clinical_inputs": json.dumps(
-            [item.name for item in spec.clinical_inputs]
-            + ([ROI_KEY] if isinstance(spec.geometry, RoiCrop) else [])
-        ),
+        "clinical_inputs": json.dumps(clinical_input_names(spec)),
         "images": json.dumps(
             {
                 "roles": list(spec.images.roles),
@@ -138,7 +135,7 @@ def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
     if tuning.max_queue_size:
         # The ensemble's first step: every accepted request waits here first.
         config.dynamic_batching.default_queue_policy.max_queue_size = tuning.max_queue_size
-    config.input.extend(_public_inputs(ragged=True))
+    config.input.extend(_public_inputs(spec, ragged=True))
     channels, rows, columns = spec.sample_shape
     config.output.extend(
         [
@@ -204,10 +201,19 @@ def postprocess_config(
     return config
 
 
-def _public_inputs(ragged: bool = False) -> list[mc.ModelInput]:
+def clinical_input_names(spec: TaskSpec) -> list[str]:
+    """The keys the task reads from CLINICAL (the ROI counts as one)."""
+    roi = [ROI_KEY] if isinstance(spec.geometry, RoiCrop) else []
+    return [item.name for item in spec.clinical_inputs] + roi
+
+
+def _public_inputs(spec: TaskSpec, ragged: bool = False) -> list[mc.ModelInput]:
+    # A task without clinical inputs takes DICOM alone: a raw KServe v2 client need not
+    # send an empty CLINICAL. Absent, it reaches the preprocess model as None, meaning {}.
+    clinical_optional = not clinical_input_names(spec)
     return [
         mc.ModelInput(name="DICOM", data_type=BYTES, dims=[-1], allow_ragged_batch=ragged),
-        mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1]),
+        mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1], optional=clinical_optional),
     ]
 
 

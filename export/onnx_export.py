@@ -21,15 +21,14 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from abdoserve.export.architectures import run_network
+from abdoserve.export.errors import ExportError, ParityError
+from abdoserve.export.inputs import example_inputs
+from abdoserve.export.weights import WeightsProvenance, load_network
+from abdoserve.preprocessing.specs import TaskSpec
 from numpy.typing import NDArray
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from export.architectures import run_network
-from export.errors import ExportError, ParityError
-from export.inputs import example_inputs
-from export.weights import Provenance, load_network
-from preprocessing.specs import TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class ModelCost:
 @dataclass(frozen=True)
 class ExportResult:
     onnx_path: Path
-    provenance: Provenance
+    provenance: WeightsProvenance
     parameters: int
     flops_per_sample: int
     parity: ParityReport

@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from abdoserve.export.architectures import run_network
+from abdoserve.export.errors import ReferenceInputError
+from abdoserve.export.inputs import FloatArray
+from abdoserve.export.weights import load_network
+from abdoserve.preprocessing.specs import TaskSpec
 from numpy.typing import NDArray
-
-from export.architectures import run_network
-from export.errors import ReferenceInputError
-from export.inputs import FloatArray
-from export.weights import load_network
-from preprocessing.specs import TaskSpec
 
 
 class TorchReference:

@@ -17,18 +17,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from export.configs import Tuning, model_names, render_task, to_text
-from export.errors import ExportError
-from export.gpu_net import (
+from abdoserve.export.configs import Tuning, model_names, render_task, to_text
+from abdoserve.export.errors import ExportError
+from abdoserve.export.gpu_net import (
     GpuRuntime,
     engine_script,
     export_study_batched,
     gpu_net_config,
     study_batched_error,
 )
-from export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
-from export.weights import load_network
-from preprocessing.tasks import TASKS, get_task
+from abdoserve.export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
+from abdoserve.export.weights import load_network
+from abdoserve.preprocessing.tasks import TASKS, get_task
+from abdoserve.serving.warmup import WARMUP_FOLDER, write_warmup
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,17 @@ def build_task(
         role = name.removeprefix(task + "_")
         if role in ROLE_SOURCES:
             shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
+        if role == "preprocess":
+            write_warmup_study(folder / "1", spec.name)
     return result
+
+
+def write_warmup_study(version_folder: Path, task: str) -> None:
+    """The phantom study the preprocess model decodes at load (see abdoserve.serving.warmup)."""
+    from abdoserve.loadtests.phantom import build_study
+
+    study = build_study(task, seed=0)
+    write_warmup(version_folder, study.instances, study.clinical)
 
 
 def replace_net_for_gpu(
@@ -179,5 +190,8 @@ def is_built(
     if built.get("tuning") != asdict(tuning) or built.get("net_runtime") != net_runtime:
         return False
     return all(
-        task in built and (out / f"{task}_net" / "1" / "model.onnx").is_file() for task in tasks
+        task in built
+        and (out / f"{task}_net" / "1" / "model.onnx").is_file()
+        and (out / f"{task}_preprocess" / "1" / WARMUP_FOLDER).is_dir()
+        for task in tasks
     )

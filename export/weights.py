@@ -20,19 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from abdoserve.export.architectures import build_network, run_network
+from abdoserve.export.errors import CheckpointError, CheckpointMismatchError
+from abdoserve.export.inputs import example_inputs
+from abdoserve.preprocessing.specs import TaskSpec
 from torch import Tensor, nn
-
-from export.architectures import build_network, run_network
-from export.errors import CheckpointError, CheckpointMismatchError
-from export.inputs import example_inputs
-from preprocessing.specs import TaskSpec
 
 REFERENCE_SOURCE = "reference-untrained"
 _SHOWN_KEYS = 5
 
 
 @dataclass(frozen=True)
-class Provenance:
+class WeightsProvenance:
     """Where a network's weights came from, as every response reports it."""
 
     source: str
@@ -51,7 +50,7 @@ class Provenance:
 @dataclass(frozen=True)
 class LoadedNetwork:
     module: nn.Module
-    provenance: Provenance
+    provenance: WeightsProvenance
 
 
 def load_network(spec: TaskSpec, checkpoint: Path | None = None) -> LoadedNetwork:
@@ -70,7 +69,7 @@ def reference_network(spec: TaskSpec) -> LoadedNetwork:
     module = build_network(spec)
     initialise(module, reference_seed(spec.name))
     digest = state_sha256(module.state_dict())
-    return LoadedNetwork(module.eval(), Provenance(REFERENCE_SOURCE, digest, untrained=True))
+    return LoadedNetwork(module.eval(), WeightsProvenance(REFERENCE_SOURCE, digest, untrained=True))
 
 
 def initialise(module: nn.Module, seed: int) -> None:
@@ -126,7 +125,7 @@ def load_checkpoint(spec: TaskSpec, path: Path) -> LoadedNetwork:
     else:
         module = build_network(spec)
         apply_state_dict(spec, module, _read_state_dict(data, path.name))
-    provenance = Provenance(path.name, hashlib.sha256(data).hexdigest(), untrained=False)
+    provenance = WeightsProvenance(path.name, hashlib.sha256(data).hexdigest(), untrained=False)
     return LoadedNetwork(module.eval(), provenance)
 
 

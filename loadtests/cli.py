@@ -4,7 +4,7 @@ Locust runs in a subprocess (it monkey-patches the process it runs in), writing
 CSVs and an HTML report to --out; the SLO gate then reads `stats_stats.csv` and a
 PNG of latency and throughput is drawn from `stats_stats_history.csv`. Only the
 standard library is imported at module level: `abdoserve`'s parser imports this
-module eagerly. Also runs as `python -m loadtests.cli`.
+module eagerly. Also runs as `python -m abdoserve.loadtests.cli`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtests.slo import EVERY_NAME, Budget
+from abdoserve.loadtests.slo import EVERY_NAME, Budget
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCENARIOS_DIR = PACKAGE_DIR / "scenarios"
@@ -151,8 +151,8 @@ def execute(args: argparse.Namespace, out: Path, margin_s: float = EXIT_MARGIN_S
 
 def judge(out: Path, budget: Budget, title: str = "") -> int:
     """Print the SLO verdict for a finished run in `out` and draw its plot."""
-    from loadtests.plot import plot_history
-    from loadtests.slo import gate
+    from abdoserve.loadtests.plot import plot_history
+    from abdoserve.loadtests.slo import gate
 
     stats = out / "stats_stats.csv"
     if not stats.is_file():

@@ -2,7 +2,7 @@
 
 Locust's `--host` (or `LOCUST_HOST`, or `host` in locust.conf) names the endpoint as
 `HOST:PORT`, `grpc://HOST:PORT` or `grpcs://HOST:PORT` (TLS). TLS, certificates,
-deadline and payload pool size come from the options that `loadtests.grpc_user`
+deadline and payload pool size come from the options that `abdoserve.loadtests.grpc_user`
 adds to locust's parser, each also settable through the environment variable
 below, so the same locustfiles point at a remote endpoint unchanged.
 Locust-free on purpose: importing locust monkey-patches the whole process.

@@ -1,25 +1,30 @@
-"""One timed inference call, run in a real OS thread (see `loadtests.grpc_user`).
+"""One timed inference call, run in a real OS thread (see `abdoserve.loadtests.grpc_user`).
 
+The call is `AbdoServeClient.infer`, exactly what a hospital's code runs: request
+encoding, the gRPC call and parsing the typed result are all inside the timing.
 Locust-free, so it can be tested without gevent's monkey-patching.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tritonclient.utils import InferenceServerException
+from abdoserve.loadtests.payloads import Payload
 
-from clients.errors import AbdoServeError, ResponseError, from_triton
-from clients.protocol import requested_outputs
-from loadtests.payloads import Payload
+from abdoserve_client.errors import AbdoServeError
+from abdoserve_client.results import StudyResult
 
 
 class InferClient(Protocol):
-    """What we use of `tritonclient.grpc.InferenceServerClient`."""
+    """What we use of `abdoserve_client.AbdoServeClient`."""
 
-    def infer(self, model_name: str, inputs: Any, **kwargs: Any) -> Any: ...
+    def infer(
+        self, task: str, instances: Sequence[bytes], clinical: Mapping[str, Any] | None = None
+    ) -> StudyResult: ...
 
 
 @dataclass(frozen=True)
@@ -39,23 +44,19 @@ def reported(error: AbdoServeError) -> AbdoServeError:
     return failure
 
 
-def timed_infer(client: InferClient, payload: Payload, deadline_s: float) -> Outcome:
-    """Send `payload` once; gRPC errors come back as a failed `Outcome`, never raised."""
+def response_size(result: StudyResult) -> int:
+    """The answer's size as received: per-image and study tensors plus the ANSWER JSON."""
+    answer = json.dumps(dict(result.answer), separators=(",", ":"))
+    return int(result.image_values.nbytes + result.study_values.nbytes + len(answer))
+
+
+def timed_infer(client: InferClient, payload: Payload) -> Outcome:
+    """Send `payload` once; typed client errors come back as a failed `Outcome`."""
     started = time.perf_counter()
     try:
-        result = client.infer(
-            payload.model,
-            list(payload.inputs),
-            outputs=requested_outputs(),
-            client_timeout=deadline_s,
-        )
-    except InferenceServerException as error:
+        result = client.infer(payload.model, payload.instances, payload.clinical)
+    except AbdoServeError as error:
         elapsed_ms = 1e3 * (time.perf_counter() - started)
-        failure = from_triton(error)
-        failure.__cause__ = error
-        return Outcome(elapsed_ms, 0, reported(failure))
+        return Outcome(elapsed_ms, 0, reported(error))
     elapsed_ms = 1e3 * (time.perf_counter() - started)
-    if result.as_numpy("ANSWER") is None:
-        missing = ResponseError(f"{payload.model} answered without ANSWER")
-        return Outcome(elapsed_ms, 0, reported(missing))
-    return Outcome(elapsed_ms, int(result.get_response().ByteSize()))
+    return Outcome(elapsed_ms, response_size(result))

@@ -1,9 +1,10 @@
 """The abstract locust user that load-tests AbdoServe over gRPC.
 
-tritonclient's gRPC calls block in C. We do NOT call
+Each user holds one `AbdoServeClient` (the hospital's client, retries off so that
+every failure shows). gRPC calls block in C. We do NOT call
 `grpc.experimental.gevent.init_gevent()`: with it, locust never exited after
---run-time (DESIGN.md). Instead each blocking `infer` runs in gevent's pool of
-real OS threads (`threadpool.apply`), which yields the greenlet while it waits.
+--run-time. Instead each blocking `infer` runs in gevent's pool of real OS
+threads (`threadpool.apply`), which yields the greenlet while it waits.
 Every call is reported through `events.request`; failures carry the gRPC code.
 """
 
@@ -16,13 +17,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import gevent  # type: ignore[import-untyped]
-import tritonclient.grpc as grpcclient
-from locust import User, constant, events
-from locust.argument_parser import LocustArgumentParser
-from locust.env import Environment
-from locust.stats import CSV_STATS_INTERVAL_SEC
-
-from loadtests.connection import (
+from abdoserve.loadtests.connection import (
     DEFAULT_DEADLINE_S,
     DEFAULT_HOST,
     DEFAULT_POOL_SIZE,
@@ -31,10 +26,17 @@ from loadtests.connection import (
     connection,
     options_from_environment,
 )
-from loadtests.grpc_call import timed_infer
-from loadtests.payloads import Payload, payload_pool
+from abdoserve.loadtests.grpc_call import timed_infer
+from abdoserve.loadtests.payloads import Payload, payload_pool
+from locust import User, constant, events
+from locust.argument_parser import LocustArgumentParser
+from locust.env import Environment
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
-log = logging.getLogger("loadtests")
+from abdoserve_client import AbdoServeClient
+from abdoserve_client.errors import AbdoServeError
+
+log = logging.getLogger("abdoserve.loadtests")
 MIN_THREADS = 10  # gevent's default pool size
 
 
@@ -109,7 +111,9 @@ class TritonGrpcUser(User):
     abstract = True
     host = DEFAULT_HOST
     wait_time = constant(0)
-    payload_kinds: ClassVar[tuple[str, ...]] = ()  # what this user sends (loadtests.payloads)
+    payload_kinds: ClassVar[
+        tuple[str, ...]
+    ] = ()  # what this user sends (abdoserve.loadtests.payloads)
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
@@ -121,14 +125,24 @@ class TritonGrpcUser(User):
         self.connection = user_connection(self.environment, self.host)
         target = self.connection
         self._pools = {kind: payload_pool(kind, target.pool_size) for kind in self.payload_kinds}
-        self._client = grpcclient.InferenceServerClient(
+        self._client = AbdoServeClient(
             target.url,
+            timeout_s=target.deadline_s,
+            retries=0,  # a load test counts failures; it does not hide them
             ssl=target.tls,
             root_certificates=target.root_cert,
             private_key=target.client_key,
             certificate_chain=target.client_cert,
         )
         self._grow_threadpool()
+        # Each task's description is fetched once, before the timed calls.
+        models = sorted({payload.model for pool in self._pools.values() for payload in pool})
+        pool = gevent.get_hub().threadpool
+        for model in models:
+            try:
+                pool.apply(self._client.task_info, (model,))
+            except AbdoServeError as error:  # the first call fetches it, and reports why
+                log.warning("no description of %s yet: %s", model, error)
 
     def on_stop(self) -> None:
         if self._client is not None:
@@ -141,9 +155,8 @@ class TritonGrpcUser(User):
 
     def call(self, payload: Payload) -> None:
         """Run the blocking call in an OS thread and report it to locust."""
-        deadline = self.connection.deadline_s
         pool = gevent.get_hub().threadpool
-        outcome = pool.apply(timed_infer, (self._client, payload, deadline))
+        outcome = pool.apply(timed_infer, (self._client, payload))
         self.environment.events.request.fire(
             request_type="grpc",
             name=payload.name,

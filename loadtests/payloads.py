@@ -3,18 +3,19 @@
 A payload kind is a task name (a pool of phantom studies of realistic size:
 512x512 slices, the slice counts the papers describe) or one of `BAD_KINDS`
 (requests the server must refuse with INVALID_ARGUMENT). Inputs are serialised
-here, once, so the timed call only sends bytes.
+here, once; the timed call goes through `AbdoServeClient.infer`, the path a
+hospital's code takes (its request encoder is `abdoserve_client.wire`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from clients.protocol import build_inputs
-from preprocessing.phantom import TASK_NAMES, build_study
+from abdoserve.loadtests.phantom import TASK_NAMES, build_study
 
 BAD_PAYLOAD_PREFIX = "bad_payload/"
 
@@ -25,7 +26,8 @@ class Payload:
 
     name: str
     model: str
-    inputs: tuple[Any, ...]  # tritonclient.grpc.InferInput, read-only once built
+    instances: tuple[bytes, ...]
+    clinical: Mapping[str, Any]
     size_bytes: int
 
 
@@ -69,5 +71,5 @@ def payload_pool(kind: str, size: int) -> tuple[Payload, ...]:
 def _payload(
     name: str, model: str, instances: Sequence[bytes], clinical: dict[str, object]
 ) -> Payload:
-    inputs = tuple(build_inputs(list(instances), clinical))
-    return Payload(name, model, inputs, sum(len(item) for item in instances))
+    size = sum(len(item) for item in instances)
+    return Payload(name, model, tuple(instances), MappingProxyType(dict(clinical)), size)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.slo import AGGREGATED
+from abdoserve.loadtests.slo import AGGREGATED
 
 PERCENTILES = ("50%", "95%", "99%")
 

@@ -14,21 +14,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from preprocessing.decode import DecodedInstance
-from preprocessing.errors import (
+from abdoserve.preprocessing.decode import DecodedInstance
+from abdoserve.preprocessing.errors import (
     AttributeProblem,
     InconsistentGeometryError,
     InstanceCountError,
     describe_tag,
 )
-from preprocessing.frames import IMAGE_ORIENTATION, IMAGE_POSITION, PIXEL_SPACING, Frame
-from preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.frames import Frame
+from abdoserve.preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.tags import (
+    IMAGE_ORIENTATION_PATIENT,
+    IMAGE_POSITION_PATIENT,
+    PIXEL_SPACING,
+    ROWS,
+)
 
 PARALLEL_TOLERANCE = 0.99  # |cos| between slice normals (about 8 degrees)
 SPACING_TOLERANCE = 0.01  # relative difference in pixel spacing
 PHASE_LOCATION_TOLERANCE_MM = 10.0  # phases of one mass: same location within this
-ROWS = 0x00280010
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +90,7 @@ def order_levels(images: Sequence[Image]) -> list[Image]:
     for above, below in itertools.pairwise(ordered):
         if abs(_along(above, normal) - _along(below, normal)) < 1e-3:
             raise InconsistentGeometryError(
-                f"{describe_tag(IMAGE_POSITION)} equals that of instance {above.index}: "
+                f"{describe_tag(IMAGE_POSITION_PATIENT)} equals that of instance {above.index}: "
                 "the section levels must differ",
                 instance=below.index,
             )
@@ -124,12 +128,13 @@ def check_parallel(images: Sequence[Image]) -> np.ndarray:
     """The common slice normal; refuse slices whose orientation differs."""
     normal = images[0].frame.normal
     if normal is None:
-        raise AttributeProblem(IMAGE_ORIENTATION, "is missing", instance=images[0].index)
+        raise AttributeProblem(IMAGE_ORIENTATION_PATIENT, "is missing", instance=images[0].index)
     for image in images[1:]:
         other = image.frame.normal
         if other is None or abs(float(np.dot(normal, other))) < PARALLEL_TOLERANCE:
             raise InconsistentGeometryError(
-                f"{describe_tag(IMAGE_ORIENTATION)} differs from instance {images[0].index}",
+                f"{describe_tag(IMAGE_ORIENTATION_PATIENT)} differs from instance "
+                f"{images[0].index}",
                 instance=image.index,
             )
     return normal
@@ -153,7 +158,7 @@ def check_same_location(reference: Image, image: Image) -> None:
     distance = abs(_along(image, normal) - _along(reference, normal))
     if distance > PHASE_LOCATION_TOLERANCE_MM:
         raise InconsistentGeometryError(
-            f"{describe_tag(IMAGE_POSITION)} lies {distance:.1f} mm from instance "
+            f"{describe_tag(IMAGE_POSITION_PATIENT)} lies {distance:.1f} mm from instance "
             f"{reference.index} along the slice normal; the phases must show one location "
             f"(tolerance {PHASE_LOCATION_TOLERANCE_MM:g} mm)",
             instance=image.index,
@@ -162,9 +167,11 @@ def check_same_location(reference: Image, image: Image) -> None:
 
 def _require_position(image: Image, why: str) -> None:
     if image.frame.position is None:
-        raise AttributeProblem(IMAGE_POSITION, f"is missing; {why}", instance=image.index)
+        raise AttributeProblem(IMAGE_POSITION_PATIENT, f"is missing; {why}", instance=image.index)
     if image.frame.orientation is None:
-        raise AttributeProblem(IMAGE_ORIENTATION, f"is missing; {why}", instance=image.index)
+        raise AttributeProblem(
+            IMAGE_ORIENTATION_PATIENT, f"is missing; {why}", instance=image.index
+        )
 
 
 def _along(image: Image, normal: np.ndarray) -> float:

@@ -6,9 +6,8 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-
-from preprocessing.errors import ClinicalInputError, RoiError
-from preprocessing.specs import ClinicalInput, RoiCrop, TaskSpec
+from abdoserve.preprocessing.errors import ClinicalInputError, RoiError
+from abdoserve.preprocessing.specs import ClinicalInput, RoiCrop, TaskSpec
 
 ROI_KEY = "roi"
 

@@ -23,12 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.uid import UID
-
-from preprocessing import header
-from preprocessing.errors import (
+from abdoserve.preprocessing import header
+from abdoserve.preprocessing.errors import (
     AttributeProblem,
     InputTooLargeError,
     NoPixelDataError,
@@ -36,32 +32,34 @@ from preprocessing.errors import (
     TruncatedDicomError,
     UnsupportedObjectError,
 )
-from preprocessing.frames import Frame, frames_of
-from preprocessing.pixel_data import (
+from abdoserve.preprocessing.frames import Frame, frames_of
+from abdoserve.preprocessing.pixel_data import (
     PixelSpan,
     decoded_pixels,
     frame_shape,
     native_pixels,
     native_span,
 )
-from preprocessing.specs import IntakeLimits
-
-PIXEL_DATA = 0x7FE00010
-FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)  # Float / Double Float Pixel Data
-SAMPLES_PER_PIXEL = 0x00280002
-PHOTOMETRIC = 0x00280004
-ROWS = 0x00280010
-COLUMNS = 0x00280011
-BITS_ALLOCATED = 0x00280100
-BITS_STORED = 0x00280101
-RESCALE_INTERCEPT = 0x00281052
-RESCALE_SLOPE = 0x00281053
-MODALITY = 0x00080060
-ACQUISITION_TIME = 0x00080032
-CONTENT_TIME = 0x00080033
-NUMBER_OF_FRAMES = 0x00280008
-PIXEL_REPRESENTATION = 0x00280103
-SOP_CLASS_UID = 0x00080016
+from abdoserve.preprocessing.specs import IntakeLimits
+from abdoserve.preprocessing.tags import (
+    ACQUISITION_TIME,
+    BITS_ALLOCATED,
+    COLUMNS,
+    CONTENT_TIME,
+    DOUBLE_FLOAT_PIXEL_DATA,
+    FLOAT_PIXEL_DATA,
+    MODALITY,
+    PHOTOMETRIC_INTERPRETATION,
+    PIXEL_DATA,
+    RESCALE_INTERCEPT,
+    RESCALE_SLOPE,
+    ROWS,
+    SAMPLES_PER_PIXEL,
+    SOP_CLASS_UID,
+)
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Attributes any image must have; a dataset without one of these is not an image.
 _IMAGE_PIXEL_MODULE = (ROWS, COLUMNS, BITS_ALLOCATED)
@@ -117,7 +115,7 @@ def decode_instance(
         frames=frames_of(dataset, pixels, index),
         slope=slope,
         intercept=intercept,
-        inverted=header.text(dataset, PHOTOMETRIC) == "MONOCHROME1",
+        inverted=header.text(dataset, PHOTOMETRIC_INTERPRETATION) == "MONOCHROME1",
         acquisition_time=(
             header.text(dataset, ACQUISITION_TIME) or header.text(dataset, CONTENT_TIME) or ""
         ),
@@ -197,7 +195,7 @@ def check_is_image(parsed: Parsed, index: int) -> None:
     """Refuse non-image objects, pixel-less images and colour images, naming why."""
     dataset = parsed.dataset
     has_pixels = parsed.span is not None or any(
-        tag in dataset for tag in (PIXEL_DATA, *FLOAT_PIXEL_TAGS)
+        tag in dataset for tag in (PIXEL_DATA, *(FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA))
     )
     if not has_pixels:
         sop_class = UID(header.text(dataset, SOP_CLASS_UID) or "")
@@ -255,5 +253,5 @@ def _transfer_syntax(dataset: Dataset) -> UID | None:
     if little is None:
         return None
     if little:
-        return UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
-    return UID("1.2.840.10008.1.2.2")
+        return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ExplicitVRBigEndian

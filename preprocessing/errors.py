@@ -3,11 +3,16 @@
 Messages name the instance (its index in the request) and the DICOM attribute at
 fault, the way pydicom does ("instance 2: (0028,0030) Pixel Spacing is missing").
 They never carry patient identifiers: only tags, keywords, counts and geometry.
+
+Every class names a stable `reason`: the `reason` label of
+`abdoserve_rejected_requests_total`. Dashboards and alerts read these strings, so a
+class may be renamed freely but a reason never changes; a test pins them all.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 from pydicom.datadict import dictionary_description
 from pydicom.tag import Tag
@@ -24,7 +29,8 @@ class StatusCode(enum.Enum):
 class IntakeError(Exception):
     """Base class: the request cannot be turned into model tensors."""
 
-    code: StatusCode = StatusCode.INVALID_ARGUMENT
+    code: ClassVar[StatusCode] = StatusCode.INVALID_ARGUMENT
+    reason: ClassVar[str] = "intake"
 
     def __init__(self, message: str, *, instance: int | None = None) -> None:
         self.instance = instance
@@ -36,25 +42,37 @@ class IntakeError(Exception):
 class NotDicomError(IntakeError):
     """The bytes are not a DICOM dataset at all."""
 
+    reason = "not_dicom"
+
 
 class TruncatedDicomError(IntakeError):
     """The bytes start as DICOM but end before the dataset or its pixel data does."""
+
+    reason = "truncated_dicom"
 
 
 class UnsupportedObjectError(IntakeError):
     """A valid DICOM object that is not an image (SR, RT plan, presentation state, ...)."""
 
+    reason = "unsupported_object"
+
 
 class NoPixelDataError(IntakeError):
     """An image object without (7FE0,0010) Pixel Data."""
+
+    reason = "no_pixel_data"
 
 
 class PixelDecodeError(IntakeError):
     """The pixel data could not be decoded (corrupt stream, unsupported syntax)."""
 
+    reason = "pixel_decode"
+
 
 class AttributeProblem(IntakeError):
     """A required attribute is missing or holds an unusable value."""
+
+    reason = "attribute_problem"
 
     def __init__(self, tag: int, problem: str, *, instance: int | None = None) -> None:
         self.tag = Tag(tag)
@@ -64,25 +82,49 @@ class AttributeProblem(IntakeError):
 class WrongModalityError(IntakeError):
     """The image's modality is not the one the task reads."""
 
+    reason = "wrong_modality"
+
 
 class InstanceCountError(IntakeError):
     """The request carries the wrong number of images, phases or levels."""
+
+    reason = "instance_count"
 
 
 class InconsistentGeometryError(IntakeError):
     """Images that must line up (orientation, spacing, location) do not."""
 
+    reason = "inconsistent_geometry"
+
 
 class RoiError(IntakeError):
     """The region of interest is missing, malformed or outside the image."""
+
+    reason = "roi"
 
 
 class ClinicalInputError(IntakeError):
     """A clinical input (age, sex, field strength, ...) is missing or out of range."""
 
+    reason = "clinical_input"
+
 
 class InputTooLargeError(IntakeError):
     """The request exceeds a configured size limit; refused before decoding pixels."""
+
+    reason = "input_too_large"
+
+
+class FlatImageError(IntakeError):
+    """An image whose pixels carry no usable signal (all one value)."""
+
+    reason = "flat_image"
+
+
+class MissingInputError(IntakeError):
+    """A required input tensor is absent from the request."""
+
+    reason = "missing_input"
 
 
 def describe_tag(tag: int) -> str:

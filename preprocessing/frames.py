@@ -11,19 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from abdoserve.preprocessing import header
+from abdoserve.preprocessing.errors import AttributeProblem
+from abdoserve.preprocessing.tags import (
+    IMAGE_ORIENTATION_PATIENT,
+    IMAGE_POSITION_PATIENT,
+    PER_FRAME_FUNCTIONAL_GROUPS,
+    PIXEL_MEASURES,
+    PIXEL_SPACING,
+    PLANE_ORIENTATION,
+    PLANE_POSITION,
+    SHARED_FUNCTIONAL_GROUPS,
+)
 from pydicom.dataset import Dataset
-
-from preprocessing import header
-from preprocessing.errors import AttributeProblem
-
-PIXEL_SPACING = 0x00280030
-IMAGE_POSITION = 0x00200032
-IMAGE_ORIENTATION = 0x00200037
-SHARED_GROUPS = 0x52009229
-PER_FRAME_GROUPS = 0x52009230
-PIXEL_MEASURES = 0x00289110
-PLANE_POSITION = 0x00209113
-PLANE_ORIENTATION = 0x00209116
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,8 +46,8 @@ class Frame:
 
 def frames_of(dataset: Dataset, pixels: np.ndarray, index: int) -> tuple[Frame, ...]:
     """Split decoded pixels (frames, rows, columns) into frames with their geometry."""
-    shared = _first_item(dataset, SHARED_GROUPS)
-    per_frame_element = dataset.get(PER_FRAME_GROUPS)
+    shared = _first_item(dataset, SHARED_FUNCTIONAL_GROUPS)
+    per_frame_element = dataset.get(PER_FRAME_FUNCTIONAL_GROUPS)
     per_frame = per_frame_element.value if per_frame_element is not None else None
     frames = []
     for number in range(pixels.shape[0]):
@@ -57,8 +57,10 @@ def frames_of(dataset: Dataset, pixels: np.ndarray, index: int) -> tuple[Frame, 
             Frame(
                 pixels=pixels[number],
                 spacing=_spacing(sources, index),
-                position=_vector(sources, PLANE_POSITION, IMAGE_POSITION, 3, index),
-                orientation=_vector(sources, PLANE_ORIENTATION, IMAGE_ORIENTATION, 6, index),
+                position=_vector(sources, PLANE_POSITION, IMAGE_POSITION_PATIENT, 3, index),
+                orientation=_vector(
+                    sources, PLANE_ORIENTATION, IMAGE_ORIENTATION_PATIENT, 6, index
+                ),
             )
         )
     return tuple(frames)

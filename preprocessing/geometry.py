@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from preprocessing.errors import RoiError
-from preprocessing.specs import FixedSpacing, RoiCrop
+from abdoserve.preprocessing.errors import RoiError
+from abdoserve.preprocessing.specs import FixedSpacing, RoiCrop
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,13 +8,8 @@ on the resampled pixels. MR: the modality LUT, then per-image percentile scaling
 from __future__ import annotations
 
 import numpy as np
-
-from preprocessing.errors import IntakeError
-from preprocessing.specs import CTWindow, MRPercentileScaling
-
-
-class FlatImageError(IntakeError):
-    """An image whose pixels carry no usable signal (all one value)."""
+from abdoserve.preprocessing.errors import FlatImageError
+from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling
 
 
 def hounsfield(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:

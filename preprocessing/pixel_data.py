@@ -14,24 +14,25 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from abdoserve.preprocessing import header
+from abdoserve.preprocessing.errors import PixelDecodeError, TruncatedDicomError
+from abdoserve.preprocessing.tags import (
+    BITS_ALLOCATED,
+    BITS_STORED,
+    COLUMNS,
+    NUMBER_OF_FRAMES,
+    PIXEL_DATA,
+    PIXEL_REPRESENTATION,
+    ROWS,
+)
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from preprocessing import header
-from preprocessing.errors import PixelDecodeError, TruncatedDicomError
-
-PIXEL_DATA = 0x7FE00010
-NUMBER_OF_FRAMES = 0x00280008
-ROWS = 0x00280010
-COLUMNS = 0x00280011
-BITS_ALLOCATED = 0x00280100
-BITS_STORED = 0x00280101
-PIXEL_REPRESENTATION = 0x00280103
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_NATIVE_SYNTAXES = {
-    "1.2.840.10008.1.2": (True, True),  # implicit VR little endian
-    "1.2.840.10008.1.2.1": (False, True),  # explicit VR little endian
-    "1.2.840.10008.1.2.2": (False, False),  # explicit VR big endian
+_NATIVE_SYNTAXES: dict[str, tuple[bool, bool]] = {  # (implicit VR, little endian)
+    ImplicitVRLittleEndian: (True, True),
+    ExplicitVRLittleEndian: (False, True),
+    ExplicitVRBigEndian: (False, False),
 }
 
 

@@ -48,17 +48,19 @@ class Source(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Provenance:
+class ValueProvenance:
+    """Where one spec value comes from: the paper, a serving choice or a hospital."""
+
     source: Source
     note: str
 
 
-def paper(note: str) -> Provenance:
-    return Provenance(Source.PAPER, note)
+def paper(note: str) -> ValueProvenance:
+    return ValueProvenance(Source.PAPER, note)
 
 
-def choice(note: str) -> Provenance:
-    return Provenance(Source.CHOICE, note)
+def choice(note: str) -> ValueProvenance:
+    return ValueProvenance(Source.CHOICE, note)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class TaskSpec:
     geometry: Geometry
     clinical_inputs: tuple[ClinicalInput, ...]
     output: Output
-    sources: Mapping[str, Provenance] = field(compare=False)
+    sources: Mapping[str, ValueProvenance] = field(compare=False)
     limits: IntakeLimits = IntakeLimits()
 
     def __post_init__(self) -> None:
@@ -330,7 +332,7 @@ def _leaves(prefix: str, value: object) -> Iterator[str]:
         yield prefix
 
 
-def provenance_of(spec: TaskSpec, path: str) -> Provenance | None:
+def provenance_of(spec: TaskSpec, path: str) -> ValueProvenance | None:
     """The provenance of a dotted path: its own entry or that of its nearest parent."""
     parts = path.split(".")
     for end in range(len(parts), 0, -1):
@@ -350,7 +352,7 @@ def with_overrides(spec: TaskSpec, overrides: Mapping[str, Any]) -> TaskSpec:
     updated: Any = spec
     for path, value in overrides.items():
         updated = _replace_path(updated, path.split("."), value, path)
-        sources[path] = Provenance(Source.OVERRIDE, f"set to {value!r}")
+        sources[path] = ValueProvenance(Source.OVERRIDE, f"set to {value!r}")
     result: TaskSpec = dataclasses.replace(updated, sources=sources)
     return result
 

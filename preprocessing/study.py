@@ -12,20 +12,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
-from preprocessing.arrangement import Image, arrange
-from preprocessing.clinical import ROI_KEY, check_keys, clinical_value, feature_vector
-from preprocessing.decode import DecodedInstance, decode_instance
-from preprocessing.errors import (
+from abdoserve.preprocessing.arrangement import Image, arrange
+from abdoserve.preprocessing.clinical import ROI_KEY, check_keys, clinical_value, feature_vector
+from abdoserve.preprocessing.decode import DecodedInstance, decode_instance
+from abdoserve.preprocessing.errors import (
     ClinicalInputError,
     InputTooLargeError,
     InstanceCountError,
     WrongModalityError,
     describe_tag,
 )
-from preprocessing.geometry import Grid, centred_grid, fill_outside, parse_roi, resample, roi_grid
-from preprocessing.intensity import scale_mr, window_ct
-from preprocessing.specs import CTWindow, FixedSpacing, TaskSpec
+from abdoserve.preprocessing.geometry import (
+    Grid,
+    centred_grid,
+    fill_outside,
+    parse_roi,
+    resample,
+    roi_grid,
+)
+from abdoserve.preprocessing.intensity import scale_mr, window_ct
+from abdoserve.preprocessing.specs import CTWindow, FixedSpacing, TaskSpec
 
 GRID_CACHE_SIZE = 64
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from preprocessing.specs import (
+from abdoserve.preprocessing.specs import (
     Aggregation,
     ClinicalInput,
     CTWindow,
@@ -24,8 +24,9 @@ from preprocessing.specs import (
     paper,
     with_overrides,
 )
-
-MAGNETIC_FIELD_STRENGTH = 0x00180087
+from abdoserve.preprocessing.tags import (
+    MAGNETIC_FIELD_STRENGTH,
+)
 
 _LIMITS_CHOICE = choice("refuse oversized input before decoding pixel data")
 

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def built_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly built model repository (reference weights) for this test session."""
-    from export.repository import build_repository
+    from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("repository") / "model_repository"
     build_repository(out)

@@ -6,9 +6,8 @@ along with many routine abdominal CTs; a workstation pauses between studies.
 
 from __future__ import annotations
 
+from abdoserve.loadtests.grpc_user import TritonGrpcUser
 from locust import between, task
-
-from loadtests.grpc_user import TritonGrpcUser
 
 # task -> relative weight per request
 WEIGHTS = {

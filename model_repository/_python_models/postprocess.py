@@ -1,6 +1,6 @@
 """<task>_postprocess: per-sample network outputs -> the study-level answer.
 
-Glue only: the work is `preprocessing.answer.study_answer`. Model identity and
+Glue only: the work is `abdoserve.serving.answer.study_answer`. Model identity and
 weights provenance come from this model's config parameters, written there by
 the repository build from the exported weights.
 """
@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-from preprocessing import triton_adapter as glue
-from preprocessing.answer import ModelIdentity, study_answer
-from preprocessing.tasks import get_task
+from abdoserve.preprocessing.tasks import get_task
+from abdoserve.serving import triton_adapter as glue
+from abdoserve.serving.answer import ModelIdentity, study_answer
 
 
 class TritonPythonModel:

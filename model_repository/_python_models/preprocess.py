@@ -1,22 +1,26 @@
 """<task>_preprocess: DICOM bytes + clinical JSON -> network samples (Python backend, CPU).
 
-Glue only: the work is `preprocessing.study.StudyPreparer`. Shared by all five
+Glue only: the work is `abdoserve.preprocessing.study.StudyPreparer`. Shared by all five
 tasks; the task comes from the config parameter "task".
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import get_task
+from abdoserve.serving import triton_adapter as glue
+from abdoserve.serving.metrics import IntakeMetrics
+from abdoserve.serving.warmup import read_warmup
 
-from preprocessing import triton_adapter as glue
-from preprocessing.metrics import IntakeMetrics
-from preprocessing.phantom import build_study
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import get_task
+# Under abdoserve: route_logging sends that tree to Triton's log.
+_LOG = logging.getLogger("abdoserve.serving.preprocess")
 
 
 class TritonPythonModel:
@@ -27,14 +31,17 @@ class TritonPythonModel:
         # An invalid spec or override fails the model load, not the first patient.
         self.spec = get_task(parameters["task"], overrides)
         self.prepare = StudyPreparer(self.spec)
-        self.warm_up()
+        self.warm_up(Path(args["model_repository"]) / args["model_version"])
         # After warm-up: the metrics count patients' requests only.
         self.metrics = IntakeMetrics(pb_utils, self.spec.name)
 
-    def warm_up(self) -> None:
-        """Decode and prepare a real (phantom) DICOM study once before serving."""
-        study = build_study(self.spec.name, seed=0)
-        self.prepare(study.instances, study.clinical)
+    def warm_up(self, version_folder: Path) -> None:
+        """Decode and prepare the build's warm-up DICOM study once before serving."""
+        study = read_warmup(version_folder)
+        if study is None:
+            _LOG.warning("%s: no warm-up study; the first request pays for it", self.spec.name)
+            return
+        self.prepare(*study)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self.handle(request) for request in requests]
@@ -46,8 +53,7 @@ class TritonPythonModel:
                 glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
             )
             self.metrics.received(len(instances), sum(len(item) for item in instances))
-            clinical_array = glue.require_input(pb_utils, request, "CLINICAL")
-            clinical = glue.json_object(glue.single_study(clinical_array, "CLINICAL"), "CLINICAL")
+            clinical = self.clinical(request)
             prepared = self.prepare(instances, clinical)
         except Exception as error:  # every failure answers this request only
             self.metrics.rejected(error)
@@ -66,6 +72,13 @@ class TritonPythonModel:
         if self.spec.feature_width:
             outputs["FEATURES"] = prepared.features[None, ...]
         return glue.response(pb_utils, outputs)
+
+    def clinical(self, request: Any) -> dict[str, Any]:
+        """The CLINICAL JSON object; absent (optional where the task takes none) means {}."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "CLINICAL")
+        if tensor is None:
+            return {}
+        return glue.json_object(glue.single_study(tensor.as_numpy(), "CLINICAL"), "CLINICAL")
 
     def finalize(self) -> None:
         self.prepare = None  # type: ignore[assignment]

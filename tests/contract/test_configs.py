@@ -6,12 +6,11 @@ from pathlib import Path
 
 import onnx
 import pytest
+from abdoserve.export.configs import model_names, render_task, to_text
+from abdoserve.export.repository import PYTHON_MODELS, SOURCE_REPOSITORY
+from abdoserve.preprocessing.tasks import TASKS
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-
-from export.configs import model_names, render_task, to_text
-from export.repository import PYTHON_MODELS, SOURCE_REPOSITORY
-from preprocessing.tasks import TASKS
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.DataType.TYPE_FP32}
 ALL_MODELS = [name for task in TASKS for name in model_names(task)]
@@ -36,14 +35,14 @@ def test_every_committed_config_parses_and_names_its_folder(name: str) -> None:
 
 def test_no_stray_model_folders() -> None:
     folders = {path.name for path in SOURCE_REPOSITORY.iterdir() if path.is_dir()}
-    assert folders - {"_python_models"} == set(ALL_MODELS)
+    assert folders - {"_python_models", "_serving"} == set(ALL_MODELS)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_committed_configs_equal_the_specs_renderings(task: str) -> None:
     for name, config in render_task(TASKS[task]).items():
         assert (SOURCE_REPOSITORY / name / "config.pbtxt").read_text() == to_text(config), (
-            f"{name}: run export.repository.write_source_configs() after changing a spec"
+            f"{name}: run `make configs` after changing a spec"
         )
 
 

@@ -13,9 +13,8 @@ from typing import Any
 
 import psutil
 import pytest
-
-from deploy import bench_serving
-from export.configs import Tuning
+from abdoserve.deploy import bench_serving
+from abdoserve.export.configs import Tuning
 
 pytestmark = pytest.mark.integration
 

@@ -8,15 +8,23 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import abdoserve.deploy.cli
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from abdoserve.deploy.embedded import free_port
+from abdoserve.loadtests.phantom import TASK_NAMES, build_study, write_study
+from abdoserve.preprocessing.tasks import get_task
+from abdoserve.serving.answer import UNTRAINED_NOTICE
 
-import deploy.cli
-from clients.aio import AsyncAbdoServeClient
-from clients.client import AbdoServeClient
-from clients.errors import DeadlineExceededError, InvalidRequestError, ServerUnavailableError
-from clients.results import (
+from abdoserve_client.aio import AsyncAbdoServeClient
+from abdoserve_client.client import AbdoServeClient
+from abdoserve_client.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ServerUnavailableError,
+)
+from abdoserve_client.results import (
     BoneDensityResult,
     ClassificationResult,
     EsophagealCancerResult,
@@ -25,10 +33,6 @@ from clients.results import (
     ScoreResult,
     StudyResult,
 )
-from deploy.embedded import free_port
-from preprocessing.answer import UNTRAINED_NOTICE
-from preprocessing.phantom import TASK_NAMES, build_study, write_study
-from preprocessing.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +50,11 @@ def typed_call(client: AbdoServeClient, task: str) -> StudyResult:
     study = build_study(task, seed=SEED)
     clinical: dict[str, Any] = dict(study.clinical)
     calls: dict[str, Callable[[], StudyResult]] = {
-        "liver_mass_ct": lambda: client.liver_mass(study.instances, roi=clinical["roi"]),
+        "liver_mass_ct": lambda: client.liver_mass_ct(study.instances, roi=clinical["roi"]),
         "liver_fibrosis_ct": lambda: client.liver_fibrosis_ct(study.instances, **clinical),
         "liver_fibrosis_mri": lambda: client.liver_fibrosis_mri(study.instances, **clinical),
-        "bone_density_ct": lambda: client.bone_density(study.instances),
-        "esophageal_cancer_ct": lambda: client.esophageal_cancer(study.instances),
+        "bone_density_ct": lambda: client.bone_density_ct(study.instances),
+        "esophageal_cancer_ct": lambda: client.esophageal_cancer_ct(study.instances),
     }
     return calls[task]()
 
@@ -136,7 +140,7 @@ def test_unreachable_server_raises_after_the_configured_retries() -> None:
         nobody._sleep = sleeps.append
         assert not nobody.is_ready()
         with pytest.raises(ServerUnavailableError, match="after 3 attempts"):
-            nobody.bone_density([b"never sent"])
+            nobody.bone_density_ct([b"never sent"])
     assert sleeps == pytest.approx([0.01, 0.02])
 
 
@@ -146,14 +150,14 @@ def test_deadline_is_enforced_and_not_retried(grpc_url: str) -> None:
     with AbdoServeClient(grpc_url, timeout_s=1e-4) as hasty:
         hasty._sleep = sleeps.append
         with pytest.raises(DeadlineExceededError):
-            hasty.bone_density(study.instances)
+            hasty.bone_density_ct(study.instances)
     assert sleeps == []
 
 
 @pytest.fixture
 def abdoserve() -> Callable[[Sequence[str]], int]:
     """The `abdoserve` console command, in process."""
-    return deploy.cli.main
+    return abdoserve.deploy.cli.main
 
 
 def test_cli_end_to_end(

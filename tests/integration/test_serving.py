@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from abdoserve.deploy.embedded import EmbeddedServer
+from abdoserve.export.reference import TorchReference
+from abdoserve.loadtests.phantom import build_study
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.answer import UNTRAINED_NOTICE, aggregate
 
-from deploy.embedded import EmbeddedServer
-from export.reference import TorchReference
-from preprocessing.answer import UNTRAINED_NOTICE, aggregate
-from preprocessing.phantom import build_study
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import TASKS
 from tests.integration.triton_calls import infer
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from preprocessing.answer import UNTRAINED_NOTICE, ModelIdentity, aggregate, interpret, study_answer
-from preprocessing.tasks import TASKS
+from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.answer import (
+    UNTRAINED_NOTICE,
+    ModelIdentity,
+    aggregate,
+    interpret,
+    study_answer,
+)
 
 UNTRAINED = ModelIdentity.from_parameters("bone_density_ct", "1", {"weights_source": "seeded"})
 TRAINED = ModelIdentity.from_parameters(

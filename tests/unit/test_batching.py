@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from preprocessing.batching import chunks, join, split
+from abdoserve.serving.batching import chunks, join, split
 
 
 @pytest.mark.parametrize("counts", [(1,), (3, 1, 5), (2, 2), (1, 7, 1, 4)])

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from deploy.cli import main
-from preprocessing.bench import SYNTAXES, SyntaxResult, format_table, measure_syntax
+from abdoserve.deploy.cli import main
+from abdoserve.loadtests.bench.preprocess import (
+    SYNTAXES,
+    SyntaxResult,
+    format_table,
+    measure_syntax,
+)
 
 
 @pytest.fixture

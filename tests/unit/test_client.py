@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from clients import cli
-from clients.aio import AsyncAbdoServeClient
-from clients.client import AbdoServeClient
-from clients.display import as_json, as_text
-from clients.errors import (
+from abdoserve_client import cli
+from abdoserve_client.aio import AsyncAbdoServeClient
+from abdoserve_client.client import AbdoServeClient
+from abdoserve_client.display import as_json, as_text
+from abdoserve_client.errors import (
     AbdoServeError,
     DeadlineExceededError,
     InvalidRequestError,
     ResponseError,
     ServerUnavailableError,
 )
-from clients.instances import expand_paths, load_instances
-from clients.protocol import RetryPolicy, clinical_json
-from clients.results import (
+from abdoserve_client.instances import expand_paths, load_instances
+from abdoserve_client.protocol import RetryPolicy, clinical_json
+from abdoserve_client.results import (
     UNTRAINED_FALLBACK_NOTICE,
     BoneDensityResult,
     ClassificationResult,
@@ -368,10 +368,10 @@ def test_cli_exit_codes(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import clients.client
+    import abdoserve_client.client
 
     monkeypatch.setattr(RaisingClient, "error", error)
-    monkeypatch.setattr(clients.client, "AbdoServeClient", RaisingClient)
+    monkeypatch.setattr(abdoserve_client.client, "AbdoServeClient", RaisingClient)
     assert cli.run(parse_cli("bone_density_ct", str(study_folder))) == code
     assert str(getattr(error, "message", "")) in capsys.readouterr().err
     assert cli.run(parse_cli("bone_density_ct", str(study_folder / "none"))) == 2
@@ -399,7 +399,10 @@ def run_python(code: str) -> set[str]:
 
 
 def test_client_imports_neither_torch_nor_server_packages() -> None:
-    loaded = run_python("import clients.client, clients.aio, clients.cli, clients.display")
-    assert not loaded & {"torch", "onnx", "onnxruntime", "preprocessing", "export", "pydicom"}
+    loaded = run_python(
+        "import abdoserve_client.client, abdoserve_client.aio, abdoserve_client.cli, "
+        "abdoserve_client.display"
+    )
+    assert not loaded & {"torch", "onnx", "onnxruntime", "abdoserve", "pydicom"}
     # The CLI module is imported eagerly by `abdoserve`'s parser: it must stay light.
-    assert not run_python("import clients.cli") & {"tritonclient", "grpc", "numpy"}
+    assert not run_python("import abdoserve_client.cli") & {"tritonclient", "grpc", "numpy"}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from clients.aio import AsyncAbdoServeClient
-from clients.client import AbdoServeClient
-from clients.errors import AbdoServeError, InvalidRequestError, ServerUnavailableError
-from clients.metrics import ClientMetrics
-from clients.results import FibrosisResult
+from abdoserve_client.aio import AsyncAbdoServeClient
+from abdoserve_client.client import AbdoServeClient
+from abdoserve_client.errors import AbdoServeError, InvalidRequestError, ServerUnavailableError
+from abdoserve_client.metrics import ClientMetrics
+from abdoserve_client.results import FibrosisResult
 from tests.unit.test_client import FIBROSIS, answer, triton_error
 
 TASK = "liver_fibrosis_ct"

@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-
-from preprocessing.decode import DecodedInstance, decode_instance
-from preprocessing.errors import (
+from abdoserve.preprocessing.decode import DecodedInstance, decode_instance
+from abdoserve.preprocessing.errors import (
     IntakeError,
     NotDicomError,
     TruncatedDicomError,
     UnsupportedObjectError,
 )
-from preprocessing.specs import IntakeLimits
+from abdoserve.preprocessing.specs import IntakeLimits
+from pydicom.data import get_testdata_file
 
 FOLDER = Path(os.path.dirname(get_testdata_file("CT_small.dcm")))
 FILES = sorted(path for path in FOLDER.rglob("*") if path.is_file())

@@ -8,14 +8,13 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.preprocessing.decode import decode_instance
+from abdoserve.preprocessing.intensity import hounsfield
+from abdoserve.preprocessing.specs import IntakeLimits
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import TASKS
 from pydicom.dataset import Dataset
-
-from preprocessing.decode import decode_instance
-from preprocessing.intensity import hounsfield
-from preprocessing.phantom import PhantomStudy, build_study
-from preprocessing.specs import IntakeLimits
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import TASKS
 
 SYNTAXES = (
     "ImplicitVRLittleEndian",

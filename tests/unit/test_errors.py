@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
-
-from preprocessing.decode import decode_instance
-from preprocessing.errors import (
+from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.preprocessing.decode import decode_instance
+from abdoserve.preprocessing.errors import (
     AttributeProblem,
     ClinicalInputError,
+    FlatImageError,
     InconsistentGeometryError,
     InputTooLargeError,
     InstanceCountError,
@@ -32,11 +30,12 @@ from preprocessing.errors import (
     WrongModalityError,
     describe_tag,
 )
-from preprocessing.intensity import FlatImageError
-from preprocessing.phantom import PhantomStudy, build_study
-from preprocessing.specs import IntakeLimits
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import TASKS, get_task
+from abdoserve.preprocessing.specs import IntakeLimits
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import TASKS, get_task
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 
 Edit = Callable[[Dataset], None]
 PATIENT_NAME = "PHANTOM^ABDOMEN"

@@ -13,16 +13,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from abdoserve.export.architectures import build_network, run_network
+from abdoserve.export.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ParityError,
+    ReferenceInputError,
+)
+from abdoserve.export.inputs import FloatArray, example_inputs
+from abdoserve.export.onnx_export import ExportResult, check_parity, export_task
+from abdoserve.export.reference import TorchReference
+from abdoserve.export.weights import REFERENCE_SOURCE, load_network, reference_network, state_sha256
+from abdoserve.preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.tasks import TASKS
 from torch import nn
-
-from export.architectures import build_network, run_network
-from export.errors import CheckpointError, CheckpointMismatchError, ParityError, ReferenceInputError
-from export.inputs import FloatArray, example_inputs
-from export.onnx_export import ExportResult, check_parity, export_task
-from export.reference import TorchReference
-from export.weights import REFERENCE_SOURCE, load_network, reference_network, state_sha256
-from preprocessing.specs import TaskSpec
-from preprocessing.tasks import TASKS
 
 # hospitals still ship TorchScript; the tests make such archives with torch.jit.trace
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
@@ -114,7 +118,8 @@ def test_reference_sha_is_over_float32_little_endian_tensors() -> None:
 
 def test_reference_sha_is_the_same_in_a_fresh_process() -> None:
     code = (
-        "from export.weights import reference_network; from preprocessing.tasks import TASKS; "
+        "from abdoserve.export.weights import reference_network; "
+        "from abdoserve.preprocessing.tasks import TASKS; "
         "print(reference_network(TASKS['liver_mass_ct']).provenance.weights_sha256)"
     )
     done = subprocess.run(
@@ -167,7 +172,7 @@ def test_export_writes_provenance_and_logs_the_cost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = TASKS["liver_mass_ct"]
-    with caplog.at_level(logging.INFO, logger="export"):
+    with caplog.at_level(logging.INFO, logger="abdoserve.export"):
         result = export_task(spec, tmp_path)
     record = json.loads((tmp_path / "provenance.json").read_text())
     assert record["weights_source"] == REFERENCE_SOURCE and record["weights_untrained"] == "true"
@@ -303,7 +308,7 @@ def test_reference_refuses_misshaped_inputs() -> None:
 
 
 def test_command_line_exports_the_named_task(tmp_path: Path) -> None:
-    from export.__main__ import main
+    from abdoserve.export.__main__ import main
 
     assert main([str(tmp_path), "--task", "liver_mass_ct"]) == 0
     record = json.loads((tmp_path / "liver_mass_ct" / "provenance.json").read_text())

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from preprocessing.geometry import Roi, centred_grid, fill_outside, parse_roi, resample, roi_grid
-from preprocessing.specs import FixedSpacing, RoiCrop
+from abdoserve.preprocessing.geometry import (
+    Roi,
+    centred_grid,
+    fill_outside,
+    parse_roi,
+    resample,
+    roi_grid,
+)
+from abdoserve.preprocessing.specs import FixedSpacing, RoiCrop
 
 
 def bar_image(shape: tuple[int, int], spacing: float, width_mm: float) -> np.ndarray:

@@ -6,17 +6,16 @@ from pathlib import Path
 
 import onnx
 import pytest
-
-from export.configs import Tuning, net_config
-from export.gpu_net import (
+from abdoserve.export.configs import Tuning, net_config
+from abdoserve.export.gpu_net import (
     PLATFORMS,
     engine_script,
     export_study_batched,
     gpu_net_config,
     study_batched_error,
 )
-from export.weights import load_network
-from preprocessing.tasks import TASKS
+from abdoserve.export.weights import load_network
+from abdoserve.preprocessing.tasks import TASKS
 
 PROVENANCE = {
     "weights_source": "reference-untrained",
@@ -67,7 +66,7 @@ def test_engine_script_profiles_cover_the_task_limits() -> None:
 
 
 def test_a_gpu_build_is_not_taken_for_the_embedded_server(tmp_path: Path) -> None:
-    from export.repository import build_repository, is_built
+    from abdoserve.export.repository import build_repository, is_built
 
     out = tmp_path / "repository"
     build_repository(out, ["bone_density_ct"], net_runtime="onnxruntime")

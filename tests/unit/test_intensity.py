@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from preprocessing.intensity import FlatImageError, hounsfield, scale_mr, window_ct
-from preprocessing.specs import CTWindow, MRPercentileScaling
+from abdoserve.preprocessing.errors import FlatImageError
+from abdoserve.preprocessing.intensity import hounsfield, scale_mr, window_ct
+from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling
 
 WINDOW = CTWindow(center_hu=40.0, width_hu=400.0)  # -160..240 HU
 

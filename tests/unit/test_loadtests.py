@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from abdoserve.loadtests import cli
+from abdoserve.loadtests.connection import connection, options_from_environment, split_host
+from abdoserve.loadtests.grpc_call import timed_infer
+from abdoserve.loadtests.payloads import BAD_PAYLOAD_PREFIX, Payload, payload_pool
+from abdoserve.loadtests.plot import plot_history, read_history
+from abdoserve.loadtests.profiles import spike_users, step_users
+from abdoserve.loadtests.slo import Budget, evaluate, gate, read_stats
 from tritonclient.utils import InferenceServerException
 
-from clients.errors import DeadlineExceededError, InvalidRequestError
-from loadtests import cli
-from loadtests.connection import connection, options_from_environment, split_host
-from loadtests.grpc_call import timed_infer
-from loadtests.payloads import BAD_PAYLOAD_PREFIX, Payload, payload_pool
-from loadtests.plot import plot_history, read_history
-from loadtests.profiles import spike_users, step_users
-from loadtests.slo import Budget, evaluate, gate, read_stats
+from abdoserve_client.errors import DeadlineExceededError, InvalidRequestError, from_triton
 
 STATS_HEADER = [
     "Type",
@@ -292,10 +292,11 @@ def test_every_scenario_file_is_listed() -> None:
 
 
 def test_cli_side_never_imports_locust_or_gevent() -> None:
-    """`abdoserve`'s parser imports loadtests.cli; locust would monkey-patch that process."""
+    """`abdoserve`'s parser imports the loadtests CLI; locust would monkey-patch that process."""
     code = (
-        "import sys, loadtests.cli, loadtests.slo, loadtests.plot, loadtests.grpc_call, "
-        "loadtests.connection, loadtests.profiles; "
+        "import sys, abdoserve.loadtests.cli, abdoserve.loadtests.slo, abdoserve.loadtests.plot, "
+        "abdoserve.loadtests.grpc_call, "
+        "abdoserve.loadtests.connection, abdoserve.loadtests.profiles; "
         "sys.exit(sorted({'locust', 'gevent'} & set(sys.modules)) != [])"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -339,12 +340,14 @@ def test_bad_payload_pool() -> None:
 
 
 class FakeClient:
-    def __init__(self, error: InferenceServerException | None) -> None:
+    """Raises as AbdoServeClient does: the typed error, tritonclient's as its cause."""
+
+    def __init__(self, error: InferenceServerException) -> None:
         self.error = error
 
-    def infer(self, model_name: str, inputs: Any, **kwargs: Any) -> Any:
-        assert kwargs["client_timeout"] == 7.0
-        raise self.error or AssertionError("no error configured")
+    def infer(self, task: str, instances: Any, clinical: Any = None) -> Any:
+        assert task == "bone_density_ct"
+        raise from_triton(self.error) from self.error
 
 
 @pytest.mark.parametrize(
@@ -355,9 +358,9 @@ class FakeClient:
     ],
 )
 def test_a_failed_call_names_its_grpc_code_for_locust(status: str, kind: type[Exception]) -> None:
-    payload = Payload("bad_payload/not_dicom", "bone_density_ct", (), 10)
+    payload = Payload("bad_payload/not_dicom", "bone_density_ct", (b"junk",), {}, 10)
     error = InferenceServerException("instance 0: not a DICOM dataset", status=status)
-    outcome = timed_infer(FakeClient(error), payload, 7.0)
+    outcome = timed_infer(FakeClient(error), payload)
     assert isinstance(outcome.error, kind)
     code = status.split(".")[1]
     assert repr(outcome.error).startswith(kind.__name__)

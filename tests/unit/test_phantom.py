@@ -12,17 +12,16 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, CTImageStorage, MRImageStorage
-
-from preprocessing.phantom import (
+from abdoserve.loadtests.phantom import (
     TASK_NAMES,
     TRANSFER_SYNTAXES,
     PhantomStudy,
     build_study,
     write_study,
 )
-from preprocessing.tasks import TASKS
+from abdoserve.preprocessing.tasks import TASKS
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, CTImageStorage, MRImageStorage
 
 Array = npt.NDArray[np.float64]
 

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from deploy.prometheus_server import (
+from abdoserve.deploy.prometheus_server import (
     JOB,
     PROMETHEUS_DIR,
     PrometheusError,
     PrometheusServer,
     render_config,
 )
-from preprocessing.metrics import IntakeMetrics
-from preprocessing.tasks import TASKS
+from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.metrics import IntakeMetrics
 
 RULES_DIR = PROMETHEUS_DIR / "rules"
 RULE_FILES = sorted(RULES_DIR.glob("*.yml"))

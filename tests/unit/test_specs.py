@@ -6,8 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
-
-from preprocessing.specs import (
+from abdoserve.preprocessing.specs import (
     ClinicalInput,
     CTWindow,
     FixedSpacing,
@@ -22,8 +21,8 @@ from preprocessing.specs import (
     leaf_paths,
     provenance_of,
 )
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import TASKS, get_task
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import TASKS, get_task
 
 EXPECTED_SHAPES = {
     "liver_mass_ct": ((3, 64, 64), 0),

@@ -7,13 +7,12 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.preprocessing.arrangement import Image
+from abdoserve.preprocessing.decode import decode_instance
+from abdoserve.preprocessing.study import StudyPreparer
+from abdoserve.preprocessing.tasks import TASKS, get_task
 from pydicom.dataset import Dataset
-
-from preprocessing.arrangement import Image
-from preprocessing.decode import decode_instance
-from preprocessing.phantom import PhantomStudy, build_study
-from preprocessing.study import StudyPreparer
-from preprocessing.tasks import TASKS, get_task
 
 
 @pytest.fixture(scope="module")

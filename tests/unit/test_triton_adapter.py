@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from preprocessing.errors import AttributeProblem, IntakeError, StatusCode
-from preprocessing.triton_adapter import (
+from abdoserve.preprocessing.errors import (
+    AttributeProblem,
+    IntakeError,
     MissingInputError,
+    StatusCode,
+)
+from abdoserve.serving.triton_adapter import (
     TritonLogHandler,
     bytes_elements,
     error_response,
@@ -109,7 +112,7 @@ def test_unexpected_errors_are_internal_and_never_echo_their_message(
     try:
         raise KeyError(secret)
     except KeyError as error:
-        with caplog.at_level(logging.ERROR, logger="preprocessing.triton_adapter"):
+        with caplog.at_level(logging.ERROR, logger="abdoserve.serving.triton_adapter"):
             reply = error_response(PB, error)
     assert reply.error is not None and reply.error.code == FakeTritonError.INTERNAL
     assert reply.error.message == "internal error (KeyError); see the server log"
@@ -188,7 +191,7 @@ def test_model_parameters_flatten_string_values() -> None:
 
 def test_log_handler_forwards_by_level() -> None:
     pb = FakePbUtils()
-    logger = logging.getLogger("preprocessing.tests.adapter")
+    logger = logging.getLogger("abdoserve.preprocessing.tests.adapter")
     logger.propagate = False
     handler = TritonLogHandler(pb)
     logger.addHandler(handler)

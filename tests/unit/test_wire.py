@@ -8,7 +8,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 
-from clients.wire import _varint, encode_infer_request
+from abdoserve_client.wire import _varint, encode_infer_request
 
 OUTPUTS = ("SCORES", "STUDY", "ANSWER")
 

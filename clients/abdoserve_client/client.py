@@ -1,0 +1,224 @@
+"""`AbdoServeClient`: the thin, typed, blocking gRPC client for AbdoServe's five tasks.
+
+One long-lived channel per client; every call carries an explicit deadline
+(`timeout_s`, per attempt); only UNAVAILABLE is retried, with exponential backoff.
+Logs go to the `clients` logger at DEBUG and never include DICOM content or
+clinical values. For asyncio, see `abdoserve_client.aio.AsyncAbdoServeClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from abdoserve_client.instances import Instance, load_instances
+from abdoserve_client.metrics import ClientMetrics, timed
+from abdoserve_client.protocol import (
+    DEFAULT_URL,
+    OUTPUT_NAMES,
+    RetryPolicy,
+    expect,
+    fibrosis_ct_clinical,
+    fibrosis_mri_clinical,
+    liver_mass_clinical,
+    parse_response,
+    request_summary,
+    request_tensors,
+    task_info,
+)
+from abdoserve_client.results import (
+    BoneDensityResult,
+    EsophagealCancerResult,
+    FibrosisResult,
+    LiverMassResult,
+    ModelInfo,
+    StudyResult,
+    TaskInfo,
+)
+from abdoserve_client.wire import RawInfer, open_channel
+
+log = logging.getLogger("abdoserve_client")
+T = TypeVar("T")
+
+
+class AbdoServeClient:
+    """Blocking client; use as a context manager or call `close()`.
+
+    TLS: `ssl=True` with `root_certificates` (and, for mutual TLS, `private_key`
+    and `certificate_chain`) given as PEM file paths. `metrics`: a
+    `abdoserve_client.metrics.ClientMetrics` to record each call's latency, retries and errors.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        metrics: ClientMetrics | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.policy = RetryPolicy(retries, backoff_s)
+        self.metrics = metrics
+        self._triton: Any = grpcclient.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        # Inference goes over its own channel, written in wire format (wire.py);
+        # tritonclient keeps the metadata calls: readiness, configs.
+        self._transport: Any = RawInfer(
+            open_channel(
+                url,
+                ssl=ssl,
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+        )
+        self._tasks: dict[str, TaskInfo] = {}
+        self._sleep: Callable[[float], None] = time.sleep  # replaced in tests
+
+    def __enter__(self) -> AbdoServeClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+        self._triton.close()
+
+    def _call(self, what: str, action: Callable[[], T], task: str = "") -> T:
+        """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except InferenceServerException as error:
+                delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+            if self.metrics is not None:
+                self.metrics.retried(task)
+            self._sleep(delay)
+            attempt += 1
+
+    def is_ready(self) -> bool:
+        """Whether the server answers and reports ready (one try, no retries)."""
+        try:
+            return bool(self._triton.is_server_ready(client_timeout=self.timeout_s))
+        except InferenceServerException as error:
+            log.debug("readiness probe of %s failed: %s", self.url, error.status())
+            return False
+
+    def task_info(self, task: str) -> TaskInfo:
+        """The task's published description (labels, units, inputs), fetched once."""
+        if task not in self._tasks:
+            config = self._call(
+                "model config",
+                lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+                task,
+            )
+            metadata = self._call(
+                "model metadata",
+                lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+                task,
+            )
+            self._tasks[task] = task_info(config, metadata)
+        return self._tasks[task]
+
+    def model_info(self, task: str) -> ModelInfo:
+        return self.task_info(task).model
+
+    def infer(
+        self,
+        task: str,
+        instances: Sequence[Instance],
+        clinical: Mapping[str, Any] | None = None,
+    ) -> StudyResult:
+        """One study through the task's ensemble; the typed result for its output kind."""
+        with timed(self.metrics, task):
+            info = self.task_info(task)
+            data = load_instances(instances)
+            tensors = request_tensors(data, clinical)
+            log.debug("infer %s", request_summary(task, data, clinical or {}))
+            started = time.perf_counter()
+            response = self._call(
+                f"infer {task}",
+                lambda: self._transport.infer(task, tensors, OUTPUT_NAMES, self.timeout_s),
+                task,
+            )
+            log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
+            return parse_response(info, response)
+
+    def liver_mass_ct(
+        self, instances: Sequence[Instance], *, roi: Sequence[float]
+    ) -> LiverMassResult:
+        """Category A-E of one liver mass (Radiology 2018;286:887).
+
+        `instances`: the non-contrast, arterial and delayed-phase images of one slice
+        through the mass, in any order (the server tells the phases apart). `roi`:
+        `[row_min, col_min, row_max, col_max]` of the mass, in pixels.
+        """
+        result = self.infer("liver_mass_ct", instances, liver_mass_clinical(roi))
+        return expect(result, LiverMassResult)
+
+    def liver_fibrosis_ct(
+        self, instances: Sequence[Instance], *, age: float, sex: str
+    ) -> FibrosisResult:
+        """F_DLCT fibrosis score and stage F0-F4 (Eur Radiol 2018;28:4578).
+
+        `instances`: 1-16 portal-venous-phase CT images of the liver. `age` in years,
+        `sex` "M" or "F".
+        """
+        result = self.infer("liver_fibrosis_ct", instances, fibrosis_ct_clinical(age, sex))
+        return expect(result, FibrosisResult)
+
+    def liver_fibrosis_mri(
+        self,
+        instances: Sequence[Instance],
+        *,
+        field_strength: float | None = None,
+        hbv: str,
+        hcv: str,
+    ) -> FibrosisResult:
+        """F_DLMRI fibrosis score and stage F0-F4 (Radiology 2018;287:146).
+
+        `instances`: gadoxetic-acid hepatobiliary-phase images at 3 levels. `hbv`, `hcv`:
+        "positive" or "negative". `field_strength` in tesla; None: the server reads
+        (0018,0087) Magnetic Field Strength from the images.
+        """
+        clinical = fibrosis_mri_clinical(field_strength, hbv, hcv)
+        return expect(self.infer("liver_fibrosis_mri", instances, clinical), FibrosisResult)
+
+    def bone_density_ct(self, instances: Sequence[Instance]) -> BoneDensityResult:
+        """Lumbar BMD in g/cm² and an osteoporosis flag (Eur Radiol 2020;30:3549).
+
+        `instances`: 1-32 unenhanced abdominal CT slices through the lumbar vertebrae.
+        """
+        return expect(self.infer("bone_density_ct", instances), BoneDensityResult)
+
+    def esophageal_cancer_ct(self, instances: Sequence[Instance]) -> EsophagealCancerResult:
+        """Per-image and per-patient probability of oesophageal cancer (BJR 2023).
+
+        `instances`: 1-128 contrast-enhanced chest or abdominal CT images.
+        """
+        return expect(self.infer("esophageal_cancer_ct", instances), EsophagealCancerResult)

@@ -1,0 +1,133 @@
+"""What the sync and async clients share: the tensor contract, retry policy, task inputs.
+
+Tensor contract of each task's ensemble (see export/configs.py on the server side):
+DICOM = BYTES [1, n] (one element per instance), CLINICAL = BYTES [1, 1] (a JSON
+object) -> SCORES FP32 [1, samples, K], STUDY FP32 [1, K], ANSWER BYTES [1, 1] (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from abdoserve_client.errors import (
+    InvalidRequestError,
+    ResponseError,
+    ServerUnavailableError,
+    from_triton,
+)
+from abdoserve_client.results import StudyResult, TaskInfo, parse_result
+
+log = logging.getLogger("abdoserve_client")
+
+DEFAULT_URL = "127.0.0.1:8001"
+OUTPUT_NAMES = ("SCORES", "STUDY", "ANSWER")
+R = TypeVar("R", bound=StudyResult)
+
+
+class _Response(Protocol):
+    def as_numpy(self, name: str) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry only UNAVAILABLE, `retries` times, doubling the wait (inference is idempotent)."""
+
+    retries: int = 3
+    backoff_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must not be negative")
+
+    def delay_or_raise(self, error: InferenceServerException, attempt: int, target: str) -> float:
+        """Seconds to wait before retrying after failed attempt `attempt` (from 0), or raise
+        the typed error with `error` as its cause."""
+        failure = from_triton(error)
+        if failure.code != ServerUnavailableError.code:
+            raise failure from error
+        if attempt < self.retries:
+            delay = self.backoff_s * 2.0**attempt
+            log.debug("%s unavailable (attempt %d); retrying in %.2f s", target, attempt + 1, delay)
+            return delay
+        raise ServerUnavailableError(
+            f"{target} unavailable after {attempt + 1} attempts: {failure.message}"
+        ) from error
+
+
+def clinical_json(clinical: Mapping[str, Any] | None) -> bytes:
+    """The CLINICAL element; None values are left out (the server then uses its fallback)."""
+    values = {key: value for key, value in (clinical or {}).items() if value is not None}
+    try:
+        return json.dumps(values, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise InvalidRequestError(f"clinical inputs are not JSON-serialisable: {error}") from error
+
+
+def request_tensors(
+    instances: Sequence[bytes], clinical: Mapping[str, Any] | None
+) -> list[tuple[str, list[bytes]]]:
+    """The ensemble's two BYTES inputs: DICOM [1, n] and CLINICAL [1, 1] (JSON)."""
+    if not instances:
+        raise InvalidRequestError("no DICOM instances given")
+    return [("DICOM", list(instances)), ("CLINICAL", [clinical_json(clinical)])]
+
+
+def task_info(config: Any, metadata: Any) -> TaskInfo:
+    """TaskInfo from `get_model_config` and `get_model_metadata` protobuf responses."""
+    parameters = {key: value.string_value for key, value in config.config.parameters.items()}
+    versions = sorted(metadata.versions, key=lambda version: (len(version), version))
+    return TaskInfo.from_parameters(parameters, version=versions[-1] if versions else "")
+
+
+def parse_response(info: TaskInfo, response: _Response) -> StudyResult:
+    arrays = {name: response.as_numpy(name) for name in OUTPUT_NAMES}
+    missing = [name for name, array in arrays.items() if array is None]
+    if missing:
+        raise ResponseError(f"the response lacks {', '.join(missing)}")
+    answer = np.asarray(arrays["ANSWER"]).reshape(-1)
+    if answer.size != 1:
+        raise ResponseError(f"ANSWER holds {answer.size} elements; expected 1")
+    element = answer[0]
+    text = element if isinstance(element, bytes | str) else bytes(element)
+    return parse_result(info, text, np.asarray(arrays["SCORES"]), np.asarray(arrays["STUDY"]))
+
+
+def expect(result: StudyResult, kind: type[R]) -> R:
+    if not isinstance(result, kind):
+        raise ResponseError(
+            f"{result.task} answered a {type(result).__name__}, not {kind.__name__}"
+        )
+    return result
+
+
+def request_summary(task: str, instances: Sequence[bytes], clinical: Mapping[str, Any]) -> str:
+    """What a DEBUG log may say about a request: sizes and input names, never values."""
+    size = sum(len(item) for item in instances)
+    keys = sorted(key for key, value in clinical.items() if value is not None)
+    return f"{task}: {len(instances)} instances, {size} bytes, clinical keys {keys}"
+
+
+# Per-task clinical inputs. Keys are the server's input names (`clinical_inputs`).
+def liver_mass_clinical(roi: Sequence[float]) -> dict[str, Any]:
+    if len(roi) != 4:
+        raise InvalidRequestError("roi must be [row_min, col_min, row_max, col_max]")
+    return {"roi": [_number(value) for value in roi]}
+
+
+def fibrosis_ct_clinical(age: float, sex: str) -> dict[str, Any]:
+    return {"age": age, "sex": sex}
+
+
+def fibrosis_mri_clinical(field_strength: float | None, hbv: str, hcv: str) -> dict[str, Any]:
+    return {"field_strength": field_strength, "hbv": hbv, "hcv": hcv}
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)

@@ -1,0 +1,307 @@
+"""`abdoserve bench serving`: the served pipeline vs the same pipeline in process.
+
+For each task, on the same phantom studies and the same cores, in one run:
+(a) our preprocessing + ONNX Runtime on the served `model.onnx`, in process and
+sequential; (b) the same studies served end to end over gRPC by the embedded
+Triton server at several concurrencies (threads sending back to back, one client
+each); (c) our preprocessing + PyTorch eager, in process. It prints a table per
+task with throughput, latency percentiles and the ratios the serving targets are
+stated in, and optionally writes every raw number as JSON and a PNG.
+
+By default it builds `build/bench_repository` with the given tuning and starts
+its own server on free ports (stopped at the end, Ctrl-C included); `--url` points
+(b) at a running server instead, whose tuning is then read from its configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from abdoserve.deploy.embedded import BUILD_DIR
+from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
+from abdoserve.export.configs import Tuning
+
+if TYPE_CHECKING:
+    from abdoserve.loadtests.bench.report import SweepPoint, TaskResult
+    from abdoserve.loadtests.bench.workload import Measurement, Study
+
+DEFAULT_REPOSITORY = BUILD_DIR / "bench_repository"
+
+
+@dataclass(frozen=True)
+class Mode:
+    requests: int
+    concurrency: tuple[int, ...]
+    images: tuple[int, ...]
+    pool: int
+
+
+FULL = Mode(requests=200, concurrency=(1, 4, 16, 64), images=(1, 4, 16, 64), pool=4)
+QUICK = Mode(requests=10, concurrency=(1, 4), images=(), pool=2)
+QUICK_TASK = "liver_fibrosis_ct"  # clinical features and a small series: every stage runs
+SEQUENTIAL_WARMUP = 3
+THREAD_WARMUP = 1  # requests per worker thread before the timed ones
+SWEEP_TASK = "esophageal_cancer_ct"  # one sample per image: cost grows with the study
+SWEEP_POOL = 2
+PHANTOM_MAX_IMAGES = 64  # the oesophageal phantom builds at most this many slices
+SWEEP_CONCURRENCY = (1, 16)
+SWEEP_BASE_IMAGES = 8  # sweep points of more images get proportionally fewer requests
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, resolved from the options (and recorded in the JSON)."""
+
+    tasks: tuple[str, ...]
+    requests: int
+    concurrency: tuple[int, ...]
+    images: tuple[int, ...]
+    pool: int
+    url: str | None
+    repository: Path
+
+    @property
+    def built_tasks(self) -> tuple[str, ...]:
+        """The tasks whose models the repository must hold (the sweep's included)."""
+        sweep = (SWEEP_TASK,) if self.images and SWEEP_TASK not in self.tasks else ()
+        return self.tasks + sweep
+
+    def sweep_requests(self, images: int) -> int:
+        """About as many images per sweep point as `requests` studies of 8 images."""
+        scaled = self.requests * SWEEP_BASE_IMAGES // max(images, SWEEP_BASE_IMAGES)
+        return max(scaled, min(self.requests, 10))
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16); 'none' -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(item) for item in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,16, got {text!r}") from error
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError("every value must be at least 1")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all five)")
+    parser.add_argument(
+        "--requests", type=int, help="timed requests per row (default 200; --quick 10)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int_list, help="served concurrency levels (default 1,4,16,64)"
+    )
+    parser.add_argument(
+        "--images",
+        type=int_list,
+        help="images per study to sweep on esophageal_cancer_ct, at most 64; "
+        "'none' skips it (default 1,4,16,64; --quick: none)",
+    )
+    parser.add_argument("--pool", type=int, help="distinct studies per task (default 4)")
+    parser.add_argument("--quick", action="store_true", help="one task, c=1,4, 10 requests")
+    parser.add_argument("--url", help="benchmark a running server at HOST:PORT (gRPC)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help="model repository to serve and read model.onnx from; (re)built there unless "
+        f"it holds these tasks built with this tuning (default {DEFAULT_REPOSITORY})",
+    )
+    parser.add_argument("--json", type=Path, help="write every raw number as JSON here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the curves here")
+    parser.add_argument(
+        "--log-file", type=Path, default=BUILD_DIR / "bench_triton.log", help="server log"
+    )
+    add_tuning_arguments(parser.add_argument_group("tuning of the server this command starts"))
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    from abdoserve.preprocessing.tasks import TASKS
+
+    mode = QUICK if args.quick else FULL
+    tasks = tuple(args.tasks or ((QUICK_TASK,) if args.quick else TASKS))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    images = mode.images if args.images is None else args.images
+    if any(count > PHANTOM_MAX_IMAGES for count in images):
+        raise ValueError("the oesophageal phantom builds at most 64 images per study")
+    return Plan(
+        tasks=tasks,
+        requests=args.requests or mode.requests,
+        concurrency=args.concurrency or mode.concurrency,
+        images=images,
+        pool=args.pool or mode.pool,
+        url=args.url,
+        repository=args.repository,
+    )
+
+
+def requested_tuning(args: argparse.Namespace) -> Tuning:
+    return tuning_from(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from abdoserve.deploy.embedded import ServerError
+
+    try:
+        plan = make_plan(args)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    try:
+        with serving(plan, requested_tuning(args), args.log_file) as (url, tuning):
+            results, sweep = measure_all(plan, url, tuning)
+    except KeyboardInterrupt:
+        print("interrupted" + ("" if plan.url else "; the server it started has been stopped"))
+        return 130
+    except ServerError as error:
+        print(f"error: {error}")
+        return 1
+    write_outputs(args, plan, tuning, results, sweep)
+    return 0
+
+
+@contextmanager
+def serving(plan: Plan, tuning: Tuning, log_file: Path) -> Iterator[tuple[str, Tuning]]:
+    """(gRPC url, the served tuning): a running server's, or our own server's, stopped after."""
+    from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+    from abdoserve.export.repository import build_repository, is_built
+    from abdoserve.loadtests.bench.pipelines import served_tuning
+
+    if plan.url:
+        tuning = served_tuning(plan.url, plan.tasks[0])
+    if not is_built(plan.repository, plan.built_tasks, tuning):
+        print(f"building {plan.repository} for {', '.join(plan.built_tasks)} ...", flush=True)
+        build_repository(plan.repository, plan.built_tasks, tuning=tuning)
+    if plan.url:
+        print(f"benchmarking the server at {plan.url}: {describe(tuning)}", flush=True)
+        yield plan.url, tuning
+        return
+    options = ServerOptions(repository=plan.repository, ports=free_ports(), log_file=log_file)
+    with EmbeddedServer(options) as server:
+        url = f"{options.host}:{server.ports.grpc}"
+        print(f"started tritonserver at {url}: {describe(tuning)}", flush=True)
+        yield url, tuning
+
+
+def describe(tuning: Tuning) -> str:
+    return ", ".join(f"{key}={value}" for key, value in asdict(tuning).items())
+
+
+def measure_all(plan: Plan, url: str, tuning: Tuning) -> tuple[list[TaskResult], list[SweepPoint]]:
+    results = []
+    for task in plan.tasks:
+        results.append(measure_task(plan, url, tuning, task))
+        print(format_task_table(results[-1]) + "\n", flush=True)
+    sweep = [measure_sweep_point(plan, url, tuning, images) for images in plan.images]
+    if sweep:
+        from abdoserve.loadtests.bench.report import format_sweep
+
+        print(format_sweep(SWEEP_TASK, sweep) + "\n", flush=True)
+    return results, sweep
+
+
+def format_task_table(result: TaskResult) -> str:
+    from abdoserve.loadtests.bench.report import format_task
+
+    return format_task(result)
+
+
+def measure_task(plan: Plan, url: str, tuning: Tuning, task: str) -> TaskResult:
+    from abdoserve.loadtests.bench.report import TaskResult
+    from abdoserve.loadtests.bench.workload import study_pool
+
+    pool = study_pool(task, plan.pool)
+    local = in_process(plan, tuning, task, pool, plan.requests, runtime="onnxruntime")
+    torch = in_process(plan, tuning, task, pool, plan.requests, runtime="pytorch")
+    served = served_levels(url, task, pool, plan.concurrency, plan.requests)
+    return TaskResult(task, len(pool), local, torch, tuple(served))
+
+
+def measure_sweep_point(plan: Plan, url: str, tuning: Tuning, images: int) -> SweepPoint:
+    from abdoserve.loadtests.bench.report import SweepPoint
+    from abdoserve.loadtests.bench.workload import study_pool
+
+    pool = study_pool(SWEEP_TASK, SWEEP_POOL, images)
+    requests = plan.sweep_requests(images)
+    local = in_process(plan, tuning, SWEEP_TASK, pool, requests, runtime="onnxruntime")
+    served = served_levels(url, SWEEP_TASK, pool, SWEEP_CONCURRENCY, requests)
+    return SweepPoint(images, local, tuple(served))
+
+
+def in_process(
+    plan: Plan, tuning: Tuning, task: str, pool: list[Study], requests: int, *, runtime: str
+) -> Measurement:
+    """(a) or (c): this process, sequential, after a short warm-up."""
+    from abdoserve.loadtests.bench.pipelines import OnnxInProcess, TorchInProcess
+    from abdoserve.loadtests.bench.workload import time_sequential
+    from abdoserve.preprocessing.tasks import get_task
+    from abdoserve.serving.answer import ModelIdentity
+
+    spec = get_task(task)
+    identity = ModelIdentity.from_parameters(task, "1", build_record(plan.repository, task))
+    pipeline: OnnxInProcess | TorchInProcess
+    if runtime == "onnxruntime":
+        onnx_path = plan.repository / f"{task}_net" / "1" / "model.onnx"
+        pipeline = OnnxInProcess(spec, pool, identity, tuning, onnx_path)
+    else:
+        pipeline = TorchInProcess(spec, pool, identity, tuning)
+    warmup = min(SEQUENTIAL_WARMUP, requests)
+    return time_sequential(runtime, pipeline, pool, requests, warmup)
+
+
+def build_record(repository: Path, task: str) -> dict[str, str]:
+    """The weights' provenance the build wrote, as the served models read it."""
+    from abdoserve.export.repository import BUILD_RECORD
+
+    record = json.loads((repository / BUILD_RECORD).read_text())[task]
+    return {key: str(value) for key, value in record.items() if isinstance(value, str)}
+
+
+def served_levels(
+    url: str, task: str, pool: list[Study], levels: tuple[int, ...], requests: int
+) -> list[Measurement]:
+    """(b): each concurrency level with fresh clients, after each thread's warm-up."""
+    from abdoserve.loadtests.bench.pipelines import Served
+    from abdoserve.loadtests.bench.workload import time_concurrent
+
+    rows = []
+    for level in levels:
+        served = Served(url, task, pool)
+        try:
+            rows.append(time_concurrent(served.new_call, pool, requests, level, THREAD_WARMUP))
+        finally:
+            served.close()
+    return rows
+
+
+def write_outputs(
+    args: argparse.Namespace,
+    plan: Plan,
+    tuning: Tuning,
+    results: list[TaskResult],
+    sweep: list[SweepPoint],
+) -> None:
+    from abdoserve.loadtests.bench.report import document
+
+    if args.json:
+        settings = {**asdict(plan), "repository": str(plan.repository)}
+        settings.update(warmup={"sequential": SEQUENTIAL_WARMUP, "per_thread": THREAD_WARMUP})
+        content = document(settings, tuning, results, sweep, SWEEP_TASK)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(content, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        from abdoserve.loadtests.bench.plot import write_plot
+
+        write_plot(args.plot, results, sweep)
+        print(f"wrote {args.plot}")
