@@ -4,7 +4,7 @@
 backend needs, waits until every model is ready, and stops it cleanly. The
 `serve` command and the integration tests both use it.
 
-Environment facts (see DESIGN.md): the Python-backend stub links the system
+Environment facts (see docs/architecture.md): the Python-backend stub links the system
 libpython3.11 and must sit in the backend folder; it sees this virtual
 environment's packages when the environment's bin/ is first on PATH; the wheel's
 shared libraries live in `nvidia_pytriton.libs`.

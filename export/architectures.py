@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import Tensor, nn
+
 from abdoserve.export.errors import ExportError
 from abdoserve.preprocessing.specs import OutputKind, TaskSpec
-from torch import Tensor, nn
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from abdoserve.preprocessing.clinical import ROI_KEY
-from abdoserve.preprocessing.specs import RoiCrop, TaskSpec
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+
+from abdoserve.preprocessing.clinical import ROI_KEY
+from abdoserve.preprocessing.specs import RoiCrop, TaskSpec
 
 MAX_BATCH_SIZE = 8
 FP32 = mc.DataType.TYPE_FP32

@@ -23,12 +23,13 @@ from typing import Literal
 
 import onnx
 import torch
+from torch import Tensor, nn
+from tritonclient.grpc import model_config_pb2 as mc
+
 from abdoserve.export.architectures import run_network
 from abdoserve.export.configs import MAX_BATCH_SIZE, Tuning, net_config
 from abdoserve.export.onnx_export import OPSET
 from abdoserve.preprocessing.specs import TaskSpec
-from torch import Tensor, nn
-from tritonclient.grpc import model_config_pb2 as mc
 
 GpuRuntime = Literal["onnxruntime", "tensorrt"]
 PLATFORMS: dict[str, str] = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}

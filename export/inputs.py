@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from abdoserve.preprocessing.specs import ClinicalInput, TaskSpec
 from numpy.typing import NDArray
+
+from abdoserve.preprocessing.specs import ClinicalInput, TaskSpec
 
 FloatArray = NDArray[np.float32]
 Inputs = tuple[FloatArray, FloatArray | None]

@@ -21,14 +21,15 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from numpy.typing import NDArray
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
 from abdoserve.export.architectures import run_network
 from abdoserve.export.errors import ExportError, ParityError
 from abdoserve.export.inputs import example_inputs
 from abdoserve.export.weights import WeightsProvenance, load_network
 from abdoserve.preprocessing.specs import TaskSpec
-from numpy.typing import NDArray
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
+
 from abdoserve.export.architectures import run_network
 from abdoserve.export.errors import ReferenceInputError
 from abdoserve.export.inputs import FloatArray
 from abdoserve.export.weights import load_network
 from abdoserve.preprocessing.specs import TaskSpec
-from numpy.typing import NDArray
 
 
 class TorchReference:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+
 from abdoserve.export.architectures import build_network, run_network
 from abdoserve.export.errors import CheckpointError, CheckpointMismatchError
 from abdoserve.export.inputs import example_inputs
 from abdoserve.preprocessing.specs import TaskSpec
-from torch import Tensor, nn
 
 REFERENCE_SOURCE = "reference-untrained"
 _SHOWN_KEYS = 5

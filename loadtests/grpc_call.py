@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from abdoserve.loadtests.payloads import Payload
-
 from abdoserve_client.errors import AbdoServeError
 from abdoserve_client.results import StudyResult
 

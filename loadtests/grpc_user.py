@@ -17,6 +17,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import gevent  # type: ignore[import-untyped]
+from locust import User, constant, events
+from locust.argument_parser import LocustArgumentParser
+from locust.env import Environment
+from locust.stats import CSV_STATS_INTERVAL_SEC
+
 from abdoserve.loadtests.connection import (
     DEFAULT_DEADLINE_S,
     DEFAULT_HOST,
@@ -28,11 +33,6 @@ from abdoserve.loadtests.connection import (
 )
 from abdoserve.loadtests.grpc_call import timed_infer
 from abdoserve.loadtests.payloads import Payload, payload_pool
-from locust import User, constant, events
-from locust.argument_parser import LocustArgumentParser
-from locust.env import Environment
-from locust.stats import CSV_STATS_INTERVAL_SEC
-
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from abdoserve.loadtests.profiles import DEFAULT_DURATION_S, DEFAULT_USERS, spike_users, step_users
 from locust import LoadTestShape
+
+from abdoserve.loadtests.profiles import DEFAULT_DURATION_S, DEFAULT_USERS, spike_users, step_users
 
 
 class _ScaledShape(LoadTestShape):

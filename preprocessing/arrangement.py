@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from abdoserve.preprocessing.decode import DecodedInstance
 from abdoserve.preprocessing.errors import (
     AttributeProblem,

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+
 from abdoserve.preprocessing.errors import ClinicalInputError, RoiError
 from abdoserve.preprocessing.specs import ClinicalInput, RoiCrop, TaskSpec
 

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from abdoserve.preprocessing import header
 from abdoserve.preprocessing.errors import (
     AttributeProblem,
@@ -57,9 +61,6 @@ from abdoserve.preprocessing.tags import (
     SAMPLES_PER_PIXEL,
     SOP_CLASS_UID,
 )
-from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Attributes any image must have; a dataset without one of these is not an image.
 _IMAGE_PIXEL_MODULE = (ROWS, COLUMNS, BITS_ALLOCATED)

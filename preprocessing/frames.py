@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
+
 from abdoserve.preprocessing import header
 from abdoserve.preprocessing.errors import AttributeProblem
 from abdoserve.preprocessing.tags import (
@@ -23,7 +25,6 @@ from abdoserve.preprocessing.tags import (
     PLANE_POSITION,
     SHARED_FUNCTIONAL_GROUPS,
 )
-from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,10 +8,11 @@ directly, and fall back to pydicom's value where the element is already converte
 
 from __future__ import annotations
 
-from abdoserve.preprocessing.errors import AttributeProblem
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
+
+from abdoserve.preprocessing.errors import AttributeProblem
 
 _PADDING = b" \x00"
 

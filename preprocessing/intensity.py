@@ -8,6 +8,7 @@ on the resampled pixels. MR: the modality LUT, then per-image percentile scaling
 from __future__ import annotations
 
 import numpy as np
+
 from abdoserve.preprocessing.errors import FlatImageError
 from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling
 

@@ -14,6 +14,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from abdoserve.preprocessing import header
 from abdoserve.preprocessing.errors import PixelDecodeError, TruncatedDicomError
 from abdoserve.preprocessing.tags import (
@@ -25,8 +28,6 @@ from abdoserve.preprocessing.tags import (
     PIXEL_REPRESENTATION,
     ROWS,
 )
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _NATIVE_SYNTAXES: dict[str, tuple[bool, bool]] = {  # (implicit VR, little endian)

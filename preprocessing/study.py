@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
 from abdoserve.preprocessing.arrangement import Image, arrange
 from abdoserve.preprocessing.clinical import ROI_KEY, check_keys, clinical_value, feature_vector
 from abdoserve.preprocessing.decode import DecodedInstance, decode_instance

@@ -19,7 +19,18 @@ if TYPE_CHECKING:
         AbdoServeError,
         DeadlineExceededError,
         InvalidRequestError,
+        ResponseError,
         ServerUnavailableError,
+        TaskNotFoundError,
+    )
+    from abdoserve_client.results import (
+        BoneDensityResult,
+        EsophagealCancerResult,
+        FibrosisResult,
+        LiverMassResult,
+        ModelInfo,
+        StudyResult,
+        TaskInfo,
     )
 
 _EXPORTS = {
@@ -29,19 +40,38 @@ _EXPORTS = {
     "DeadlineExceededError": "abdoserve_client.errors",
     "InvalidRequestError": "abdoserve_client.errors",
     "ServerUnavailableError": "abdoserve_client.errors",
+    "ResponseError": "abdoserve_client.errors",
+    "TaskNotFoundError": "abdoserve_client.errors",
+    "StudyResult": "abdoserve_client.results",
+    "LiverMassResult": "abdoserve_client.results",
+    "FibrosisResult": "abdoserve_client.results",
+    "BoneDensityResult": "abdoserve_client.results",
+    "EsophagealCancerResult": "abdoserve_client.results",
+    "ModelInfo": "abdoserve_client.results",
+    "TaskInfo": "abdoserve_client.results",
 }
 
 __all__ = [
     "AbdoServeClient",
     "AbdoServeError",
     "AsyncAbdoServeClient",
+    "BoneDensityResult",
     "DeadlineExceededError",
+    "EsophagealCancerResult",
+    "FibrosisResult",
     "InvalidRequestError",
+    "LiverMassResult",
+    "ModelInfo",
+    "ResponseError",
     "ServerUnavailableError",
+    "StudyResult",
+    "TaskInfo",
+    "TaskNotFoundError",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    """Import the module that defines `name` on first use."""
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'clients' has no attribute {name!r}")
+        raise AttributeError(f"module 'abdoserve_client' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

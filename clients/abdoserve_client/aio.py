@@ -103,6 +103,7 @@ class AsyncAbdoServeClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close both channels; the client cannot be used afterwards."""
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -148,6 +149,7 @@ class AsyncAbdoServeClient:
         return self._tasks[task]
 
     async def model_info(self, task: str) -> ModelInfo:
+        """The served model's name, version and weights provenance for `task`."""
         return (await self.task_info(task)).model
 
     async def infer(

@@ -2,7 +2,7 @@
 
 One long-lived channel per client; every call carries an explicit deadline
 (`timeout_s`, per attempt); only UNAVAILABLE is retried, with exponential backoff.
-Logs go to the `clients` logger at DEBUG and never include DICOM content or
+Logs go to the `abdoserve_client` logger at DEBUG and never include DICOM content or
 clinical values. For asyncio, see `abdoserve_client.aio.AsyncAbdoServeClient`.
 """
 
@@ -105,6 +105,7 @@ class AbdoServeClient:
         self.close()
 
     def close(self) -> None:
+        """Close both channels; the client cannot be used afterwards."""
         self._transport.close()
         self._triton.close()
 
@@ -146,6 +147,7 @@ class AbdoServeClient:
         return self._tasks[task]
 
     def model_info(self, task: str) -> ModelInfo:
+        """The served model's name, version and weights provenance for `task`."""
         return self.task_info(task).model
 
     def infer(

@@ -38,6 +38,7 @@ class ModelInfo:
     def from_mapping(
         cls, values: Mapping[str, Any], name: str = "", version: str = ""
     ) -> ModelInfo:
+        """From an ANSWER's `model` object or a config's `weights_*` parameters."""
         untrained = values.get("untrained", values.get("weights_untrained", True))
         if isinstance(untrained, str):
             untrained = untrained.lower() != "false"
@@ -70,6 +71,7 @@ class TaskInfo:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], version: str = "") -> TaskInfo:
+        """From the ensemble config's `parameters` (see the raw protocol in README.md)."""
         try:
             images = json.loads(parameters.get("images", "{}"))
             task = parameters["task"]
@@ -123,11 +125,14 @@ class StudyResult:
 
     @property
     def untrained(self) -> bool:
+        """True when untrained reference weights answered: never a diagnosis."""
         return self.model.untrained
 
 
 @dataclass(frozen=True, eq=False)
 class ClassificationResult(StudyResult):
+    """The most probable class (`label`, `description`) and every class's probability."""
+
     label: str
     description: str
     probabilities: Mapping[str, float]
@@ -154,6 +159,7 @@ class FibrosisResult(ScoreResult):
 
     @property
     def score(self) -> float:
+        """F_DLCT or F_DLMRI on the 0-4 stage scale."""
         return self.value
 
 
@@ -162,10 +168,12 @@ class BoneDensityResult(ScoreResult):
 
     @property
     def bmd(self) -> float:
+        """Lumbar bone mineral density in g/cm²."""
         return self.value
 
     @property
     def osteoporosis(self) -> bool:
+        """Whether the BMD is at or below the configured osteoporosis threshold."""
         return self.flags.get("osteoporosis", False)
 
 
@@ -174,14 +182,17 @@ class EsophagealCancerResult(ScoreResult):
 
     @property
     def probability(self) -> float:
+        """Per-patient probability (the maximum over the images)."""
         return self.value
 
     @property
     def suspicious(self) -> bool:
+        """Whether the per-patient probability reaches the configured threshold."""
         return self.flags.get("suspicious", False)
 
     @property
     def image_probabilities(self) -> tuple[float, ...]:
+        """Per-image probabilities, in the order of the request's instances."""
         return tuple(image.values[0] for image in self.images)
 
 

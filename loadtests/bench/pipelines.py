@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from abdoserve.export.configs import Tuning, model_names
 from abdoserve.loadtests.bench.workload import Call, Study
 from abdoserve.preprocessing.specs import TaskSpec
@@ -22,7 +23,6 @@ from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.serving import batching
 from abdoserve.serving.answer import ModelIdentity, study_answer
 from abdoserve.serving.onnx_runner import OnnxRunner
-
 from abdoserve_client.protocol import OUTPUT_NAMES, request_tensors
 from abdoserve_client.wire import MODEL_INFER, encode_infer_request, open_channel
 
@@ -82,6 +82,7 @@ class TorchInProcess(InProcess):
         self, spec: TaskSpec, pool: Sequence[Study], identity: ModelIdentity, tuning: Tuning
     ) -> None:
         import torch
+
         from abdoserve.export.reference import TorchReference
 
         super().__init__(spec, pool, identity, tuning)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pydicom
+
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task

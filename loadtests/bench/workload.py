@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from abdoserve.loadtests.phantom import build_study
 
 PERCENTILES = (50, 95, 99)

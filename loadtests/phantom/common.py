@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import uid
+from pydicom.dataset import Dataset
+
 from abdoserve.loadtests.phantom.anatomy import (
     AORTA_XY,
     OESOPHAGUS_LUMEN_MM,
@@ -33,8 +36,6 @@ from abdoserve.loadtests.phantom.dicom_writer import (
 )
 from abdoserve.loadtests.phantom.render import Region, regions, render, to_stored
 from abdoserve.loadtests.phantom.tissues import FloatArray, Label
-from pydicom import uid
-from pydicom.dataset import Dataset
 
 MAX_SEED = 10**12
 CT_GRID = PhantomGrid(rows=512, cols=512, spacing_mm=0.75)

@@ -13,9 +13,10 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from abdoserve.loadtests.phantom.anatomy import PhantomGrid
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
+
+from abdoserve.loadtests.phantom.anatomy import PhantomGrid
 
 PATIENT_NAME = "PHANTOM^ABDOMEN"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from pydicom.dataset import Dataset
+
 from abdoserve.loadtests.phantom.anatomy import Mass, PhantomGrid, SliceAnatomy, label_slice
 from abdoserve.loadtests.phantom.common import (
     ABDOMEN_WINDOW,
@@ -47,7 +49,6 @@ from abdoserve.loadtests.phantom.tissues import (
     ct_values,
     mr_values,
 )
-from pydicom.dataset import Dataset
 
 CT_FIBROSIS_HU = 12.0  # HU per unit of texture pattern: septa darker, nodules brighter
 MR_FIBROSIS_FRACTION = 0.2  # the same, relative to the liver's MR signal

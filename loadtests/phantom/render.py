@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from abdoserve.loadtests.phantom.anatomy import FloatArray, LabelMap, PhantomGrid
 from abdoserve.loadtests.phantom.tissues import Label
 

@@ -8,8 +8,9 @@ code. Run it alongside good traffic to check that refusals stay cheap and isolat
 
 from __future__ import annotations
 
-from abdoserve.loadtests.grpc_user import TritonGrpcUser
 from locust import task
+
+from abdoserve.loadtests.grpc_user import TritonGrpcUser
 
 
 class BadPayloadUser(TritonGrpcUser):

@@ -6,8 +6,9 @@ along with many routine abdominal CTs; a workstation pauses between studies.
 
 from __future__ import annotations
 
-from abdoserve.loadtests.grpc_user import TritonGrpcUser
 from locust import between, task
+
+from abdoserve.loadtests.grpc_user import TritonGrpcUser
 
 # task -> relative weight per request
 WEIGHTS = {

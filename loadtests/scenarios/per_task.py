@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from abdoserve.loadtests.grpc_user import TritonGrpcUser
 from locust import task
+
+from abdoserve.loadtests.grpc_user import TritonGrpcUser
 
 
 class SingleTaskUser(TritonGrpcUser):

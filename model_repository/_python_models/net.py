@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.onnx_runner import OnnxRunner
 

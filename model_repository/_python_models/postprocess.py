@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.answer import ModelIdentity, study_answer

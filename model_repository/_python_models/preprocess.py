@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue

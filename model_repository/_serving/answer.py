@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from abdoserve.preprocessing.specs import Output, TaskSpec
 
 UNTRAINED_NOTICE = (

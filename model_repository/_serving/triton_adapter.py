@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
+
 from abdoserve.preprocessing.errors import IntakeError, MissingInputError, StatusCode
 
 _LOG = logging.getLogger(__name__)

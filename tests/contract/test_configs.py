@@ -6,11 +6,12 @@ from pathlib import Path
 
 import onnx
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from abdoserve.export.configs import model_names, render_task, to_text
 from abdoserve.export.repository import PYTHON_MODELS, SOURCE_REPOSITORY
 from abdoserve.preprocessing.tasks import TASKS
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.DataType.TYPE_FP32}
 ALL_MODELS = [name for task in TASKS for name in model_names(task)]

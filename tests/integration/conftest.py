@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 
 SHARED_MEMORY = "/dev/shm"

@@ -14,12 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
-from tritonclient.utils import InferenceServerException
-
 from tests.integration.triton_calls import infer, request_inputs
 
 pytestmark = pytest.mark.integration

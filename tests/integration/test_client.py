@@ -8,15 +8,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import abdoserve.deploy.cli
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
+from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import free_port
 from abdoserve.loadtests.phantom import TASK_NAMES, build_study, write_study
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving.answer import UNTRAINED_NOTICE
-
 from abdoserve_client.aio import AsyncAbdoServeClient
 from abdoserve_client.client import AbdoServeClient
 from abdoserve_client.errors import (
@@ -157,7 +157,7 @@ def test_deadline_is_enforced_and_not_retried(grpc_url: str) -> None:
 @pytest.fixture
 def abdoserve() -> Callable[[Sequence[str]], int]:
     """The `abdoserve` console command, in process."""
-    return abdoserve.deploy.cli.main
+    return abdoserve_main
 
 
 def test_cli_end_to_end(

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from abdoserve.loadtests import cli
 from abdoserve.loadtests.payloads import BAD_PAYLOAD_PREFIX
 from abdoserve.loadtests.phantom import TASK_NAMES
 from abdoserve.loadtests.slo import AGGREGATED, Budget, read_stats
-
 from abdoserve_client.client import AbdoServeClient
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.prometheus_server import JOB, PrometheusServer, binary
 from abdoserve.loadtests.phantom import build_study
-from tritonclient.utils import InferenceServerException
-
 from tests.integration.triton_calls import infer
 from tests.unit.test_prometheus_files import TRITON_METRICS, all_rules, our_metrics
 

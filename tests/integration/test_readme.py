@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import abdoserve.deploy.cli
 import pytest
+
+from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.loadtests.phantom import build_study, write_study
 
 pytestmark = pytest.mark.integration
@@ -39,11 +40,8 @@ def test_readme_quick_start_commands(
     grpc_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "fibrosis"
-    assert abdoserve.deploy.cli.main(["phantom", "liver_fibrosis_ct", "--out", str(folder)]) == 0
-    assert (
-        abdoserve.deploy.cli.main(["infer", "liver_fibrosis_ct", str(folder), "--url", grpc_url])
-        == 0
-    )
+    assert abdoserve_main(["phantom", "liver_fibrosis_ct", "--out", str(folder)]) == 0
+    assert abdoserve_main(["infer", "liver_fibrosis_ct", str(folder), "--url", grpc_url]) == 0
     output = capsys.readouterr().out
     assert "F_DLCT" in output
     assert "UNTRAINED REFERENCE WEIGHTS" in output

@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.reference import TorchReference
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import UNTRAINED_NOTICE, aggregate
-
 from tests.integration.triton_calls import infer
 
 pytestmark = pytest.mark.integration
 
-RELATIVE_TOLERANCE = 1e-4  # FP32, DESIGN.md
+RELATIVE_TOLERANCE = 1e-4  # FP32 (docs/architecture.md)
 
 
 def relative_error(served: np.ndarray, reference: np.ndarray) -> float:

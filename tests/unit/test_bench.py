@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from abdoserve.deploy.cli import main
 from abdoserve.loadtests.bench.preprocess import (
     SYNTAXES,

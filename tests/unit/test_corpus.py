@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+
 from abdoserve.preprocessing.decode import DecodedInstance, decode_instance
 from abdoserve.preprocessing.errors import (
     IntakeError,
@@ -17,7 +19,6 @@ from abdoserve.preprocessing.errors import (
     UnsupportedObjectError,
 )
 from abdoserve.preprocessing.specs import IntakeLimits
-from pydicom.data import get_testdata_file
 
 FOLDER = Path(os.path.dirname(get_testdata_file("CT_small.dcm")))
 FILES = sorted(path for path in FOLDER.rglob("*") if path.is_file())

@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
 from abdoserve.loadtests.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.intensity import hounsfield
 from abdoserve.preprocessing.specs import IntakeLimits
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
-from pydicom.dataset import Dataset
 
 SYNTAXES = (
     "ImplicitVRLittleEndian",

@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+
 from abdoserve.loadtests.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.errors import (
@@ -33,9 +37,6 @@ from abdoserve.preprocessing.errors import (
 from abdoserve.preprocessing.specs import IntakeLimits
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS, get_task
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
 
 Edit = Callable[[Dataset], None]
 PATIENT_NAME = "PHANTOM^ABDOMEN"
@@ -450,3 +451,47 @@ def test_the_phantom_carries_the_identifiers_checked_for(bone: PhantomStudy) -> 
     """The identifiers `refused` looks for are really in the files."""
     ds = pydicom.dcmread(io.BytesIO(bone.instances[0]))
     assert (str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber)) == IDENTIFIERS
+
+
+# The `reason` label of abdoserve_rejected_requests_total: dashboards and alerts read
+# these strings, so they are pinned here and never derived from class names.
+PINNED_REASONS = {
+    "IntakeError": "intake",
+    "NotDicomError": "not_dicom",
+    "TruncatedDicomError": "truncated_dicom",
+    "UnsupportedObjectError": "unsupported_object",
+    "NoPixelDataError": "no_pixel_data",
+    "PixelDecodeError": "pixel_decode",
+    "AttributeProblem": "attribute_problem",
+    "WrongModalityError": "wrong_modality",
+    "InstanceCountError": "instance_count",
+    "InconsistentGeometryError": "inconsistent_geometry",
+    "RoiError": "roi",
+    "ClinicalInputError": "clinical_input",
+    "InputTooLargeError": "input_too_large",
+    "FlatImageError": "flat_image",
+    "MissingInputError": "missing_input",
+}
+
+
+def _intake_error_classes() -> list[type[IntakeError]]:
+    found: list[type[IntakeError]] = [IntakeError]
+    for kind in found:
+        found.extend(kind.__subclasses__())
+    return found
+
+
+def test_every_intake_error_lives_in_errors_py_with_its_own_pinned_reason() -> None:
+    classes = _intake_error_classes()
+    assert {kind.__module__ for kind in classes} == {"abdoserve.preprocessing.errors"}
+    assert {kind.__name__: kind.reason for kind in classes} == PINNED_REASONS
+    for kind in classes:
+        assert "reason" in vars(kind), f"{kind.__name__} inherits its reason"
+
+
+def test_the_metric_label_is_the_pinned_reason_and_unknown_failures_are_internal() -> None:
+    from abdoserve.serving.metrics import rejection_reason
+
+    assert rejection_reason(InstanceCountError("too many images")) == "instance_count"
+    assert rejection_reason(AttributeProblem(0x00280030, "is missing")) == "attribute_problem"
+    assert rejection_reason(ValueError("anything")) == "internal"

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
 from abdoserve.export.architectures import build_network, run_network
 from abdoserve.export.errors import (
     CheckpointError,
@@ -26,7 +28,6 @@ from abdoserve.export.reference import TorchReference
 from abdoserve.export.weights import REFERENCE_SOURCE, load_network, reference_network, state_sha256
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.tasks import TASKS
-from torch import nn
 
 # hospitals still ship TorchScript; the tests make such archives with torch.jit.trace
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")

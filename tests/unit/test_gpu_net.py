@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+
 from abdoserve.export.configs import Tuning, net_config
 from abdoserve.export.gpu_net import (
     PLATFORMS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from abdoserve.preprocessing.errors import FlatImageError
 from abdoserve.preprocessing.intensity import hounsfield, scale_mr, window_ct
 from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling

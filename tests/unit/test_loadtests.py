@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tritonclient.utils import InferenceServerException
+
 from abdoserve.loadtests import cli
 from abdoserve.loadtests.connection import connection, options_from_environment, split_host
 from abdoserve.loadtests.grpc_call import timed_infer
@@ -19,8 +21,6 @@ from abdoserve.loadtests.payloads import BAD_PAYLOAD_PREFIX, Payload, payload_po
 from abdoserve.loadtests.plot import plot_history, read_history
 from abdoserve.loadtests.profiles import spike_users, step_users
 from abdoserve.loadtests.slo import Budget, evaluate, gate, read_stats
-from tritonclient.utils import InferenceServerException
-
 from abdoserve_client.errors import DeadlineExceededError, InvalidRequestError, from_triton
 
 STATS_HEADER = [

@@ -12,6 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, CTImageStorage, MRImageStorage
+
 from abdoserve.loadtests.phantom import (
     TASK_NAMES,
     TRANSFER_SYNTAXES,
@@ -20,8 +23,6 @@ from abdoserve.loadtests.phantom import (
     write_study,
 )
 from abdoserve.preprocessing.tasks import TASKS
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, CTImageStorage, MRImageStorage
 
 Array = npt.NDArray[np.float64]
 

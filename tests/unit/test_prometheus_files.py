@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from abdoserve.deploy.prometheus_server import (
     JOB,
     PROMETHEUS_DIR,

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+
 from abdoserve.preprocessing.specs import (
     ClinicalInput,
     CTWindow,

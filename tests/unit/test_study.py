@@ -7,12 +7,13 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
 from abdoserve.loadtests.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.arrangement import Image
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS, get_task
-from pydicom.dataset import Dataset
 
 
 @pytest.fixture(scope="module")
