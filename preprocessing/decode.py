@@ -55,8 +55,6 @@ from abdoserve.preprocessing.tags import (
     MODALITY,
     PHOTOMETRIC_INTERPRETATION,
     PIXEL_DATA,
-    RESCALE_INTERCEPT,
-    RESCALE_SLOPE,
     ROWS,
     SAMPLES_PER_PIXEL,
     SOP_CLASS_UID,
@@ -82,13 +80,11 @@ _PARSE_ERRORS = (
 
 @dataclass(frozen=True)
 class DecodedInstance:
-    """One request instance: its frames with geometry, and its modality LUT."""
+    """One request instance: its frames, each with its geometry and modality LUT."""
 
     index: int
     modality: str
     frames: tuple[Frame, ...]
-    slope: float
-    intercept: float
     inverted: bool  # MONOCHROME1: higher stored values are darker
     acquisition_time: str
     extras: dict[int, object]  # values of the extra tags the caller asked for
@@ -108,14 +104,11 @@ def decode_instance(
     check_is_image(parsed, index)
     check_pixel_budget(dataset, index, limits)
     modality = (header.text(dataset, MODALITY) or "").upper()
-    slope, intercept = modality_lut(dataset, modality, index)
     pixels = decode_pixels(data, parsed, index)
     return DecodedInstance(
         index=index,
         modality=modality,
-        frames=frames_of(dataset, pixels, index),
-        slope=slope,
-        intercept=intercept,
+        frames=frames_of(dataset, pixels, index, modality),
         inverted=header.text(dataset, PHOTOMETRIC_INTERPRETATION) == "MONOCHROME1",
         acquisition_time=(
             header.text(dataset, ACQUISITION_TIME) or header.text(dataset, CONTENT_TIME) or ""
@@ -130,21 +123,6 @@ def _value(dataset: Dataset, tag: int, index: int) -> object:
     except _PARSE_ERRORS as error:  # a raw value pydicom cannot convert
         raise AttributeProblem(tag, "cannot be read", instance=index) from error
     return None if element is None else element.value
-
-
-def modality_lut(dataset: Dataset, modality: str, index: int) -> tuple[float, float]:
-    """(slope, intercept). CT needs both: without them stored values are not HU."""
-    values = []
-    for tag, fallback in ((RESCALE_SLOPE, 1.0), (RESCALE_INTERCEPT, 0.0)):
-        value = header.number(dataset, tag, index)
-        if value is None and modality == "CT":
-            raise AttributeProblem(
-                tag, "is missing; CT needs it to give Hounsfield units", instance=index
-            )
-        values.append(fallback if value is None else value)
-    if values[0] == 0:
-        raise AttributeProblem(RESCALE_SLOPE, "is zero", instance=index)
-    return values[0], values[1]
 
 
 @dataclass(frozen=True, eq=False)

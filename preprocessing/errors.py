@@ -115,6 +115,12 @@ class InputTooLargeError(IntakeError):
     reason = "input_too_large"
 
 
+class ModalityLutError(IntakeError):
+    """A Modality LUT Sequence: a lookup table in place of Rescale Slope and Intercept."""
+
+    reason = "modality_lut"
+
+
 class FlatImageError(IntakeError):
     """An image whose pixels carry no usable signal (all one value)."""
 

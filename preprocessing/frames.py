@@ -1,8 +1,10 @@
-"""Per-frame geometry: pixel spacing, position and orientation of each 2-D frame.
+"""Each 2-D frame's geometry and modality LUT: spacing, position, orientation, rescale.
 
-Single-frame images carry these at the top level; enhanced multi-frame images in
-the shared and per-frame functional groups. Spacing is required (resampling needs
-it); position and orientation are optional here and required by the study
+Single-frame images carry these at the top level; enhanced multi-frame images
+(Enhanced CT and MR) in the per-frame functional groups, else the shared ones, and
+each frame may have its own. Spacing is required (resampling needs it); a CT frame
+needs Rescale Slope and Intercept (stored values are not Hounsfield units without
+them); position and orientation are optional here and required by the study
 assembly only where it orders or aligns images.
 """
 
@@ -14,15 +16,19 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from abdoserve.preprocessing import header
-from abdoserve.preprocessing.errors import AttributeProblem
+from abdoserve.preprocessing.errors import AttributeProblem, ModalityLutError
 from abdoserve.preprocessing.tags import (
     IMAGE_ORIENTATION_PATIENT,
     IMAGE_POSITION_PATIENT,
+    MODALITY_LUT_SEQUENCE,
     PER_FRAME_FUNCTIONAL_GROUPS,
     PIXEL_MEASURES,
     PIXEL_SPACING,
+    PIXEL_VALUE_TRANSFORMATION,
     PLANE_ORIENTATION,
     PLANE_POSITION,
+    RESCALE_INTERCEPT,
+    RESCALE_SLOPE,
     SHARED_FUNCTIONAL_GROUPS,
 )
 
@@ -35,6 +41,8 @@ class Frame:
     spacing: tuple[float, float]  # (between rows, between columns) in mm
     position: tuple[float, ...] | None  # (x, y, z) centre of the first pixel, mm
     orientation: tuple[float, ...] | None  # row and column direction cosines
+    slope: float = 1.0  # modality LUT: value = stored * slope + intercept (HU for CT)
+    intercept: float = 0.0
 
     @property
     def normal(self) -> np.ndarray | None:
@@ -45,8 +53,14 @@ class Frame:
         return normal
 
 
-def frames_of(dataset: Dataset, pixels: np.ndarray, index: int) -> tuple[Frame, ...]:
-    """Split decoded pixels (frames, rows, columns) into frames with their geometry."""
+def frames_of(dataset: Dataset, pixels: np.ndarray, index: int, modality: str) -> tuple[Frame, ...]:
+    """Split decoded pixels (frames, rows, columns) into frames with geometry and LUT."""
+    if header.present(dataset, MODALITY_LUT_SEQUENCE):
+        raise ModalityLutError(
+            "(0028,3000) Modality LUT Sequence is not supported; "
+            "Rescale Slope and Intercept are required",
+            instance=index,
+        )
     shared = _first_item(dataset, SHARED_FUNCTIONAL_GROUPS)
     per_frame_element = dataset.get(PER_FRAME_FUNCTIONAL_GROUPS)
     per_frame = per_frame_element.value if per_frame_element is not None else None
@@ -54,9 +68,12 @@ def frames_of(dataset: Dataset, pixels: np.ndarray, index: int) -> tuple[Frame, 
     for number in range(pixels.shape[0]):
         groups = per_frame[number] if per_frame and number < len(per_frame) else None
         sources = [item for item in (groups, shared) if item is not None] + [dataset]
+        slope, intercept = _modality_lut(sources, modality, index)
         frames.append(
             Frame(
                 pixels=pixels[number],
+                slope=slope,
+                intercept=intercept,
                 spacing=_spacing(sources, index),
                 position=_vector(sources, PLANE_POSITION, IMAGE_POSITION_PATIENT, 3, index),
                 orientation=_vector(
@@ -65,6 +82,21 @@ def frames_of(dataset: Dataset, pixels: np.ndarray, index: int) -> tuple[Frame, 
             )
         )
     return tuple(frames)
+
+
+def _modality_lut(sources: list[Dataset], modality: str, index: int) -> tuple[float, float]:
+    """(slope, intercept) of one frame; identity where an MR image carries none."""
+    values = []
+    for tag, fallback in ((RESCALE_SLOPE, 1.0), (RESCALE_INTERCEPT, 0.0)):
+        value = _lookup(sources, PIXEL_VALUE_TRANSFORMATION, tag, index)
+        if value is None and modality == "CT":
+            raise AttributeProblem(
+                tag, "is missing; CT needs it to give Hounsfield units", instance=index
+            )
+        values.append(fallback if not value else value[0])
+    if values[0] == 0:
+        raise AttributeProblem(RESCALE_SLOPE, "is zero", instance=index)
+    return values[0], values[1]
 
 
 def _first_item(dataset: Dataset, tag: int) -> Dataset | None:

@@ -106,16 +106,16 @@ class StudyPreparer:
         """One frame -> (matrix, matrix) float32 in [0, 1], written into `out` if given."""
         grid = self.grid_for(image, roi)
         resampled = resample(image.frame.pixels, grid, out)
-        source = image.instance
+        source, frame = image.instance, image.frame
         if isinstance(self.spec.intensity, CTWindow):
-            window_ct(resampled, source.slope, source.intercept, self.spec.intensity)
+            window_ct(resampled, frame.slope, frame.intercept, self.spec.intensity)
         else:
             inside = (
                 None
                 if grid.rows.all_inside and grid.columns.all_inside
                 else (grid.rows.inside[:, None] & grid.columns.inside[None, :])
             )
-            inverted = source.inverted != (source.slope < 0)
+            inverted = source.inverted != (frame.slope < 0)
             scale_mr(
                 resampled, inside, self.spec.intensity, inverted=inverted, instance=source.index
             )

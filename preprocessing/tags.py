@@ -33,9 +33,11 @@ PIXEL_DATA = _tag("PixelData")
 FLOAT_PIXEL_DATA = _tag("FloatPixelData")
 DOUBLE_FLOAT_PIXEL_DATA = _tag("DoubleFloatPixelData")
 
-# Modality LUT
+# Modality LUT: top level, or the enhanced objects' Pixel Value Transformation macro
 RESCALE_INTERCEPT = _tag("RescaleIntercept")
 RESCALE_SLOPE = _tag("RescaleSlope")
+MODALITY_LUT_SEQUENCE = _tag("ModalityLUTSequence")
+PIXEL_VALUE_TRANSFORMATION = _tag("PixelValueTransformationSequence")
 
 # Geometry, top level and in the enhanced objects' functional groups
 PIXEL_SPACING = _tag("PixelSpacing")

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import free_port
 from abdoserve.loadtests.phantom import TASK_NAMES, build_study, write_study
+from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving.answer import UNTRAINED_NOTICE
 from abdoserve_client.aio import AsyncAbdoServeClient
@@ -184,3 +185,16 @@ def test_cli_end_to_end(
     # a flag overrides request.json, and the server's refusal reaches stderr with exit code 2
     assert main(["infer", "liver_fibrosis_ct", str(folder), "--url", grpc_url, "--sex", "X"]) == 2
     assert "'sex'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("per_frame_lut", [False, True])
+def test_an_enhanced_ct_study_is_answered_as_its_single_frame_equivalent(
+    client: AbdoServeClient, per_frame_lut: bool
+) -> None:
+    study = build_study("bone_density_ct", seed=SEED)
+    enhanced = enhanced_multiframe(study.instances, per_frame_lut=per_frame_lut)
+    single = client.bone_density_ct(study.instances)
+    multi = client.bone_density_ct([enhanced])
+    assert np.isfinite(multi.bmd)
+    np.testing.assert_allclose(multi.study_values, single.study_values, rtol=1e-6)
+    assert len(multi.images) == len(single.images) == len(study.instances)

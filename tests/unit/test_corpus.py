@@ -116,7 +116,7 @@ def test_mr_small_variants_equal_the_uncompressed_file() -> None:
 def test_ct_small_gives_hounsfield_units() -> None:
     decoded = decode_file("CT_small.dcm")
     ds = pydicom.dcmread(FOLDER / "CT_small.dcm")
-    assert (decoded.slope, decoded.intercept) == (
+    assert (decoded.frames[0].slope, decoded.frames[0].intercept) == (
         float(ds.RescaleSlope),
         float(ds.RescaleIntercept),
     )

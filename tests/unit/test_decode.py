@@ -55,8 +55,10 @@ def test_decoded_frames_give_the_truth_hu_at_every_region(
     checked = 0
     for index, data in enumerate(study.instances):
         decoded = decode_instance(data, index, IntakeLimits())
-        assert decoded.intercept == (0.0 if form == "signed" else -1024.0)
-        hu = hounsfield(decoded.frames[0].pixels, decoded.slope, decoded.intercept)
+        assert decoded.frames[0].intercept == (0.0 if form == "signed" else -1024.0)
+        hu = hounsfield(
+            decoded.frames[0].pixels, decoded.frames[0].slope, decoded.frames[0].intercept
+        )
         for name, region in regions(study, index).items():
             r, c, h = region["row"], region["col"], region["patch_radius"]
             patch = hu[r - h : r + h + 1, c - h : c + h + 1]

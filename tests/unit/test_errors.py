@@ -470,6 +470,7 @@ PINNED_REASONS = {
     "ClinicalInputError": "clinical_input",
     "InputTooLargeError": "input_too_large",
     "FlatImageError": "flat_image",
+    "ModalityLutError": "modality_lut",
     "MissingInputError": "missing_input",
 }
 
