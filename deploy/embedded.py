@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from abdoserve.deploy.model_control import ADMIN_HEADER
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = PROJECT_ROOT / "build"
 STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -57,6 +59,13 @@ class ServerOptions:
     log_verbose: int = 0
     startup_timeout_s: float = 300.0
     extra_args: tuple[str, ...] = ()
+    # With an admin key: explicit model control, the model-repository API restricted
+    # to requests carrying it (the supervisor reloads models through it).
+    admin_key: str | None = None
+    # The Python backend's /dev/shm region names start with this: one server's regions
+    # (and orphaned stubs) can be found and removed after a crash.
+    shm_region_prefix: str | None = None
+    exit_timeout_s: int = 30  # Triton waits this long for in-flight requests on exit
 
 
 def triton_home() -> Path:
@@ -163,8 +172,27 @@ class EmbeddedServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={options.log_verbose}",
+            f"--exit-timeout-secs={options.exit_timeout_s}",
+            *self.control_args(),
             *options.extra_args,
         ]
+
+    def control_args(self) -> list[str]:
+        options = self.options
+        args = []
+        if options.admin_key is not None:
+            restricted = f"model-repository:{ADMIN_HEADER}={options.admin_key}"
+            args += [
+                "--model-control-mode=explicit",
+                "--load-model=*",
+                f"--http-restricted-api={restricted}",
+                f"--grpc-restricted-protocol={restricted}",
+            ]
+        if options.shm_region_prefix is not None:
+            args.append(
+                f"--backend-config=python,shm-region-prefix-name={options.shm_region_prefix}"
+            )
+        return args
 
     def start(self) -> EmbeddedServer:
         options = self.options

@@ -1,16 +1,21 @@
-"""`abdoserve serve`: build the model repository if needed, start the embedded Triton server,
-print its endpoints, and run until Ctrl-C (or SIGTERM), then shut down cleanly."""
+"""`abdoserve serve`: build the model repository if needed, start the embedded Triton server
+under the supervisor (which reloads a model whose stub died and restarts a server that
+exited), print its endpoints, and run until Ctrl-C (or SIGTERM), then shut down cleanly."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
 
-from abdoserve.deploy.embedded import BUILD_DIR, EmbeddedServer, Ports, ServerError, ServerOptions
+from abdoserve.deploy.embedded import BUILD_DIR, Ports, ServerError, ServerOptions
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
+
+ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
 
 DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
@@ -28,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument(
         "--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)"
+    )
+    parser.add_argument(
+        "--supervisor-port",
+        type=int,
+        default=8003,
+        help="the supervisor's /health/ready, /health/live and /metrics (default 8003)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help=f"the admin key for the restricted model-repository API (else ${ADMIN_KEY_VARIABLE}, "
+        "else a random key per launch)",
     )
     parser.add_argument(
         "--log-file",
@@ -51,21 +68,34 @@ def run(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
     )
-    server = EmbeddedServer(options)
+    supervision = SupervisorOptions(
+        health_host=args.host, health_port=args.supervisor_port, admin_key=admin_key(args)
+    )
+    supervisor = Supervisor(options, supervision)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
     try:
-        server.start()
-    except ServerError as error:
+        supervisor.start()
+    except (ServerError, OSError) as error:
         print(f"error: {error}")
+        supervisor.stop()
         return 1
-    announce(server)
-    stop = wait_for_signal(server)
-    code = server.stop()
+    announce(supervisor)
+    stop = wait_for_signal()
+    code = supervisor.stop()
     print(f"tritonserver stopped ({stop}, exit code {code})")
     return 0
 
 
-def announce(server: EmbeddedServer) -> None:
+def admin_key(args: argparse.Namespace) -> str | None:
+    """From --admin-key-file, else the environment; None: the supervisor makes one."""
+    if args.admin_key_file is not None:
+        return str(args.admin_key_file.read_text().strip())
+    return os.environ.get(ADMIN_KEY_VARIABLE) or None
+
+
+def announce(supervisor: Supervisor) -> None:
+    server = supervisor.server
+    assert server is not None
     host, ports = server.options.host, server.ports
     names = sorted(
         name
@@ -78,14 +108,18 @@ def announce(server: EmbeddedServer) -> None:
     )
     print(f"  HTTP     http://{host}:{ports.http}/v2/health/ready")
     print(f"  metrics  http://{host}:{ports.metrics}/metrics")
+    if supervisor.supervision.health_port is not None:
+        health = f"http://{host}:{supervisor.supervision.health_port}"
+        print(f"  health   {health}/health/ready   (supervisor: {health}/metrics)")
     print(f"  log      {server.options.log_file}")
     print("Ctrl-C stops the server.", flush=True)
 
 
-def wait_for_signal(server: EmbeddedServer) -> str:
-    """Block until SIGINT/SIGTERM arrives or the server dies; say which."""
+def wait_for_signal() -> str:
+    """Block until SIGINT or SIGTERM arrives; say which. The supervisor keeps the
+    server running meanwhile (it restarts one that exits)."""
     stopped = threading.Event()
-    reason = {"why": "server exited"}
+    reason = {"why": ""}
 
     def handle(number: int, _frame: FrameType | None) -> None:
         reason["why"] = signal.Signals(number).name
@@ -93,7 +127,5 @@ def wait_for_signal(server: EmbeddedServer) -> str:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    while not stopped.wait(1.0):
-        if server.process is None or server.process.poll() is not None:
-            break
+    stopped.wait()
     return reason["why"]

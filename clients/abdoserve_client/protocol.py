@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from abdoserve_client.errors import (
+    AbdoServeError,
     InvalidRequestError,
     ResponseError,
     ServerUnavailableError,
@@ -35,9 +36,25 @@ class _Response(Protocol):
     def as_numpy(self, name: str) -> np.ndarray | None: ...
 
 
+# INTERNAL errors that mean "this server process failed", not "this request is bad":
+# a Python-backend stub died or stalled under it. The server's supervisor reloads the
+# model within seconds, and inference is idempotent, so these are retried too.
+TRANSIENT_INTERNAL = ("is not healthy", "Failed to obtain the health mutex")
+
+
+def is_transient(failure: AbdoServeError) -> bool:
+    """UNAVAILABLE, or an INTERNAL error from a failed server process."""
+    if failure.code == ServerUnavailableError.code:
+        return True
+    return failure.code == "INTERNAL" and any(
+        marker in failure.message for marker in TRANSIENT_INTERNAL
+    )
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry only UNAVAILABLE, `retries` times, doubling the wait (inference is idempotent)."""
+    """Retry transient failures (`is_transient`), `retries` times, doubling the wait
+    (inference is idempotent); every other error is raised at once."""
 
     retries: int = 3
     backoff_s: float = 0.2
@@ -50,14 +67,20 @@ class RetryPolicy:
         """Seconds to wait before retrying after failed attempt `attempt` (from 0), or raise
         the typed error with `error` as its cause."""
         failure = from_triton(error)
-        if failure.code != ServerUnavailableError.code:
+        if not is_transient(failure):
             raise failure from error
         if attempt < self.retries:
             delay = self.backoff_s * 2.0**attempt
-            log.debug("%s unavailable (attempt %d); retrying in %.2f s", target, attempt + 1, delay)
+            log.debug(
+                "%s: %s (attempt %d); retrying in %.2f s", target, failure.code, attempt + 1, delay
+            )
             return delay
-        raise ServerUnavailableError(
-            f"{target} unavailable after {attempt + 1} attempts: {failure.message}"
+        if failure.code == ServerUnavailableError.code:
+            raise ServerUnavailableError(
+                f"{target} unavailable after {attempt + 1} attempts: {failure.message}"
+            ) from error
+        raise type(failure)(
+            f"{target} failed after {attempt + 1} attempts: {failure.message}", failure.code
         ) from error
 
 

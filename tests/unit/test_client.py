@@ -177,14 +177,15 @@ def triton_error(code: str, message: str = "boom") -> InferenceServerException:
 class FakeTriton:
     """Stands in for tritonclient's InferenceServerClient: fails `failures` times first."""
 
-    def __init__(self, failures: list[str]) -> None:
+    def __init__(self, failures: list[str], message: str = "boom") -> None:
         self.failures = list(failures)
+        self.message = message
         self.calls = 0
 
     def _respond(self, value: Any) -> Any:
         self.calls += 1
         if self.failures:
-            raise triton_error(self.failures.pop(0))
+            raise triton_error(self.failures.pop(0), self.message)
         return value
 
     def get_model_config(self, task: str, client_timeout: float) -> Any:
@@ -218,6 +219,29 @@ def test_unavailable_raises_after_the_configured_retries() -> None:
     assert fake.calls == 4 and sleeps == pytest.approx([0.1, 0.2, 0.4])
     assert isinstance(raised.value.__cause__, InferenceServerException)
     assert raised.value.code == "UNAVAILABLE"
+
+
+STUB_DIED = (
+    "in ensemble 'bone_density_ct', Stub process 'bone_density_ct_preprocess_0_1' is not healthy."
+)
+
+
+def test_a_stub_that_failed_under_the_request_is_retried() -> None:
+    sleeps: list[float] = []
+    fake = FakeTriton(["INTERNAL", "INTERNAL"], message=STUB_DIED)
+    client = sync_client(fake, sleeps)
+    assert client._call("config", lambda: fake.get_model_config("t", 1.0)) == "config"
+    assert fake.calls == 3 and sleeps == pytest.approx([0.1, 0.2])
+
+
+def test_a_stub_failure_that_outlasts_the_retries_keeps_its_code_and_cause() -> None:
+    sleeps: list[float] = []
+    fake = FakeTriton(["INTERNAL"] * 10, message=STUB_DIED)
+    client = sync_client(fake, sleeps, retries=2)
+    with pytest.raises(AbdoServeError, match=r"failed after 3 attempts.*is not healthy") as raised:
+        client.task_info("t")
+    assert raised.value.code == "INTERNAL" and fake.calls == 3
+    assert isinstance(raised.value.__cause__, InferenceServerException)
 
 
 @pytest.mark.parametrize(

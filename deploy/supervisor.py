@@ -1,0 +1,224 @@
+"""`abdoserve serve`'s supervisor: keeps the embedded Triton server whole.
+
+Triton 2.51 heals none of these itself; the supervisor does, with Triton's own means:
+
+- a stub that died (a zombie of tritonserver): its model is reloaded in place through
+  the restricted model-repository API (explicit model control); Triton loads the new
+  instances beside the old ones and swaps them when ready;
+- a stub that is stopped: killed at once, then reloaded. Once Triton's 1 s heartbeat
+  has given up on it, a stub that resumes writes into freed shared memory and crashes
+  the whole server (see docs/architecture.md), so it must never resume;
+- a `tritonserver` that exited: its orphaned stubs are killed, its /dev/shm regions
+  (all named with this launch's prefix) removed, and it is started again.
+
+While a model is being reloaded or the server restarted, `/health/ready` on the
+supervisor's port answers 503; `/metrics` there counts restarts and reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from abdoserve.deploy import stubs
+from abdoserve.deploy.embedded import EmbeddedServer, ServerError, ServerOptions
+from abdoserve.deploy.health import HealthServer
+from abdoserve.deploy.model_control import ModelControl, ModelControlError
+from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
+
+log = logging.getLogger(__name__)
+REGION_PREFIX = "abdoserve_shm_"
+
+
+@dataclass(frozen=True)
+class SupervisorOptions:
+    health_host: str = "127.0.0.1"
+    health_port: int | None = 8003  # None: no health/metrics endpoint
+    interval_s: float = 0.25  # how often the stub table is read
+    admin_key: str | None = None  # None: a fresh random key per launch
+    stop_timeout_s: float = 15.0
+    # After a reload the old instances finish what they hold, then their stubs are
+    # killed: Triton 2.51 keeps a model version with a dead instance until shutdown.
+    drain_s: float = 10.0
+
+
+class Supervisor:
+    """Starts, watches and stops one embedded server; use as a context manager."""
+
+    def __init__(self, options: ServerOptions, supervision: SupervisorOptions) -> None:
+        self.supervision = supervision
+        self.admin_key = supervision.admin_key or secrets.token_urlsafe(32)
+        self.base_options = options
+        self.metrics = SupervisorMetrics()
+        self.server: EmbeddedServer | None = None
+        self.control: ModelControl | None = None
+        self.generation = 0
+        self.known: dict[int, stubs.Stub] = {}
+        self.retired: dict[int, float] = {}  # stubs of replaced instances -> when retired
+        self.degraded: set[str] = set()
+        self.restarting = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._health: HealthServer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Supervisor:
+        self._launch()
+        if self.supervision.health_port is not None:
+            self._health = HealthServer(
+                self.supervision.health_host,
+                self.supervision.health_port,
+                ready=self.is_ready,
+                metrics=self.metrics,
+            ).start()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int | None:
+        """Stop watching, stop the server (SIGINT, SIGKILL after the timeout), clean up."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            code = self._stop_server()
+        if self._health is not None:
+            self._health.stop()
+        return code
+
+    def __enter__(self) -> Supervisor:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def region_prefix(self) -> str:
+        return f"{REGION_PREFIX}{os.getpid()}_{self.generation}_"
+
+    def _launch(self) -> None:
+        options = replace(
+            self.base_options, admin_key=self.admin_key, shm_region_prefix=self.region_prefix
+        )
+        self.server = EmbeddedServer(options).start()
+        self.control = ModelControl(self.server.url(""), self.admin_key)
+        self.known = {}
+        self.retired = {}
+        self.degraded = set()
+        self.metrics.server_up.set(1)
+
+    def _stop_server(self) -> int | None:
+        server, self.server = self.server, None
+        code = None if server is None else server.stop(self.supervision.stop_timeout_s)
+        self._clean_up(self.region_prefix)
+        self.metrics.server_up.set(0)
+        return code
+
+    def _clean_up(self, prefix: str) -> None:
+        """Kill stubs and remove regions a server with `prefix` left behind."""
+        orphans = [pid for pid in stubs.orphaned_stubs(prefix) if stubs.kill(pid)]
+        removed = stubs.remove_regions(prefix)
+        self.metrics.orphans_killed.inc(len(orphans))
+        self.metrics.regions_removed.inc(removed)
+        if orphans or removed:
+            log.warning("cleaned up %d orphaned stubs, %d shm regions", len(orphans), removed)
+
+    # -- watching ------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """Ready: the server answers ready and no model is degraded or restarting."""
+        server = self.server
+        if server is None or self.restarting or self.degraded:
+            return False
+        return server.is_ready()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.supervision.interval_s):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.check_once()
+                except (ServerError, ModelControlError, OSError) as error:
+                    log.error("supervisor check failed: %s", error)
+
+    def check_once(self) -> None:
+        server = self.server
+        if server is None or server.process is None:
+            return
+        if server.process.poll() is not None:
+            self._restart(server.process.returncode)
+            return
+        failed = self._failed_models(server.process.pid)
+        self.degraded |= failed
+        for model in sorted(self.degraded):
+            self._reload(model)
+        self._end_drained()
+
+    def _failed_models(self, server_pid: int) -> set[str]:
+        """Models with a stub that died or stopped since the last look; stopped ones are
+        killed here, before they can resume."""
+        current = stubs.stubs_of(server_pid)
+        self.known.update({pid: stub for pid, stub in current.items() if pid not in self.retired})
+        failed: set[str] = set()
+        for pid, stub in list(self.known.items()):
+            state = stubs.process_state(pid)
+            if state is None or state in stubs.DEAD_STATES:
+                kind = "dead"
+            elif state in stubs.STOPPED_STATES:
+                kind = "stopped"
+                stubs.kill(pid)
+            else:
+                continue
+            log.warning("stub of %s (%s, pid %d) %s", stub.model, stub.instance, pid, kind)
+            self.metrics.stub_failures.labels(model=stub.model, kind=kind).inc()
+            failed.add(stub.model)
+            del self.known[pid]
+        return failed
+
+    def _reload(self, model: str) -> None:
+        assert self.control is not None
+        # The old instances' stubs are retired: their exit is not a failure.
+        now = time.monotonic()
+        for pid, stub in list(self.known.items()):
+            if stub.model == model:
+                self.retired[pid] = now
+                del self.known[pid]
+        self.metrics.degraded.set(len(self.degraded))
+        self.control.reload(model)
+        self.degraded.discard(model)
+        self.metrics.degraded.set(len(self.degraded))
+        self.metrics.model_reloads.labels(model=model).inc()
+        log.warning("reloaded %s", model)
+
+    def _end_drained(self) -> None:
+        """Kill retired stubs that outlived the drain time (their memory comes back)."""
+        now = time.monotonic()
+        for pid, since in list(self.retired.items()):
+            state = stubs.process_state(pid)
+            if state is None:
+                del self.retired[pid]
+            elif state not in stubs.DEAD_STATES and now - since > self.supervision.drain_s:
+                stubs.kill(pid)
+                log.info("killed the drained stub %d of a replaced model instance", pid)
+
+    def _restart(self, code: int | None) -> None:
+        log.error("tritonserver exited (code %s); restarting it", code)
+        self.restarting = True
+        self.metrics.server_up.set(0)
+        old_prefix = self.region_prefix
+        if self.server is not None:
+            self.server.stop()
+        self._clean_up(old_prefix)
+        self.generation += 1
+        try:
+            self._launch()
+        finally:
+            self.restarting = False
+        self.metrics.server_restarts.inc()

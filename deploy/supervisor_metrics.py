@@ -1,0 +1,54 @@
+"""The supervisor's own Prometheus families (prometheus-client: a process we own).
+
+Served on the supervisor's port next to its health endpoints, scraped as the
+`abdoserve-supervisor` job; alerts in deploy/prometheus/rules/abdoserve-alerts.yml.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class SupervisorMetrics:
+    """Restarts, reloads and clean-ups, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.server_restarts = Counter(
+            "abdoserve_supervisor_server_restarts",
+            "tritonserver processes restarted after they exited unexpectedly",
+            registry=registry,
+        )
+        self.model_reloads = Counter(
+            "abdoserve_supervisor_model_reloads",
+            "Models reloaded in place because one of their stubs died or stopped",
+            ["model"],
+            registry=registry,
+        )
+        self.stub_failures = Counter(
+            "abdoserve_supervisor_stub_failures",
+            "Python-backend stubs found dead or stopped (stopped ones are killed)",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.orphans_killed = Counter(
+            "abdoserve_supervisor_orphaned_stubs_killed",
+            "Stubs of an exited tritonserver killed by the supervisor",
+            registry=registry,
+        )
+        self.regions_removed = Counter(
+            "abdoserve_supervisor_shm_regions_removed",
+            "Stale /dev/shm regions of an exited tritonserver removed",
+            registry=registry,
+        )
+        self.degraded = Gauge(
+            "abdoserve_supervisor_degraded_models",
+            "Models with a failed stub, not yet reloaded",
+            registry=registry,
+        )
+        self.server_up = Gauge(
+            "abdoserve_supervisor_server_up",
+            "1 while the supervised tritonserver runs",
+            registry=registry,
+        )

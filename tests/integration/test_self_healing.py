@@ -1,0 +1,256 @@
+"""The supervisor under fire: a killed stub, a stopped stub, a killed server, a stop with a
+dead stub. Real processes and signals on a real (one-task) server, real client traffic."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abdoserve.deploy import stubs
+from abdoserve.deploy.embedded import ServerOptions, free_port, free_ports
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
+from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.phantom import build_study
+from abdoserve_client import AbdoServeClient
+from abdoserve_client.errors import AbdoServeError
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TASK = "bone_density_ct"
+PREPROCESS = f"{TASK}_preprocess"
+WAIT_S = 120.0  # upper bound of every wait below, so a broken build fails instead of hanging
+EXPECTED_STUBS = {
+    PREPROCESS: Tuning().preprocess_instances,
+    f"{TASK}_net": Tuning().net_instances,
+    f"{TASK}_postprocess": Tuning().postprocess_instances,
+}
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from abdoserve.export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("one-task") / "model_repository"
+    build_repository(out, (TASK,))
+    return out
+
+
+@pytest.fixture
+def supervisor(small_repository: Path, tmp_path: Path) -> Iterator[Supervisor]:
+    options = ServerOptions(
+        repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
+    )
+    with Supervisor(options, SupervisorOptions(health_port=free_port())) as running:
+        yield running
+
+
+def grpc_url(supervisor: Supervisor) -> str:
+    assert supervisor.server is not None
+    return f"127.0.0.1:{supervisor.server.ports.grpc}"
+
+
+class Traffic:
+    """Client threads sending one study in a loop, with the client's default retries."""
+
+    def __init__(self, url: str, instances: tuple[bytes, ...], threads: int = 2) -> None:
+        self.url = url
+        self.instances = instances
+        self.answers: list[np.ndarray] = []
+        self.failures: list[AbdoServeError] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with AbdoServeClient(self.url, timeout_s=60) as client:
+            while not self._stop.is_set():
+                try:
+                    self.answers.append(client.bone_density_ct(self.instances).study_values)
+                except AbdoServeError as error:
+                    self.failures.append(error)
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        wait_until(lambda: len(self.answers) >= 4, "the first answers")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+class HealthProbe:
+    """Polls the supervisor's /health/ready and records every status it saw."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/health/ready"
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def status(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.statuses.append(self.status())
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def metric(supervisor: Supervisor, name: str, **labels: str) -> float:
+    value = supervisor.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def live_stubs(supervisor: Supervisor) -> dict[str, int]:
+    assert supervisor.server is not None and supervisor.server.process is not None
+    counts: dict[str, int] = {}
+    for stub in stubs.stubs_of(supervisor.server.process.pid).values():
+        if not stub.dead and not stub.stopped:
+            counts[stub.model] = counts.get(stub.model, 0) + 1
+    return counts
+
+
+def a_stub_of(supervisor: Supervisor, model: str) -> int:
+    assert supervisor.server is not None and supervisor.server.process is not None
+    found = stubs.stubs_of(supervisor.server.process.pid).values()
+    return next(stub.pid for stub in found if stub.model == model)
+
+
+def assert_whole(supervisor: Supervisor, reference: np.ndarray) -> None:
+    wait_until(lambda: live_stubs(supervisor) == EXPECTED_STUBS, "the stub table to settle")
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=60, retries=0) as client:
+        for _ in range(6):  # every instance of every model answers again
+            values = client.bone_density_ct(build_study(TASK, seed=5).instances).study_values
+            np.testing.assert_allclose(values, reference, rtol=1e-6)
+
+
+def test_a_killed_stub_is_reloaded_under_traffic_and_no_call_fails(
+    supervisor: Supervisor,
+) -> None:
+    study = build_study(TASK, seed=5)
+    server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
+    assert supervisor.supervision.health_port is not None
+    with (
+        HealthProbe(supervisor.supervision.health_port) as probe,
+        Traffic(grpc_url(supervisor), study.instances) as traffic,
+    ):
+        reference = traffic.answers[0]
+        os.kill(a_stub_of(supervisor, PREPROCESS), signal.SIGKILL)
+        wait_until(
+            lambda: (
+                metric(supervisor, "abdoserve_supervisor_model_reloads_total", model=PREPROCESS)
+                == 1
+            ),
+            "the reload",
+        )
+        served_before = len(traffic.answers)
+        wait_until(lambda: len(traffic.answers) >= served_before + 20, "answers after the reload")
+        wait_until(lambda: probe.status() == 200, "ready again")
+    assert traffic.failures == []
+    for values in traffic.answers:
+        np.testing.assert_allclose(values, reference, rtol=1e-6)
+    assert 503 in probe.statuses, "health never turned red while the model was degraded"
+    assert probe.statuses[0] == 200 and probe.statuses[-1] == 200
+    assert (
+        metric(
+            supervisor, "abdoserve_supervisor_stub_failures_total", model=PREPROCESS, kind="dead"
+        )
+        == 1
+    )
+    assert supervisor.server.process.pid == server_pid  # type: ignore[union-attr]
+    assert_whole(supervisor, reference)
+
+
+def test_a_stopped_stub_is_killed_before_it_can_resume_and_crash_the_server(
+    supervisor: Supervisor,
+) -> None:
+    study = build_study(TASK, seed=5)
+    server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
+    with Traffic(grpc_url(supervisor), study.instances) as traffic:
+        reference = traffic.answers[0]
+        victim = a_stub_of(supervisor, f"{TASK}_net")
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(10)  # the stall the hostile test used; the supervisor acts long before
+        with contextlib.suppress(ProcessLookupError):  # killed and reaped: cannot resume
+            os.kill(victim, signal.SIGCONT)
+        served_before = len(traffic.answers)
+        wait_until(lambda: len(traffic.answers) >= served_before + 20, "answers after the stall")
+    assert traffic.failures == []
+    assert supervisor.server.process.poll() is None  # type: ignore[union-attr]
+    assert supervisor.server.process.pid == server_pid  # type: ignore[union-attr]
+    assert stubs.process_state(victim) in (None, "Z")
+    kind = {"model": f"{TASK}_net", "kind": "stopped"}
+    assert metric(supervisor, "abdoserve_supervisor_stub_failures_total", **kind) == 1
+    assert metric(supervisor, "abdoserve_supervisor_server_restarts_total") == 0
+    assert_whole(supervisor, reference)
+
+
+def test_a_killed_server_is_restarted_and_leaves_no_stub_or_region_behind(
+    supervisor: Supervisor,
+) -> None:
+    study = build_study(TASK, seed=5)
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=60) as client:
+        reference = client.bone_density_ct(study.instances).study_values
+    server = supervisor.server
+    assert server is not None and server.process is not None
+    old_prefix, old_pid = supervisor.region_prefix, server.process.pid
+    old_stubs = list(stubs.stubs_of(old_pid))
+    assert old_stubs and stubs.stale_regions(old_prefix)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(
+        lambda: metric(supervisor, "abdoserve_supervisor_server_restarts_total") == 1,
+        "the restart",
+    )
+    wait_until(supervisor.is_ready, "the restarted server")
+    assert supervisor.server is not None and supervisor.server.process is not None
+    assert supervisor.server.process.pid != old_pid
+    assert all(stubs.process_state(pid) is None for pid in old_stubs), "orphaned stubs live on"
+    assert stubs.stale_regions(old_prefix) == []
+    assert supervisor.region_prefix != old_prefix
+    assert_whole(supervisor, reference)
+
+
+def test_stop_is_graceful_with_a_dead_stub_and_leaves_nothing_behind(
+    small_repository: Path, tmp_path: Path
+) -> None:
+    options = ServerOptions(
+        repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
+    )
+    supervisor = Supervisor(options, SupervisorOptions(health_port=None)).start()
+    prefix = supervisor.region_prefix
+    os.kill(a_stub_of(supervisor, PREPROCESS), signal.SIGKILL)
+    code = supervisor.stop()
+    assert code == 0, "tritonserver did not exit by itself (SIGKILL after the timeout)"
+    assert stubs.stale_regions(prefix) == []
+    assert stubs.orphaned_stubs(prefix) == []
