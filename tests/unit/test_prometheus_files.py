@@ -21,6 +21,7 @@ from abdoserve.deploy.prometheus_server import (
     PrometheusServer,
     render_config,
 )
+from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.metrics import IntakeMetrics
 
@@ -80,6 +81,8 @@ def our_metrics() -> set[str]:
     for name, kind in FakeMetricFamily.declared.items():
         suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
         names.update(name + suffix for suffix in suffixes)
+    for family in SupervisorMetrics().registry.collect():  # the supervisor's families
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
     return names
 
 
