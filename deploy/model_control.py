@@ -65,6 +65,11 @@ class ModelControl:
             {"parameters": {"config": json.dumps(config)}},
         )
 
+    def model_names(self) -> list[str]:
+        """Every model in the repository index (a restricted model-repository call)."""
+        index = json.loads(self._request("/v2/repository/index", {}))
+        return [str(item["name"]) for item in index]
+
     def is_ready(self, model: str) -> bool:
         try:
             self._request(f"/v2/models/{model}/ready")

@@ -75,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
     try:
         supervisor.start()
+        announce(supervisor)
+        stop = wait_for_signal()
     except (ServerError, OSError) as error:
         print(f"error: {error}")
-        supervisor.stop()
         return 1
-    announce(supervisor)
-    stop = wait_for_signal()
-    code = supervisor.stop()
+    finally:  # whatever happened: no server, stub or shm region outlives the command
+        code = supervisor.stop()
     print(f"tritonserver stopped ({stop}, exit code {code})")
     return 0
 
@@ -94,12 +94,12 @@ def admin_key(args: argparse.Namespace) -> str | None:
 
 
 def announce(supervisor: Supervisor) -> None:
-    server = supervisor.server
-    assert server is not None
+    server, control = supervisor.server, supervisor.control
+    assert server is not None and control is not None
     host, ports = server.options.host, server.ports
     names = sorted(
         name
-        for name in server.model_names()
+        for name in control.model_names()
         if "_" not in name or not name.endswith(("_preprocess", "_net", "_postprocess"))
     )
     print(f"AbdoServe ready: {len(names)} tasks: {', '.join(names)}")
