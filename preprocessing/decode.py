@@ -28,6 +28,8 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from abdoserve.preprocessing import header
+from abdoserve.preprocessing.codestream import FrameHeader, check_codestreams
+from abdoserve.preprocessing.deflate import inflate_to_explicit, is_deflated
 from abdoserve.preprocessing.errors import (
     AttributeProblem,
     InputTooLargeError,
@@ -37,6 +39,7 @@ from abdoserve.preprocessing.errors import (
     UnsupportedObjectError,
 )
 from abdoserve.preprocessing.frames import Frame, frames_of
+from abdoserve.preprocessing.nesting import check_sequence_depth, nested_too_deep
 from abdoserve.preprocessing.pixel_data import (
     PixelSpan,
     decoded_pixels,
@@ -99,11 +102,18 @@ def decode_instance(
             f"{len(data)} bytes exceed the limit of {limits.max_bytes_per_instance} per instance",
             instance=index,
         )
-    parsed = parse_dataset(data, index)
+    if is_deflated(data):
+        data = inflate_to_explicit(data, index, limits.max_bytes_per_instance)
+    try:
+        parsed = parse_dataset(data, index)
+    except RecursionError as error:  # pydicom reads nested sequences recursively
+        raise nested_too_deep(limits, index) from error
     dataset = parsed.dataset
+    check_sequence_depth(dataset, limits.max_sequence_depth, index)
     check_is_image(parsed, index)
     check_pixel_budget(dataset, index, limits)
     modality = (header.text(dataset, MODALITY) or "").upper()
+    check_compressed_frames(parsed, index)
     pixels = decode_pixels(data, parsed, index)
     return DecodedInstance(
         index=index,
@@ -208,6 +218,18 @@ def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> No
             f"limit of {limits.max_pixels_per_instance}",
             instance=index,
         )
+
+
+def check_compressed_frames(parsed: Parsed, index: int) -> None:
+    """Compressed frames' own headers must agree with the DICOM header (before decoding)."""
+    if parsed.span is not None or parsed.syntax is None or not parsed.syntax.is_encapsulated:
+        return
+    pixel_data = header.raw_bytes(parsed.dataset, PIXEL_DATA)
+    if pixel_data is None:
+        return
+    frames, rows, columns = frame_shape(parsed.dataset, index)
+    bits = header.unsigned(parsed.dataset, BITS_ALLOCATED, 0, index)
+    check_codestreams(pixel_data, frames, FrameHeader(rows, columns, bits, 1), index)
 
 
 def decode_pixels(data: bytes, parsed: Parsed, index: int) -> np.ndarray:

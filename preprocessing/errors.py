@@ -115,6 +115,18 @@ class InputTooLargeError(IntakeError):
     reason = "input_too_large"
 
 
+class NestingTooDeepError(IntakeError):
+    """Sequences (or CLINICAL's JSON) nested deeper than the spec's limit."""
+
+    reason = "nesting_too_deep"
+
+
+class CodestreamMismatchError(IntakeError):
+    """A compressed frame's own header disagrees with Rows, Columns or Bits Allocated."""
+
+    reason = "codestream_mismatch"
+
+
 class ModalityLutError(IntakeError):
     """A Modality LUT Sequence: a lookup table in place of Rescale Slope and Intercept."""
 

@@ -232,14 +232,35 @@ class Output:
 class IntakeLimits:
     """Sizes refused before any pixel data is decoded."""
 
-    max_bytes_per_instance: int = 64 * 1024 * 1024
+    max_bytes_per_instance: int = 64 * 1024 * 1024  # also bounds a deflated body, inflated
     max_pixels_per_instance: int = 4096 * 4096
     max_instances_per_request: int = 256
+    max_bytes_per_request: int = 256 * 1024 * 1024  # all instances together
+    max_sequence_depth: int = 16  # DICOM sequences within sequences
+    max_clinical_bytes: int = 64 * 1024  # the CLINICAL JSON document
+    max_json_depth: int = 8  # arrays and objects within each other in CLINICAL
+    max_number_chars: int = 64  # one numeric literal in CLINICAL
 
     def __post_init__(self) -> None:
         _require_integers(
-            self, "max_bytes_per_instance", "max_pixels_per_instance", "max_instances_per_request"
+            self,
+            "max_bytes_per_instance",
+            "max_pixels_per_instance",
+            "max_instances_per_request",
+            "max_bytes_per_request",
+            "max_sequence_depth",
+            "max_clinical_bytes",
+            "max_json_depth",
+            "max_number_chars",
         )
+        _require(
+            self.max_bytes_per_request >= self.max_bytes_per_instance,
+            "max_bytes_per_request below max_bytes_per_instance",
+        )
+        _require(self.max_sequence_depth >= 2, "max_sequence_depth below 2")
+        _require(self.max_json_depth >= 2, "max_json_depth below 2")
+        _require(self.max_number_chars >= 16, "max_number_chars below 16")
+        _require(self.max_clinical_bytes >= 1024, "max_clinical_bytes below 1 KiB")
         _require(self.max_bytes_per_instance >= 1024, "max_bytes_per_instance below 1 KiB")
         _require(self.max_pixels_per_instance >= 64 * 64, "max_pixels_per_instance below 64x64")
         _require(self.max_instances_per_request >= 1, "max_instances_per_request below 1")

@@ -63,6 +63,7 @@ class StudyPreparer:
     def __call__(self, instances: Sequence[bytes], clinical: Mapping[str, object]) -> PreparedStudy:
         spec = self.spec
         check_instance_count(spec, len(instances))
+        check_request_bytes(spec, instances)
         check_keys(spec, clinical)
         values = {
             item.name: clinical_value(item, clinical[item.name])
@@ -146,6 +147,17 @@ def check_instance_count(spec: TaskSpec, count: int) -> None:
         )
     if count == 0:
         raise InstanceCountError(f"{spec.name} needs at least one DICOM instance, got none")
+
+
+def check_request_bytes(spec: TaskSpec, instances: Sequence[bytes]) -> None:
+    """Refuse a request whose instances together exceed the limit, before decoding any."""
+    total = sum(len(item) for item in instances)
+    limit = spec.limits.max_bytes_per_request
+    if total > limit:
+        raise InputTooLargeError(
+            f"the request's {len(instances)} instances hold {total} bytes, over the limit of "
+            f"{limit} per request"
+        )
 
 
 def fallback_values(

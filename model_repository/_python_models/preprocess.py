@@ -14,6 +14,8 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from abdoserve.preprocessing.errors import ClinicalInputError
+from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
@@ -79,7 +81,10 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, "CLINICAL")
         if tensor is None:
             return {}
-        return glue.json_object(glue.single_study(tensor.as_numpy(), "CLINICAL"), "CLINICAL")
+        elements = glue.bytes_elements(glue.single_study(tensor.as_numpy(), "CLINICAL"))
+        if len(elements) != 1:
+            raise ClinicalInputError("input 'CLINICAL' must hold exactly one JSON object")
+        return load_clinical_json(elements[0], self.spec.limits)
 
     def finalize(self) -> None:
         self.prepare = None  # type: ignore[assignment]

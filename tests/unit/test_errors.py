@@ -471,6 +471,8 @@ PINNED_REASONS = {
     "InputTooLargeError": "input_too_large",
     "FlatImageError": "flat_image",
     "ModalityLutError": "modality_lut",
+    "NestingTooDeepError": "nesting_too_deep",
+    "CodestreamMismatchError": "codestream_mismatch",
     "MissingInputError": "missing_input",
 }
 

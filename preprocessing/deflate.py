@@ -1,0 +1,76 @@
+"""Deflated Explicit VR Little Endian, inflated with a bound before pydicom sees it.
+
+pydicom inflates a deflated dataset in one `zlib.decompress` call: a 1.3 MB file
+that inflates to 1 GiB took 14.6 s and 4.4 GB. Here the body is inflated in steps
+that stop one byte past the instance limit, and the result is handed on as the
+equivalent explicit VR little endian file, so every later step reads it as usual.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from abdoserve.preprocessing.errors import InputTooLargeError, TruncatedDicomError
+
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
+META_SCAN_BYTES = 4096  # the file meta group lies well within this
+CHUNK_BYTES = 1024 * 1024
+
+
+def is_deflated(data: bytes) -> bool:
+    """Cheap test: the deflated syntax's UID appears in the file meta group."""
+    return DEFLATED_UID in data[:META_SCAN_BYTES]
+
+
+def inflate_to_explicit(data: bytes, index: int, limit: int) -> bytes:
+    """The same instance, inflated and re-labelled explicit VR little endian; a body that
+    inflates past `limit` bytes is refused while inflating."""
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, force=True)
+        meta = _read_file_meta_info(stream)
+    except (EOFError, OSError, ValueError, KeyError, TypeError) as error:
+        raise TruncatedDicomError("the file meta group cannot be read", instance=index) from error
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return data
+    body = bounded_inflate(data[stream.tell() :], limit, index)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+    out.write(body)
+    return out.getvalue()
+
+
+def bounded_inflate(compressed: bytes, limit: int, index: int) -> bytes:
+    """Raw deflate (no zlib header) -> at most `limit` bytes, else InputTooLargeError."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    size = 0
+    pending = compressed
+    try:
+        while pending and not inflater.eof:
+            part = inflater.decompress(pending, CHUNK_BYTES)
+            pending = inflater.unconsumed_tail
+            size += len(part)
+            if size > limit:
+                raise InputTooLargeError(
+                    f"the deflated dataset inflates past the limit of {limit} bytes per instance",
+                    instance=index,
+                )
+            parts.append(part)
+        parts.append(inflater.flush())  # what the window still holds (at most 32 KiB)
+    except zlib.error as error:
+        raise TruncatedDicomError("the deflated dataset is corrupt", instance=index) from error
+    body = b"".join(parts)
+    if len(body) > limit:
+        raise InputTooLargeError(
+            f"the deflated dataset inflates past the limit of {limit} bytes per instance",
+            instance=index,
+        )
+    return body

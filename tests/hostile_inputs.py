@@ -1,0 +1,86 @@
+"""Hostile requests, built from real phantom files: bombs, lies and nesting.
+
+Each builder returns the bytes an attacker (or a broken sender) would send; the
+unit, fuzz and integration tests all use the same ones.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from functools import cache
+
+from pydicom import dcmread, uid
+from pydicom.filewriter import write_file_meta_info
+
+from abdoserve.loadtests.phantom import build_study
+
+PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
+SOC_SIZ = b"\xff\x4f\xff\x51"
+JPEG_LS_SOF = b"\xff\xf7"
+UNDEFINED = b"\xff\xff\xff\xff"
+NESTED_TAG = b"\x40\x00\x30\xa7"  # (0040,A730) Content Sequence
+
+
+def phantom_instance(
+    task: str = "bone_density_ct", syntax: str = "ExplicitVRLittleEndian"
+) -> bytes:
+    return build_study(task, seed=1, transfer_syntax=syntax).instances[0]
+
+
+def deep_sequence(levels: int) -> bytes:
+    """A real CT slice with `levels` undefined-length sequences nested before Pixel Data."""
+    data = phantom_instance()
+    opening = (NESTED_TAG + b"SQ\x00\x00" + UNDEFINED + b"\xfe\xff\x00\xe0" + UNDEFINED) * levels
+    closing = (b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00") * levels
+    at = data.rindex(PIXEL_DATA_LE + b"OW")
+    return data[:at] + opening + closing + data[at:]
+
+
+@cache
+def deflate_bomb(inflated_bytes: int = 1024**3) -> bytes:
+    """Deflated Explicit VR Little Endian whose body inflates to `inflated_bytes`: a real
+    header, then a private OB element of zeros (about 1 MB compressed per GiB)."""
+    source = dcmread(io.BytesIO(phantom_instance()))
+    del source.PixelData
+    body = io.BytesIO()
+    source.save_as(body, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    header = body.getvalue()
+    zeros = inflated_bytes - len(header) - 12
+    element = b"\x09\x00\x10\x10" + b"OB\x00\x00" + struct.pack("<I", zeros)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = b"\0" * (16 * 1024 * 1024)
+    parts = [compressor.compress(header + element)]
+    for start in range(0, zeros, len(chunk)):
+        parts.append(compressor.compress(chunk[: min(len(chunk), zeros - start)]))
+    parts.append(compressor.flush())
+    meta = io.BytesIO()
+    source.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, source.file_meta, enforce_standard=True)
+    return b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(parts)
+
+
+def j2k_size_lie(rows: int = 65535, columns: int = 65535) -> bytes:
+    """A JPEG 2000 slice whose header says 512 x 512 but whose SIZ marker says otherwise."""
+    data = bytearray(phantom_instance(syntax="JPEG2000Lossless"))
+    at = data.index(SOC_SIZ)
+    xosiz, yosiz = struct.unpack(">II", data[at + 16 : at + 24])
+    data[at + 8 : at + 16] = struct.pack(">II", columns + xosiz, rows + yosiz)
+    return bytes(data)
+
+
+def jpeg_ls_size_lie(rows: int = 65535, columns: int = 65535) -> bytes:
+    """A JPEG-LS slice whose SOF55 frame header claims another size than Rows x Columns."""
+    data = bytearray(phantom_instance(syntax="JPEGLSLossless"))
+    at = data.index(JPEG_LS_SOF)
+    data[at + 5 : at + 9] = struct.pack(">HH", rows, columns)
+    return bytes(data)
+
+
+def deep_json(levels: int) -> bytes:
+    return b'{"age": ' + b"[" * levels + b"1" + b"]" * levels + b"}"
+
+
+def long_number(digits: int) -> bytes:
+    return b'{"age": ' + b"1" * digits + b', "sex": "F"}'
