@@ -32,6 +32,7 @@ class Stub:
     model: str
     instance: str
     state: str
+    region: str = ""  # its shared-memory region's name in /dev/shm
 
     @property
     def dead(self) -> bool:
@@ -75,7 +76,9 @@ def read_stub(pid: int) -> Stub | None:
     if state is None:
         return None
     # <repository>/<model>/<version>/model.py
-    return Stub(pid, model_file.parent.parent.name, argv[8].decode(errors="replace"), state)
+    model = model_file.parent.parent.name
+    region = argv[2].decode(errors="replace")
+    return Stub(pid, model, argv[8].decode(errors="replace"), state, region)
 
 
 def stubs_of(server_pid: int) -> dict[int, Stub]:
@@ -91,6 +94,14 @@ def stubs_of(server_pid: int) -> dict[int, Stub]:
         if stub is not None:
             found[pid] = stub
     return found
+
+
+def region_bytes(stub: Stub, shm: Path = SHM) -> int:
+    """The current size of the stub's shared-memory region (it only ever grows)."""
+    try:
+        return (shm / stub.region).stat().st_size if stub.region else 0
+    except OSError:
+        return 0
 
 
 def kill(pid: int) -> bool:

@@ -44,6 +44,10 @@ class SupervisorOptions:
     # After a reload the old instances finish what they hold, then their stubs are
     # killed: Triton 2.51 keeps a model version with a dead instance until shutdown.
     drain_s: float = 10.0
+    # A model whose stubs' shared memory together outgrew this is reloaded in place,
+    # at most once per `trim_every_s`: the Python backend's regions never shrink.
+    trim_shm_bytes: int = 128 * 1024 * 1024
+    trim_every_s: float = 30.0
 
 
 class Supervisor:
@@ -60,6 +64,7 @@ class Supervisor:
         self.known: dict[int, stubs.Stub] = {}
         self.retired: dict[int, float] = {}  # stubs of replaced instances -> when retired
         self.degraded: set[str] = set()
+        self.trimmed_at: dict[str, float] = {}
         self.restarting = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -158,7 +163,8 @@ class Supervisor:
         failed = self._failed_models(server.process.pid)
         self.degraded |= failed
         for model in sorted(self.degraded):
-            self._reload(model)
+            self._reload(model, "stub_failed")
+        self._trim()
         self._end_drained()
 
     def _failed_models(self, server_pid: int) -> set[str]:
@@ -182,7 +188,21 @@ class Supervisor:
             del self.known[pid]
         return failed
 
-    def _reload(self, model: str) -> None:
+    def _trim(self) -> None:
+        """Reload a model whose stubs hold more shared memory than the bound (when idle
+        or not: the old instances drain), so that the memory returns to the system."""
+        usage: dict[str, int] = {}
+        for stub in self.known.values():
+            usage[stub.model] = usage.get(stub.model, 0) + stubs.region_bytes(stub)
+        now = time.monotonic()
+        for model, size in sorted(usage.items()):
+            recent = now - self.trimmed_at.get(model, -1e9) < self.supervision.trim_every_s
+            if size > self.supervision.trim_shm_bytes and not recent:
+                log.info("%s holds %d MiB of shared memory: reloading it", model, size >> 20)
+                self.trimmed_at[model] = now
+                self._reload(model, "memory")
+
+    def _reload(self, model: str, reason: str) -> None:
         assert self.control is not None
         # The old instances' stubs are retired: their exit is not a failure.
         now = time.monotonic()
@@ -194,8 +214,8 @@ class Supervisor:
         self.control.reload(model)
         self.degraded.discard(model)
         self.metrics.degraded.set(len(self.degraded))
-        self.metrics.model_reloads.labels(model=model).inc()
-        log.warning("reloaded %s", model)
+        self.metrics.model_reloads.labels(model=model, reason=reason).inc()
+        log.warning("reloaded %s (%s)", model, reason)
 
     def _end_drained(self) -> None:
         """Kill retired stubs that outlived the drain time (their memory comes back)."""

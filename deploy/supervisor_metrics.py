@@ -22,8 +22,9 @@ class SupervisorMetrics:
         )
         self.model_reloads = Counter(
             "abdoserve_supervisor_model_reloads",
-            "Models reloaded in place because one of their stubs died or stopped",
-            ["model"],
+            "Models reloaded in place: a stub died or stopped (reason=stub_failed), or its "
+            "shared memory outgrew the bound (reason=memory)",
+            ["model", "reason"],
             registry=registry,
         )
         self.stub_failures = Counter(

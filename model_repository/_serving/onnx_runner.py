@@ -28,6 +28,9 @@ class OnnxRunner:
         # No busy-waiting between runs: the stubs and the server share the cores, and
         # spinning intra-op threads burned ~10 ms of CPU per study that preprocessing needed.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No arena: it keeps the largest batch's activations for good; with large blocks
+        # from mmap (see deploy/embedded.py) a big study's memory returns after its run.
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.with_features = "features" in {item.name for item in self.session.get_inputs()}
         self.max_samples = max_samples

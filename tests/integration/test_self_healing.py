@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TASK = "bone_density_ct"
 PREPROCESS = f"{TASK}_preprocess"
+RELOADS = "abdoserve_supervisor_model_reloads_total"
 WAIT_S = 120.0  # upper bound of every wait below, so a broken build fails instead of hanging
 EXPECTED_STUBS = {
     PREPROCESS: Tuning().preprocess_instances,
@@ -168,10 +169,7 @@ def test_a_killed_stub_is_reloaded_under_traffic_and_no_call_fails(
         reference = traffic.answers[0]
         os.kill(a_stub_of(supervisor, PREPROCESS), signal.SIGKILL)
         wait_until(
-            lambda: (
-                metric(supervisor, "abdoserve_supervisor_model_reloads_total", model=PREPROCESS)
-                == 1
-            ),
+            lambda: metric(supervisor, RELOADS, model=PREPROCESS, reason="stub_failed") == 1,
             "the reload",
         )
         served_before = len(traffic.answers)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from abdoserve.loadtests import hostile
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.errors import (
@@ -21,7 +22,6 @@ from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.specs import IntakeLimits
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
-from tests import hostile_inputs as hostile
 
 LIMITS = IntakeLimits()
 MIB = 1024 * 1024

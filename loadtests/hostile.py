@@ -1,7 +1,8 @@
 """Hostile requests, built from real phantom files: bombs, lies and nesting.
 
 Each builder returns the bytes an attacker (or a broken sender) would send; the
-unit, fuzz and integration tests all use the same ones.
+unit, fuzz and integration tests, `abdoserve bench hostile` and the load tests all use
+the same ones.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 from functools import cache
 
 from pydicom import dcmread, uid
@@ -57,7 +59,7 @@ def deflate_bomb(inflated_bytes: int = 1024**3) -> bytes:
     parts.append(compressor.flush())
     meta = io.BytesIO()
     source.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
-    write_file_meta_info(meta, source.file_meta, enforce_standard=True)
+    write_file_meta_info(meta, source.file_meta, enforce_standard=True)  # type: ignore[arg-type]
     return b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(parts)
 
 
@@ -84,3 +86,64 @@ def deep_json(levels: int) -> bytes:
 
 def long_number(digits: int) -> bytes:
     return b'{"age": ' + b"1" * digits + b', "sex": "F"}'
+
+
+@dataclass(frozen=True)
+class HostileRequest:
+    """One hostile request and the words its refusal must contain (the limit it hit)."""
+
+    name: str
+    task: str
+    instances: tuple[bytes, ...]
+    clinical: bytes  # raw CLINICAL: JSON the client library would refuse to write
+    refusal: str
+
+
+def catalogue() -> list[HostileRequest]:
+    """The hostile cases of the reliability table, as sent over the wire."""
+    study = build_study("bone_density_ct", seed=1).instances
+    fibrosis = build_study("liver_fibrosis_ct", seed=1).instances
+    return [
+        HostileRequest(
+            "deflate bomb (1 GiB inflated)",
+            "bone_density_ct",
+            (deflate_bomb(), *study[1:]),
+            b"",
+            "inflates past the limit",
+        ),
+        HostileRequest(
+            "JPEG 2000 SIZ 65535 x 65535 in a 512 x 512 header",
+            "bone_density_ct",
+            (j2k_size_lie(), *study[1:]),
+            b"",
+            "the codestream header says 65535 x 65535",
+        ),
+        HostileRequest(
+            "JPEG-LS SOF55 65535 x 65535 in a 512 x 512 header",
+            "bone_density_ct",
+            (jpeg_ls_size_lie(), *study[1:]),
+            b"",
+            "the codestream header says 65535 x 65535",
+        ),
+        HostileRequest(
+            "10,000-level nested sequence",
+            "bone_density_ct",
+            (deep_sequence(10_000), *study[1:]),
+            b"",
+            "nested deeper than the limit of 16",
+        ),
+        HostileRequest(
+            "30,000-level nested CLINICAL JSON",
+            "liver_fibrosis_ct",
+            fibrosis,
+            deep_json(30_000),
+            "deeper than the limit of 8",
+        ),
+        HostileRequest(
+            "5,000-digit integer in CLINICAL",
+            "liver_fibrosis_ct",
+            fibrosis,
+            long_number(5_000),
+            "a number of 5000 characters",
+        ),
+    ]

@@ -1,0 +1,64 @@
+"""Bombs, lying codestreams and nesting sent to the real server over the wire: each is
+refused with INVALID_ARGUMENT naming its limit, the stubs' peak memory barely moves, no
+stub restarts, and the server stays ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from abdoserve.deploy import stubs
+from abdoserve.deploy.embedded import EmbeddedServer
+from abdoserve.loadtests.hostile import HostileRequest, catalogue
+from abdoserve_client.errors import AbdoServeError, from_triton
+from abdoserve_client.protocol import OUTPUT_NAMES
+from abdoserve_client.wire import RawInfer, open_channel
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CASES = catalogue()
+PEAK_GROWTH_MIB = 300  # a refused 1 GiB bomb used to take 4.4 GB
+
+
+def send(url: str, request: HostileRequest) -> AbdoServeError:
+    """The request as written by the client's own encoder; the server's refusal."""
+    channel = open_channel(
+        url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
+    )
+    raw = RawInfer(channel)
+    tensors = [("DICOM", list(request.instances)), ("CLINICAL", [request.clinical])]
+    try:
+        raw.infer(request.task, tensors, OUTPUT_NAMES, 300.0)
+    except InferenceServerException as error:
+        return from_triton(error)
+    finally:
+        raw.close()
+    raise AssertionError(f"{request.name} was answered")
+
+
+def peak_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.parametrize("request_", CASES, ids=[case.name for case in CASES])
+def test_a_hostile_request_is_refused_naming_its_limit_and_costs_little(
+    server: EmbeddedServer, grpc_url: str, request_: HostileRequest
+) -> None:
+    assert server.process is not None
+    before = stubs.stubs_of(server.process.pid)
+    preprocess = [
+        pid for pid, stub in before.items() if stub.model == f"{request_.task}_preprocess"
+    ]
+    peaks = {pid: peak_mib(pid) for pid in preprocess}
+    refusal = send(grpc_url, request_)
+    assert refusal.code == "INVALID_ARGUMENT", refusal
+    assert request_.refusal in refusal.message
+    growth = max(peak_mib(pid) - peaks[pid] for pid in preprocess)
+    assert growth < PEAK_GROWTH_MIB, f"a stub's peak RSS grew by {growth} MiB"
+    assert set(stubs.stubs_of(server.process.pid)) == set(before), "a stub was replaced"
+    assert server.is_ready()
