@@ -46,7 +46,7 @@ class SupervisorOptions:
     drain_s: float = 10.0
     # A model whose stubs' shared memory together outgrew this is reloaded in place,
     # at most once per `trim_every_s`: the Python backend's regions never shrink.
-    trim_shm_bytes: int = 128 * 1024 * 1024
+    trim_shm_bytes: int = 64 * 1024 * 1024
     trim_every_s: float = 30.0
 
 

@@ -222,7 +222,11 @@ def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> No
 
 def check_compressed_frames(parsed: Parsed, index: int) -> None:
     """Compressed frames' own headers must agree with the DICOM header (before decoding)."""
-    if parsed.span is not None or parsed.syntax is None or not parsed.syntax.is_encapsulated:
+    syntax = parsed.syntax
+    # A corrupt Transfer Syntax UID may name no transfer syntax at all (fuzzing found it).
+    if parsed.span is not None or syntax is None or not syntax.is_transfer_syntax:
+        return
+    if not syntax.is_encapsulated:
         return
     pixel_data = header.raw_bytes(parsed.dataset, PIXEL_DATA)
     if pixel_data is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import zlib
 
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import BytesLengthException
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -20,6 +22,16 @@ from abdoserve.preprocessing.errors import InputTooLargeError, TruncatedDicomErr
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
 META_SCAN_BYTES = 4096  # the file meta group lies well within this
 CHUNK_BYTES = 1024 * 1024
+# What pydicom raises on a corrupt file meta group, reading or writing it again.
+META_ERRORS = (
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    BytesLengthException,
+)
 
 
 def is_deflated(data: bytes) -> bool:
@@ -34,16 +46,28 @@ def inflate_to_explicit(data: bytes, index: int, limit: int) -> bytes:
     try:
         read_preamble(stream, force=True)
         meta = _read_file_meta_info(stream)
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as error:
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except META_ERRORS as error:
         raise TruncatedDicomError("the file meta group cannot be read", instance=index) from error
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+    if not deflated:
         return data
     body = bounded_inflate(data[stream.tell() :], limit, index)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return explicit_header(meta, index) + body
+
+
+def explicit_header(meta: FileMetaDataset, index: int) -> bytes:
+    """Preamble, prefix and a new file meta group: the instance's UIDs, explicit VR LE."""
+    fresh = FileMetaDataset()
     out = io.BytesIO()
     out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
-    out.write(body)
+    try:
+        for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+            if keyword in meta:
+                setattr(fresh, keyword, str(meta[keyword].value))
+        fresh.TransferSyntaxUID = ExplicitVRLittleEndian
+        write_file_meta_info(out, fresh, enforce_standard=True)  # type: ignore[arg-type]
+    except META_ERRORS as error:
+        raise TruncatedDicomError("the file meta group cannot be read", instance=index) from error
     return out.getvalue()
 
 

@@ -13,6 +13,7 @@ import re
 import warnings
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from abdoserve.preprocessing.errors import (
@@ -66,14 +67,22 @@ def _deepest_sequence(dataset: Dataset, limit: int) -> int:
 def _sequence_items(dataset: Dataset) -> list[Dataset]:
     items: list[Dataset] = []
     for element in dataset.elements():
-        if element.VR == "SQ" or (element.VR is None and _dictionary_sq(dataset, element.tag)):
-            value = dataset[element.tag].value  # converts a raw sequence, recursively
+        if element.VR == "SQ" or (element.VR is None and _dictionary_sq(element.tag)):
+            try:
+                value = dataset[element.tag].value  # converts a raw sequence, recursively
+            except RecursionError:
+                raise
+            except Exception:  # a corrupt sequence: never read later, so it cannot nest
+                continue
             items.extend(item for item in value or () if isinstance(item, Dataset))
     return items
 
 
-def _dictionary_sq(dataset: Dataset, tag: int) -> bool:
-    return dataset[tag].VR == "SQ"
+def _dictionary_sq(tag: int) -> bool:
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
 
 
 def load_clinical_json(data: bytes, limits: IntakeLimits) -> dict[str, Any]:

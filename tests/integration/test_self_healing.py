@@ -27,6 +27,8 @@ from abdoserve_client.errors import AbdoServeError
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TASK = "bone_density_ct"
+LARGE_TASK = "esophageal_cancer_ct"  # up to 128 slices: the largest studies
+TRIM_BYTES = 16 * 1024 * 1024  # below every grown region, above every idle one
 PREPROCESS = f"{TASK}_preprocess"
 RELOADS = "abdoserve_supervisor_model_reloads_total"
 WAIT_S = 120.0  # upper bound of every wait below, so a broken build fails instead of hanging
@@ -50,7 +52,7 @@ def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("one-task") / "model_repository"
-    build_repository(out, (TASK,))
+    build_repository(out, (TASK, LARGE_TASK))
     return out
 
 
@@ -59,7 +61,8 @@ def supervisor(small_repository: Path, tmp_path: Path) -> Iterator[Supervisor]:
     options = ServerOptions(
         repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
     )
-    with Supervisor(options, SupervisorOptions(health_port=free_port())) as running:
+    supervision = SupervisorOptions(health_port=free_port(), trim_shm_bytes=TRIM_BYTES)
+    with Supervisor(options, supervision) as running:
         yield running
 
 
@@ -137,7 +140,7 @@ def live_stubs(supervisor: Supervisor) -> dict[str, int]:
     assert supervisor.server is not None and supervisor.server.process is not None
     counts: dict[str, int] = {}
     for stub in stubs.stubs_of(supervisor.server.process.pid).values():
-        if not stub.dead and not stub.stopped:
+        if not stub.dead and not stub.stopped and stub.model in EXPECTED_STUBS:
             counts[stub.model] = counts.get(stub.model, 0) + 1
     return counts
 
@@ -252,3 +255,65 @@ def test_stop_is_graceful_with_a_dead_stub_and_leaves_nothing_behind(
     assert code == 0, "tritonserver did not exit by itself (SIGKILL after the timeout)"
     assert stubs.stale_regions(prefix) == []
     assert stubs.orphaned_stubs(prefix) == []
+
+
+def footprint_mib(supervisor: Supervisor) -> dict[str, int]:
+    """Private memory of tritonserver and of each model's stubs, and the server's /dev/shm."""
+    assert supervisor.server is not None and supervisor.server.process is not None
+    server_pid = supervisor.server.process.pid
+    parts = {"tritonserver": anonymous_mib(server_pid)}
+    for pid, stub in stubs.stubs_of(server_pid).items():
+        if not stub.dead:
+            parts[stub.model] = parts.get(stub.model, 0) + anonymous_mib(pid)
+    shm = stubs.stale_regions(supervisor.region_prefix)
+    parts["/dev/shm"] = sum(path.stat().st_size for path in shm) >> 20
+    return parts
+
+
+def settled(supervisor: Supervisor) -> bool:
+    """Every model runs exactly its configured instances (replaced ones have exited)."""
+    assert supervisor.server is not None and supervisor.server.process is not None
+    counts: dict[str, int] = {}
+    for stub in stubs.stubs_of(supervisor.server.process.pid).values():
+        if not stub.dead:
+            counts[stub.model] = counts.get(stub.model, 0) + 1
+    wanted = {
+        f"{task}_{role}": count
+        for task in (TASK, LARGE_TASK)
+        for role, count in (
+            ("preprocess", Tuning().preprocess_instances),
+            ("net", Tuning().net_instances),
+            ("postprocess", Tuning().postprocess_instances),
+        )
+    }
+    return counts == wanted
+
+
+def anonymous_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_memory_comes_back_after_a_study_near_the_limit(supervisor: Supervisor) -> None:
+    small = build_study(LARGE_TASK, seed=1, slices=8)
+    halves = [build_study(LARGE_TASK, seed=seed, slices=64, interval_mm=5.0) for seed in (1, 2)]
+    large = halves[0].instances + halves[1].instances  # 128 slices, 64 MiB
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=300) as client:
+        for _ in range(2):
+            client.esophageal_cancer_ct(small.instances)
+        before = footprint_mib(supervisor)
+        client.esophageal_cancer_ct(large)
+        during = footprint_mib(supervisor)
+        wait_until(
+            lambda: footprint_mib(supervisor)["/dev/shm"] <= before["/dev/shm"] * 1.1 + 2,
+            "the supervisor to trim the grown shared memory",
+        )
+        wait_until(lambda: settled(supervisor), "the replaced stubs to exit")
+        client.esophageal_cancer_ct(small.instances)
+    after = footprint_mib(supervisor)
+    assert during["/dev/shm"] > before["/dev/shm"] + 32, "the large study grew nothing?"
+    assert sum(after.values()) <= 1.1 * sum(before.values()), (before, during, after)
+    reloads = metric(supervisor, RELOADS, model=f"{LARGE_TASK}_preprocess", reason="memory")
+    assert reloads >= 1
