@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from abdoserve.preprocessing import header
 from abdoserve.preprocessing.errors import AttributeProblem, ModalityLutError
@@ -61,9 +62,8 @@ def frames_of(dataset: Dataset, pixels: np.ndarray, index: int, modality: str) -
             "Rescale Slope and Intercept are required",
             instance=index,
         )
-    shared = _first_item(dataset, SHARED_FUNCTIONAL_GROUPS)
-    per_frame_element = dataset.get(PER_FRAME_FUNCTIONAL_GROUPS)
-    per_frame = per_frame_element.value if per_frame_element is not None else None
+    shared = _first_item(dataset, SHARED_FUNCTIONAL_GROUPS, index)
+    per_frame = _items(dataset, PER_FRAME_FUNCTIONAL_GROUPS, index)
     frames = []
     for number in range(pixels.shape[0]):
         groups = per_frame[number] if per_frame and number < len(per_frame) else None
@@ -99,15 +99,27 @@ def _modality_lut(sources: list[Dataset], modality: str, index: int) -> tuple[fl
     return values[0], values[1]
 
 
-def _first_item(dataset: Dataset, tag: int) -> Dataset | None:
+def _items(dataset: Dataset, tag: int, index: int) -> list[Dataset]:
+    """A sequence's items; anything else under a sequence's tag is the sender's error
+    (attributes in the wrong place were found by fuzzing)."""
     element = dataset.get(tag)
-    return element.value[0] if element is not None and element.value else None
+    if element is None or element.value in (None, b"", ""):
+        return []
+    value = element.value
+    if not isinstance(value, Sequence) or not all(isinstance(item, Dataset) for item in value):
+        raise AttributeProblem(tag, "is not a sequence of items", instance=index)
+    return list(value)
+
+
+def _first_item(dataset: Dataset, tag: int, index: int) -> Dataset | None:
+    items = _items(dataset, tag, index)
+    return items[0] if items else None
 
 
 def _lookup(sources: list[Dataset], macro: int, tag: int, index: int) -> tuple[float, ...] | None:
     """The attribute from the first source that has it, inside `macro` for functional groups."""
     for source in sources:
-        holder = _first_item(source, macro) if macro in source else source
+        holder = _first_item(source, macro, index) if macro in source else source
         if holder is not None and header.present(holder, tag):
             return header.numbers(holder, tag, index)
     return None
