@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("configs",), "abdoserve.export.configs_cli", "re-render the committed model configs"),
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
+    (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
     (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),
     (("soak",), "abdoserve.loadtests.soak", "hours of traffic at a fixed rate, watching for leaks"),
 )

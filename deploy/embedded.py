@@ -110,9 +110,6 @@ def server_environment() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         item for item in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if item
     )
-    # Large blocks (request and tensor buffers) from mmap, so that freeing them returns
-    # the memory to the system instead of growing the heap for good.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1024 * 1024))
     # One thread per numpy/OpenMP pool: the stubs share two cores with the server.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(variable, "1")

@@ -15,8 +15,12 @@ from functools import cache
 
 from pydicom import dcmread, uid
 from pydicom.filewriter import write_file_meta_info
+from tritonclient.utils import InferenceServerException
 
 from abdoserve.loadtests.phantom import build_study
+from abdoserve_client.errors import AbdoServeError, from_triton
+from abdoserve_client.protocol import OUTPUT_NAMES
+from abdoserve_client.wire import RawInfer, open_channel
 
 PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
 SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -147,3 +151,19 @@ def catalogue() -> list[HostileRequest]:
             "a number of 5000 characters",
         ),
     ]
+
+
+def send(url: str, request: HostileRequest, timeout_s: float = 300.0) -> AbdoServeError | None:
+    """The request as the client's own encoder writes it; the server's refusal, if any."""
+    channel = open_channel(
+        url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
+    )
+    raw = RawInfer(channel)
+    tensors = [("DICOM", list(request.instances)), ("CLINICAL", [request.clinical])]
+    try:
+        raw.infer(request.task, tensors, OUTPUT_NAMES, timeout_s)
+    except InferenceServerException as error:
+        return from_triton(error)
+    finally:
+        raw.close()
+    return None

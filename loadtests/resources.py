@@ -62,3 +62,8 @@ def sample(server_pid: int, at_s: float) -> Sample:
         fds += _fds(pid)
     shm = sum(stubs.region_bytes(stub) for stub in live)
     return Sample(at_s, rss, fds, threads, shm / 2**20)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's lifetime peak RSS (VmHWM): a single request's cost shows as its rise."""
+    return _kib(_status(pid).get("VmHWM", "")) / 1024

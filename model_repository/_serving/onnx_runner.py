@@ -28,12 +28,13 @@ class OnnxRunner:
         # No busy-waiting between runs: the stubs and the server share the cores, and
         # spinning intra-op threads burned ~10 ms of CPU per study that preprocessing needed.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # No arena: it keeps the largest batch's activations for good; with large blocks
-        # from mmap (see deploy/embedded.py) a big study's memory returns after its run.
-        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.with_features = "features" in {item.name for item in self.session.get_inputs()}
         self.max_samples = max_samples
+        # The arena would keep the largest chunk's activations for good; shrinking it after
+        # each run returns them at no measurable cost (without an arena: 25 % slower).
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run_studies(
         self, samples: Sequence[np.ndarray], features: Sequence[np.ndarray] | None
@@ -46,5 +47,5 @@ class OnnxRunner:
             feeds = {"samples": batch.samples[rows]}
             if batch.features is not None:
                 feeds["features"] = batch.features[rows]
-            results.append(self.session.run(["output"], feeds)[0])
+            results.append(self.session.run(["output"], feeds, self.run_options)[0])
         return batching.split(np.concatenate(results, axis=0), batch.counts)

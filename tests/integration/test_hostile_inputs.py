@@ -5,47 +5,20 @@ stub restarts, and the server stays ready."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
-from tritonclient.utils import InferenceServerException
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer
-from abdoserve.loadtests.hostile import HostileRequest, catalogue
+from abdoserve.loadtests.hostile import HostileRequest, catalogue, send
 from abdoserve.loadtests.mutations import random_mutation
 from abdoserve.loadtests.phantom import TRANSFER_SYNTAXES, build_study
-from abdoserve_client.errors import AbdoServeError, from_triton
-from abdoserve_client.protocol import OUTPUT_NAMES
-from abdoserve_client.wire import RawInfer, open_channel
+from abdoserve.loadtests.resources import peak_rss_mib
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CASES = catalogue()
 PEAK_GROWTH_MIB = 300  # a refused 1 GiB bomb used to take 4.4 GB
-
-
-def send(url: str, request: HostileRequest) -> AbdoServeError | None:
-    """The request as written by the client's own encoder; the server's refusal, if any."""
-    channel = open_channel(
-        url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
-    )
-    raw = RawInfer(channel)
-    tensors = [("DICOM", list(request.instances)), ("CLINICAL", [request.clinical])]
-    try:
-        raw.infer(request.task, tensors, OUTPUT_NAMES, 300.0)
-    except InferenceServerException as error:
-        return from_triton(error)
-    finally:
-        raw.close()
-    return None
-
-
-def peak_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError(f"no VmHWM for {pid}")
 
 
 @pytest.mark.parametrize("request_", CASES, ids=[case.name for case in CASES])
@@ -57,12 +30,12 @@ def test_a_hostile_request_is_refused_naming_its_limit_and_costs_little(
     preprocess = [
         pid for pid, stub in before.items() if stub.model == f"{request_.task}_preprocess"
     ]
-    peaks = {pid: peak_mib(pid) for pid in preprocess}
+    peaks = {pid: peak_rss_mib(pid) for pid in preprocess}
     refusal = send(grpc_url, request_)
     assert refusal is not None, f"{request_.name} was answered"
     assert refusal.code == "INVALID_ARGUMENT", refusal
     assert request_.refusal in refusal.message
-    growth = max(peak_mib(pid) - peaks[pid] for pid in preprocess)
+    growth = max(peak_rss_mib(pid) - peaks[pid] for pid in preprocess)
     assert growth < PEAK_GROWTH_MIB, f"a stub's peak RSS grew by {growth} MiB"
     assert set(stubs.stubs_of(server.process.pid)) == set(before), "a stub was replaced"
     assert server.is_ready()
