@@ -13,7 +13,7 @@ import os
 import tracemalloc
 from datetime import timedelta
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from abdoserve.loadtests.mutations import MUTATIONS, Mutation
@@ -71,6 +71,15 @@ def bounded_prepare(instances: tuple[bytes, ...]) -> PreparedStudy | IntakeError
     first=st.integers(min_value=0, max_value=1 << 24),
     second=st.integers(min_value=0, max_value=1 << 24),
 )
+# Crashers the fuzzing found, kept as regression cases (each was an uncaught exception):
+# a Transfer Syntax UID that names no transfer syntax (ValueError from UID.is_encapsulated)
+@example("ImplicitVRLittleEndian", MUTATIONS[2], 0, 64, 0)
+# a deflated file's meta group with a swapped VR, then one with a lying length
+@example("DeflatedExplicitVRLittleEndian", MUTATIONS[2], 0, 0, 0)
+@example("DeflatedExplicitVRLittleEndian", MUTATIONS[3], 0, 0, 0)
+# functional-group attributes swapped so that a sequence's tag holds a string or number
+@example("EnhancedCT", MUTATIONS[4], 0, 531, 740)
+@example("EnhancedCT", MUTATIONS[4], 0, 1, 1062)
 def test_a_mutated_study_is_answered_or_refused_with_an_intake_error(
     syntax: str, mutation: Mutation, target: int, first: int, second: int
 ) -> None:
