@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) system-packages
 
-# Real Prometheus for the metrics integration test (Debian's package; root, as on CI).
+# Debian's packages (root, as on CI): a real Prometheus for the metrics tests, and nginx
+# (nginx-light: HTTP/2 and gRPC proxying) for the guard in front of Triton.
 system-packages:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+		(command -v nginx >/dev/null || test -x /usr/sbin/nginx) || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		 apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+		 apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null)
 
 # One resolve: the server depends on abdoserve-client, which comes from ./clients.
 $(STAMP): pyproject.toml clients/pyproject.toml

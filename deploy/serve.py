@@ -12,10 +12,13 @@ from pathlib import Path
 from types import FrameType
 
 from abdoserve.deploy.embedded import BUILD_DIR, Ports, ServerError, ServerOptions
-from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
+from abdoserve.deploy.guard import GuardError, nginx_binary
+from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
+from abdoserve.preprocessing.tasks import TASKS
 
 ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
+ENVELOPE_BYTES = 1024 * 1024  # the request's protobuf head and CLINICAL, beyond the DICOM
 
 DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
@@ -39,6 +42,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8003,
         help="the supervisor's /health/ready, /health/live and /metrics (default 8003)",
+    )
+    guard = parser.add_argument_group("guard (nginx in front of Triton; see docs/reliability.md)")
+    guard.add_argument(
+        "--guard",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto (default): on where nginx is installed, else off with a warning",
+    )
+    guard.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=8 * 1024**3,
+        help="bytes of requests in flight, counted at the largest request size "
+        "(default %(default)s: 31 requests of 257 MiB)",
+    )
+    guard.add_argument(
+        "--body-timeout-s",
+        type=int,
+        default=30,
+        help="drop a request whose headers or body stall this long (default %(default)s)",
     )
     parser.add_argument(
         "--admin-key-file",
@@ -69,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
         ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
     )
     supervision = SupervisorOptions(
-        health_host=args.host, health_port=args.supervisor_port, admin_key=admin_key(args)
+        health_host=args.host,
+        health_port=args.supervisor_port,
+        admin_key=admin_key(args),
+        guard=guard_limits(args),
     )
     supervisor = Supervisor(options, supervision)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
@@ -86,6 +112,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def guard_limits(args: argparse.Namespace) -> GuardLimits | None:
+    """The guard's limits, or None where it is off (or auto and nginx is missing)."""
+    if args.guard == "off":
+        return None
+    try:
+        nginx_binary()
+    except GuardError:
+        if args.guard == "on":
+            raise
+        print(
+            "warning: nginx is not installed: no guard in front of Triton (message size, "
+            "in-flight budget and stalled requests unbounded); `make install` installs it"
+        )
+        return None
+    largest = max(spec.limits.max_bytes_per_request for spec in TASKS.values())
+    return GuardLimits(
+        max_body_bytes=largest + ENVELOPE_BYTES,
+        max_inflight_bytes=args.max_inflight_bytes,
+        body_timeout_s=args.body_timeout_s,
+    )
+
+
 def admin_key(args: argparse.Namespace) -> str | None:
     """From --admin-key-file, else the environment; None: the supervisor makes one."""
     if args.admin_key_file is not None:
@@ -96,7 +144,7 @@ def admin_key(args: argparse.Namespace) -> str | None:
 def announce(supervisor: Supervisor) -> None:
     server, control = supervisor.server, supervisor.control
     assert server is not None and control is not None
-    host, ports = server.options.host, server.ports
+    host, ports = supervisor.public_host, supervisor.public_ports
     names = sorted(
         name
         for name in control.model_names()
@@ -111,6 +159,13 @@ def announce(supervisor: Supervisor) -> None:
     if supervisor.supervision.health_port is not None:
         health = f"http://{host}:{supervisor.supervision.health_port}"
         print(f"  health   {health}/health/ready   (supervisor: {health}/metrics)")
+    limits = supervisor.supervision.guard
+    if limits is not None:
+        print(
+            f"  guard    nginx: bodies over {limits.max_body_bytes >> 20} MiB, more than "
+            f"{limits.max_inflight} requests ({limits.max_inflight_bytes >> 30} GiB) in flight, "
+            f"stalls of {limits.body_timeout_s} s refused"
+        )
     print(f"  log      {server.options.log_file}")
     print("Ctrl-C stops the server.", flush=True)
 

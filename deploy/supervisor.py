@@ -25,13 +25,35 @@ import time
 from dataclasses import dataclass, replace
 
 from abdoserve.deploy import stubs
-from abdoserve.deploy.embedded import EmbeddedServer, ServerError, ServerOptions
+from abdoserve.deploy.embedded import (
+    EmbeddedServer,
+    Ports,
+    ServerError,
+    ServerOptions,
+    free_port,
+)
+from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard
 from abdoserve.deploy.health import HealthServer
 from abdoserve.deploy.model_control import ModelControl, ModelControlError
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abdoserve_shm_"
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """What the nginx guard in front of Triton refuses (see abdoserve.deploy.guard)."""
+
+    max_body_bytes: int
+    max_inflight_bytes: int = 8 * 1024**3
+    body_timeout_s: int = 30
+
+    @property
+    def max_inflight(self) -> int:
+        """Requests in flight such that even requests of the largest size stay within the
+        byte budget (nginx counts requests, not bytes)."""
+        return max(1, self.max_inflight_bytes // self.max_body_bytes)
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,8 @@ class SupervisorOptions:
     # at most once per `trim_every_s`: the Python backend's regions never shrink.
     trim_shm_bytes: int = 64 * 1024 * 1024
     trim_every_s: float = 30.0
+    # nginx on the public gRPC and HTTP ports, Triton behind it on loopback; None: none.
+    guard: GuardLimits | None = None
 
 
 class Supervisor:
@@ -56,7 +80,10 @@ class Supervisor:
     def __init__(self, options: ServerOptions, supervision: SupervisorOptions) -> None:
         self.supervision = supervision
         self.admin_key = supervision.admin_key or secrets.token_urlsafe(32)
-        self.base_options = options
+        # Where clients connect: the guard's address when there is one.
+        self.public_host, self.public_ports = options.host, options.ports
+        self.base_options = self._triton_options(options)
+        self.guard: NginxGuard | None = None
         self.metrics = SupervisorMetrics()
         self.server: EmbeddedServer | None = None
         self.control: ModelControl | None = None
@@ -73,8 +100,16 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    def _triton_options(self, options: ServerOptions) -> ServerOptions:
+        """Behind a guard, Triton's gRPC and HTTP move to loopback ports of their own."""
+        if self.supervision.guard is None:
+            return options
+        internal = Ports(grpc=free_port(), http=free_port(), metrics=options.ports.metrics)
+        return replace(options, host="127.0.0.1", ports=internal)
+
     def start(self) -> Supervisor:
         self._launch()
+        self._start_guard()
         if self.supervision.health_port is not None:
             self._health = HealthServer(
                 self.supervision.health_host,
@@ -87,10 +122,13 @@ class Supervisor:
         return self
 
     def stop(self) -> int | None:
-        """Stop watching, stop the server (SIGINT, SIGKILL after the timeout), clean up."""
+        """Stop watching, let the guard finish what is in flight, stop the server (SIGINT,
+        SIGKILL after the timeout), clean up."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.guard is not None:
+            self.guard.stop()
         with self._lock:
             code = self._stop_server()
         if self._health is not None:
@@ -118,6 +156,23 @@ class Supervisor:
         self.degraded = set()
         self.metrics.server_up.set(1)
 
+    def _start_guard(self) -> None:
+        limits = self.supervision.guard
+        if limits is None:
+            return
+        options = GuardOptions(
+            host=self.public_host,
+            grpc_port=self.public_ports.grpc,
+            http_port=self.public_ports.http,
+            upstream_grpc_port=self.base_options.ports.grpc,
+            upstream_http_port=self.base_options.ports.http,
+            max_body_bytes=limits.max_body_bytes,
+            max_inflight=limits.max_inflight,
+            body_timeout_s=limits.body_timeout_s,
+        )
+        prefix = self.base_options.log_file.parent / f"guard-{os.getpid()}"
+        self.guard = NginxGuard(options, prefix).start()
+
     def _stop_server(self) -> int | None:
         server, self.server = self.server, None
         code = None if server is None else server.stop(self.supervision.stop_timeout_s)
@@ -141,6 +196,8 @@ class Supervisor:
         server = self.server
         if server is None or self.restarting or self.degraded:
             return False
+        if self.guard is not None and not self.guard.is_running():
+            return False
         return server.is_ready()
 
     def _watch(self) -> None:
@@ -150,7 +207,7 @@ class Supervisor:
                     return
                 try:
                     self.check_once()
-                except (ServerError, ModelControlError, OSError) as error:
+                except (ServerError, ModelControlError, GuardError, OSError) as error:
                     log.error("supervisor check failed: %s", error)
 
     def check_once(self) -> None:
@@ -160,6 +217,10 @@ class Supervisor:
         if server.process.poll() is not None:
             self._restart(server.process.returncode)
             return
+        if self.guard is not None and not self.guard.is_running():
+            log.error("the guard (nginx) exited; starting it again")
+            self.metrics.guard_restarts.inc()
+            self.guard.start()
         failed = self._failed_models(server.process.pid)
         self.degraded |= failed
         for model in sorted(self.degraded):

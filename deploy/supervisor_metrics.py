@@ -33,6 +33,11 @@ class SupervisorMetrics:
             ["model", "kind"],
             registry=registry,
         )
+        self.guard_restarts = Counter(
+            "abdoserve_supervisor_guard_restarts",
+            "nginx guard processes started again after they exited",
+            registry=registry,
+        )
         self.orphans_killed = Counter(
             "abdoserve_supervisor_orphaned_stubs_killed",
             "Stubs of an exited tritonserver killed by the supervisor",

@@ -36,19 +36,23 @@ class _Response(Protocol):
     def as_numpy(self, name: str) -> np.ndarray | None: ...
 
 
-# INTERNAL errors that mean "this server process failed", not "this request is bad":
-# a Python-backend stub died or stalled under it. The server's supervisor reloads the
-# model within seconds, and inference is idempotent, so these are retried too.
-TRANSIENT_INTERNAL = ("is not healthy", "Failed to obtain the health mutex")
+# Errors that mean "not now", not "this request is bad"; inference is idempotent, so
+# they are retried: INTERNAL from a Python-backend stub that died or stalled under the
+# request (the server's supervisor reloads the model within seconds), and the guard's
+# RESOURCE_EXHAUSTED for a full in-flight budget (a request over the size limit is
+# RESOURCE_EXHAUSTED too, and is not retried).
+TRANSIENT = {
+    "INTERNAL": ("is not healthy", "Failed to obtain the health mutex"),
+    "RESOURCE_EXHAUSTED": ("server busy",),
+}
 
 
 def is_transient(failure: AbdoServeError) -> bool:
-    """UNAVAILABLE, or an INTERNAL error from a failed server process."""
+    """UNAVAILABLE, or one of the `TRANSIENT` messages of its code."""
     if failure.code == ServerUnavailableError.code:
         return True
-    return failure.code == "INTERNAL" and any(
-        marker in failure.message for marker in TRANSIENT_INTERNAL
-    )
+    markers = TRANSIENT.get(failure.code, ())
+    return any(marker in failure.message for marker in markers)
 
 
 @dataclass(frozen=True)

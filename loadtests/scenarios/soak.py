@@ -1,17 +1,18 @@
 """Soak: the hospital-day mix at a constant total rate, for as long as it is run.
 
 `abdoserve soak` sets ABDOSERVE_SOAK_RATE (requests per second, all users together)
-and watches the server's memory, file descriptors, threads and /dev/shm meanwhile.
+and ABDOSERVE_SOAK_USERS, and watches the server's memory, file descriptors, threads
+and /dev/shm meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 
-from locust import constant_throughput, task
+from locust import constant_throughput
 
-from abdoserve.loadtests.grpc_user import TritonGrpcUser
-from abdoserve.loadtests.scenarios.hospital_day import WEIGHTS
+# The module, not the class: locust runs every User class it finds in a locustfile.
+from abdoserve.loadtests.scenarios import hospital_day
 
 RATE_VARIABLE = "ABDOSERVE_SOAK_RATE"
 USERS_VARIABLE = "ABDOSERVE_SOAK_USERS"
@@ -20,26 +21,7 @@ RATE_PER_USER = float(os.environ.get(RATE_VARIABLE, "40")) / int(
 )
 
 
-class SoakUser(TritonGrpcUser):
+class SoakUser(hospital_day.HospitalDayUser):
+    """The hospital-day tasks and weights, without pauses: a fixed rate per user."""
+
     wait_time = constant_throughput(RATE_PER_USER)
-    payload_kinds = tuple(WEIGHTS)
-
-    @task(WEIGHTS["liver_fibrosis_ct"])
-    def liver_fibrosis_ct(self) -> None:
-        self.send("liver_fibrosis_ct")
-
-    @task(WEIGHTS["bone_density_ct"])
-    def bone_density_ct(self) -> None:
-        self.send("bone_density_ct")
-
-    @task(WEIGHTS["esophageal_cancer_ct"])
-    def esophageal_cancer_ct(self) -> None:
-        self.send("esophageal_cancer_ct")
-
-    @task(WEIGHTS["liver_mass_ct"])
-    def liver_mass_ct(self) -> None:
-        self.send("liver_mass_ct")
-
-    @task(WEIGHTS["liver_fibrosis_mri"])
-    def liver_fibrosis_mri(self) -> None:
-        self.send("liver_fibrosis_mri")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -18,9 +19,10 @@ import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import ServerOptions, free_port, free_ports
-from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
+from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.phantom import build_study
+from abdoserve.loadtests.resources import peak_rss_mib
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 
@@ -61,14 +63,18 @@ def supervisor(small_repository: Path, tmp_path: Path) -> Iterator[Supervisor]:
     options = ServerOptions(
         repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
     )
-    supervision = SupervisorOptions(health_port=free_port(), trim_shm_bytes=TRIM_BYTES)
+    supervision = SupervisorOptions(
+        health_port=free_port(),
+        trim_shm_bytes=TRIM_BYTES,
+        guard=GuardLimits(max_body_bytes=257 * 1024 * 1024),  # traffic goes through nginx
+    )
     with Supervisor(options, supervision) as running:
         yield running
 
 
 def grpc_url(supervisor: Supervisor) -> str:
-    assert supervisor.server is not None
-    return f"127.0.0.1:{supervisor.server.ports.grpc}"
+    """The public endpoint: the guard's when there is one."""
+    return f"{supervisor.public_host}:{supervisor.public_ports.grpc}"
 
 
 class Traffic:
@@ -317,3 +323,78 @@ def test_memory_comes_back_after_a_study_near_the_limit(supervisor: Supervisor) 
     assert sum(after.values()) <= 1.1 * sum(before.values()), (before, during, after)
     reloads = metric(supervisor, RELOADS, model=f"{LARGE_TASK}_preprocess", reason="memory")
     assert reloads >= 1
+
+
+GUARD = GuardLimits(8 * 1024 * 1024, max_inflight_bytes=16 * 1024 * 1024, body_timeout_s=2)
+
+
+@pytest.fixture
+def guarded(small_repository: Path, tmp_path: Path) -> Iterator[Supervisor]:
+    """A server behind a guard with small limits, so that they are easy to reach."""
+    options = ServerOptions(
+        repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
+    )
+    with Supervisor(options, SupervisorOptions(health_port=None, guard=GUARD)) as running:
+        yield running
+
+
+def test_the_guard_refuses_an_oversized_request_before_triton_holds_it(
+    guarded: Supervisor,
+) -> None:
+    assert guarded.server is not None and guarded.server.process is not None
+    server_pid = guarded.server.process.pid
+    study = build_study(LARGE_TASK, seed=1, slices=64, interval_mm=5.0)  # 32 MiB
+    peak_before = peak_rss_mib(server_pid)
+    with AbdoServeClient(grpc_url(guarded), timeout_s=60) as client:
+        with pytest.raises(AbdoServeError) as caught:
+            client.esophageal_cancer_ct(study.instances)
+        assert caught.value.code == "RESOURCE_EXHAUSTED"
+        assert "exceeds the limit of 8388608 bytes" in caught.value.message
+        assert np.isfinite(client.esophageal_cancer_ct(build_study(LARGE_TASK).instances).value)
+    assert peak_rss_mib(server_pid) - peak_before < 24, "Triton held the oversized request"
+
+
+def test_the_guard_refuses_requests_past_its_budget_at_once(guarded: Supervisor) -> None:
+    study = build_study(TASK, seed=5)
+    outcomes: list[str] = []
+    clients = [AbdoServeClient(grpc_url(guarded), timeout_s=60, retries=0) for _ in range(8)]
+    for client in clients:
+        client.task_info(TASK)  # fetched once, outside the burst
+    start = threading.Barrier(len(clients))
+
+    def send(client: AbdoServeClient) -> None:
+        start.wait()
+        try:
+            client.bone_density_ct(study.instances)
+            outcomes.append("answered")
+        except AbdoServeError as error:
+            outcomes.append(f"{error.code}: {error.message}")
+
+    threads = [threading.Thread(target=send, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for client in clients:
+        client.close()
+    refused = [item for item in outcomes if item != "answered"]
+    assert refused and len(refused) < len(outcomes), outcomes
+    for item in refused:
+        assert item.startswith("RESOURCE_EXHAUSTED: "), item
+        assert "server busy: 2 requests in flight (the guard's budget)" in item
+
+
+def test_the_guard_drops_a_request_whose_body_stalls(guarded: Supervisor) -> None:
+    with socket.create_connection((guarded.public_host, guarded.public_ports.http)) as sock:
+        sock.settimeout(WAIT_S)
+        head = (
+            "POST /v2/models/bone_density_ct/infer HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 1000000\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"\0" * 1000)  # then nothing: a stalled sender
+        reply = b""
+        while chunk := sock.recv(4096):  # until nginx closes the connection
+            reply += chunk
+    # nginx answers 408 (or just closes, once it has started to stream to Triton): the
+    # connection ends instead of holding its buffers for as long as the sender likes.
+    assert not reply.startswith(b"HTTP/1.1 200"), reply[:80]
