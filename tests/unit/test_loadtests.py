@@ -288,7 +288,7 @@ def test_run_reports_a_locust_that_did_not_finish(
 
 def test_every_scenario_file_is_listed() -> None:
     names = cli.scenario_names()
-    assert names == ["bad_payload", "hospital_day", "per_task", "spike", "step_ramp"]
+    assert names == ["bad_payload", "hospital_day", "per_task", "soak", "spike", "step_ramp"]
 
 
 def test_cli_side_never_imports_locust_or_gevent() -> None:

@@ -81,9 +81,15 @@ def our_metrics() -> set[str]:
     for name, kind in FakeMetricFamily.declared.items():
         suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
         names.update(name + suffix for suffix in suffixes)
-    for family in SupervisorMetrics().registry.collect():  # the supervisor's families
-        names.add(family.name + ("_total" if family.type == "counter" else ""))
     return names
+
+
+def supervisor_metrics() -> set[str]:
+    """Sample names of the supervisor's families (its own /metrics, not Triton's)."""
+    return {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in SupervisorMetrics().registry.collect()
+    }
 
 
 def metric_names(expr: str) -> set[str]:
@@ -130,7 +136,13 @@ def recording_rules() -> set[str]:
 
 
 def known_metrics() -> set[str]:
-    return our_metrics() | TRITON_METRICS | PROMETHEUS_METRICS | recording_rules()
+    return (
+        our_metrics()
+        | supervisor_metrics()
+        | TRITON_METRICS
+        | PROMETHEUS_METRICS
+        | recording_rules()
+    )
 
 
 def dashboard() -> dict[str, Any]:
