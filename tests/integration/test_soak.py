@@ -1,6 +1,9 @@
 """A short soak against the session's server: zero failures, no growth after warm-up.
 
-The 30-minute run and its figures are in docs/reliability.md (same command, longer)."""
+The 30-minute run and its figures are in docs/reliability.md (same command, longer,
+RSS within 5 %). Eighty seconds cannot tell a leak from a high-water mark that the
+warm-up did not reach (a batch size first seen late), so RSS gets 25 % here; /dev/shm,
+file descriptors and threads must not grow at all."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def test_a_short_soak_fails_nothing_and_grows_nothing(
             "--pool-size", "1",
             "--warmup-s", "35",
             "--interval-s", "2",
+            "--rss-tolerance", "0.25",
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
