@@ -28,12 +28,17 @@ def measure(host: str, server_pid: int, request: HostileRequest) -> str:
     seconds = time.perf_counter() - started
     rise = max(peak_rss_mib(pid) - peaks[pid] for pid in watched)
     kept = set(stubs.stubs_of(server_pid)) == set(before)
-    outcome = "answered" if refusal is None else f"{refusal.code}: {refusal.message[-90:]}"
+    outcome = "answered" if refusal is None else f"{refusal.code}: {_detail(refusal.message)}"
     size = sum(len(item) for item in request.instances) + len(request.clinical)
     return (
         f"| {request.name} | {size / 2**20:.2f} MiB | {outcome} | {seconds:.2f} s "
         f"| {rise:.0f} MiB | {'yes' if kept else 'NO'} |"
     )
+
+
+def _detail(message: str) -> str:
+    """The refusal without Triton's "in ensemble '<task>', " prefix."""
+    return message.split("', ", 1)[1] if message.startswith("in ensemble '") else message
 
 
 def run(args: argparse.Namespace) -> int:
