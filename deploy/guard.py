@@ -91,6 +91,11 @@ http {{
     client_header_timeout {options.body_timeout_s}s;
     send_timeout {options.read_timeout_s}s;
     keepalive_timeout 75s;
+    # nginx ends a connection after 1000 requests or 1 h by default (HTTP/2 GOAWAY): a
+    # long-lived gRPC channel then sees UNAVAILABLE on the calls it raced in (a soak
+    # found it). Clients reconnect anyway; there is no reason to make them.
+    keepalive_requests 100000000;
+    keepalive_time 7d;
     # One budget for gRPC and HTTP together: every request has the same (non-empty) key.
     map $request_method $inflight_key {{ default all; }}
     limit_conn_zone $inflight_key zone=inflight:1m;
