@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=8, help="locust users (default %(default)s)")
     parser.add_argument("--host", required=True, help="the server's gRPC HOST:PORT")
     parser.add_argument("--server-pid", type=int, required=True, help="its tritonserver's pid")
-    parser.add_argument("--warmup-s", type=float, default=120.0, help="before the baseline")
+    parser.add_argument("--warmup-s", type=float, default=600.0, help="before the baseline")
     parser.add_argument("--interval-s", type=float, default=5.0, help="between samples")
     parser.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed RSS growth")
     parser.add_argument("--out", type=Path, default=Path("build") / "soak", help="results folder")
