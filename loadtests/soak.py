@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-s", type=float, default=600.0, help="before the baseline")
     parser.add_argument("--interval-s", type=float, default=5.0, help="between samples")
     parser.add_argument("--rss-tolerance", type=float, default=0.05, help="allowed RSS growth")
+    parser.add_argument(
+        "--shm-tolerance", type=float, default=0.0, help="allowed /dev/shm growth (default none)"
+    )
     parser.add_argument("--out", type=Path, default=Path("build") / "soak", help="results folder")
     parser.add_argument(
         "--pool-size", type=int, default=3, help="phantom studies per task (default %(default)s)"
@@ -128,12 +131,13 @@ def failed_requests(stats: Path) -> int:
     raise ValueError(f"{stats} has no Aggregated row")
 
 
-def checks(baseline: Sample, end: Sample, tolerance: float) -> list[Check]:
+def checks(baseline: Sample, end: Sample, tolerance: float, shm_tolerance: float) -> list[Check]:
     found = [
         Check(f"RSS {group} (MiB)", value, end.rss_mib.get(group, 0.0), value * (1 + tolerance))
         for group, value in sorted(baseline.rss_mib.items())
     ]
-    found.append(Check("/dev/shm (MiB)", baseline.shm_mib, end.shm_mib, baseline.shm_mib))
+    shm_limit = baseline.shm_mib * (1 + shm_tolerance)
+    found.append(Check("/dev/shm (MiB)", baseline.shm_mib, end.shm_mib, shm_limit))
     found.append(Check("file descriptors", baseline.fds, end.fds, baseline.fds + COUNT_SLACK))
     found.append(Check("threads", baseline.threads, end.threads, baseline.threads + COUNT_SLACK))
     return found
@@ -145,7 +149,7 @@ def report(args: argparse.Namespace, samples: list[Sample], failures: int) -> in
         print("error: the run ended before two samples after warm-up")
         return EXIT_LEAK
     baseline, end = after_warmup[0], after_warmup[-1]
-    found = checks(baseline, end, args.rss_tolerance)
+    found = checks(baseline, end, args.rss_tolerance, args.shm_tolerance)
     passed = failures == 0 and all(check.passed for check in found)
     print(f"failed requests: {failures}")
     print(f"{'check':<48} {'after warm-up':>14} {'end':>10} {'limit':>10}  verdict")
