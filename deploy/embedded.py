@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,11 +30,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from abdoserve.deploy.model_control import ADMIN_HEADER
+from abdoserve.deploy.isolation import ShmIsolation, prepare_staging, wrap
+from abdoserve.deploy.model_control import ADMIN_HEADER, SHM_HEADER
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = PROJECT_ROOT / "build"
 STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+# Closed to callers without the admin key. Health, metadata, model-config (clients read
+# a task's labels from it) and inference stay open.
+ADMIN_APIS = ("model-repository", "statistics", "trace", "logging")
 
 
 class ServerError(RuntimeError):
@@ -59,9 +66,15 @@ class ServerOptions:
     log_verbose: int = 0
     startup_timeout_s: float = 300.0
     extra_args: tuple[str, ...] = ()
-    # With an admin key: explicit model control, the model-repository API restricted
-    # to requests carrying it (the supervisor reloads models through it).
-    admin_key: str | None = None
+    # Closed by default: the model-repository, statistics, trace, logging and
+    # shared-memory APIs answer only requests carrying this key (a fresh random one
+    # unless given); models are loaded and reloaded through it (explicit control).
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # A separate key for the shared-memory API alone, given to the one co-located
+    # sender of `shm.shared_region`; None: shared memory is under the admin key.
+    shm_key: str | None = None
+    # The server's /dev/shm: a private tmpfs by default (see abdoserve.deploy.isolation).
+    shm: ShmIsolation = field(default_factory=ShmIsolation)
     # The Python backend's /dev/shm region names start with this: one server's regions
     # (and orphaned stubs) can be found and removed after a crash.
     shm_region_prefix: str | None = None
@@ -181,15 +194,16 @@ class EmbeddedServer:
 
     def control_args(self) -> list[str]:
         options = self.options
-        args = []
-        if options.admin_key is not None:
-            restricted = f"model-repository:{ADMIN_HEADER}={options.admin_key}"
-            args += [
-                "--model-control-mode=explicit",
-                "--load-model=*",
-                f"--http-restricted-api={restricted}",
-                f"--grpc-restricted-protocol={restricted}",
-            ]
+        admin = list(ADMIN_APIS)
+        restricted = []
+        if options.shm_key is None:
+            admin.append("shared-memory")
+        else:
+            restricted.append(f"shared-memory:{SHM_HEADER}={options.shm_key}")
+        restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={options.admin_key}")
+        args = ["--model-control-mode=explicit", "--load-model=*"]
+        for setting in restricted:
+            args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
         if options.shm_region_prefix is not None:
             args.append(
                 f"--backend-config=python,shm-region-prefix-name={options.shm_region_prefix}"
@@ -203,8 +217,9 @@ class EmbeddedServer:
         check_ports_free(options.host, options.ports)
         options.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = options.log_file.open("ab")
+        staging = prepare_staging(options.shm, options.log_file.parent / "shm-staging")
         self.process = subprocess.Popen(
-            self.command(),
+            wrap(self.command(), options.shm, staging),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=server_environment(),
@@ -242,7 +257,10 @@ class EmbeddedServer:
 
     def model_names(self) -> list[str]:
         request = urllib.request.Request(
-            self.url("/v2/repository/index"), data=b"{}", method="POST"
+            self.url("/v2/repository/index"),
+            data=b"{}",
+            method="POST",
+            headers={ADMIN_HEADER: self.options.admin_key},
         )
         with urllib.request.urlopen(request, timeout=5) as reply:
             return [item["name"] for item in json.loads(reply.read())]

@@ -13,7 +13,13 @@ half-sent request. nginx, on the public ports, refuses those at once:
 - a client that stops sending its headers or body for `body_timeout_s`: the
   request is dropped (HTTP 408) and its memory freed.
 
-Triton itself listens on loopback ports only the guard uses.
+Triton itself listens on loopback ports only the guard uses; so do Triton's metrics
+and the supervisor's health endpoint, which the guard proxies without the in-flight
+budget (a busy server must still answer its probes and scrapes).
+
+With `tls`, every public port speaks TLS (Triton 2.51 has none for HTTP), and with a
+client CA, only clients holding a certificate it signed get past the handshake's end:
+gRPC callers without one get UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -28,10 +34,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNAUTHENTICATED = 16
 
 
 class GuardError(RuntimeError):
     """nginx is missing, its configuration is refused, or it did not start."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the server's certificate chain and key; with `client_ca`, mutual TLS."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def check(self) -> TlsFiles:
+        for path in (self.certificate, self.key, self.client_ca):
+            if path is not None and not path.is_file():
+                raise GuardError(f"TLS file {path} does not exist")
+        return self
+
+
+@dataclass(frozen=True)
+class ProxiedPort:
+    """A read-only HTTP endpoint (metrics, health) published on `public` by the guard."""
+
+    public: int
+    upstream: int
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,8 @@ class GuardOptions:
     max_inflight: int = 32
     body_timeout_s: int = 30
     read_timeout_s: int = 300  # a whole study's inference, as the client deadline allows
+    tls: TlsFiles | None = None
+    proxied: tuple[ProxiedPort, ...] = ()
 
 
 def nginx_binary() -> str:
@@ -54,17 +86,55 @@ def nginx_binary() -> str:
     return found
 
 
-def _grpc_refusal(name: str, message: str) -> str:
+def _grpc_refusal(name: str, message: str, status: int = GRPC_RESOURCE_EXHAUSTED) -> str:
     """A named location answering a gRPC call with a status and no body (trailers-only)."""
     return f"""
         location @{name} {{
             internal;
             default_type application/grpc;
-            add_header grpc-status {GRPC_RESOURCE_EXHAUSTED} always;
+            add_header grpc-status {status} always;
             add_header grpc-message "{message}" always;
             add_header content-length 0 always;
             return 204;
         }}"""
+
+
+def _tls_settings(tls: TlsFiles | None) -> str:
+    if tls is None:
+        return ""
+    lines = [
+        f"ssl_certificate {tls.certificate};",
+        f"ssl_certificate_key {tls.key};",
+        "ssl_protocols TLSv1.2 TLSv1.3;",
+        "ssl_session_cache shared:abdoserve_tls:1m;",
+    ]
+    if tls.client_ca is not None:
+        lines += [
+            f"ssl_client_certificate {tls.client_ca};",
+            "ssl_verify_client on;",
+            "ssl_verify_depth 4;",
+        ]
+    return "".join(f"\n    {line}" for line in lines)
+
+
+def _listen(options: GuardOptions, port: int, *flags: str) -> str:
+    tls = ("ssl",) if options.tls is not None else ()
+    return " ".join(("listen", f"{options.host}:{port}", *tls, *flags)) + ";"
+
+
+def _proxied_servers(options: GuardOptions) -> str:
+    return "".join(
+        f"""
+
+    server {{
+        {_listen(options, port.public)}
+        location / {{
+            proxy_pass http://127.0.0.1:{port.upstream};
+            proxy_read_timeout 30s;
+        }}
+    }}"""
+        for port in options.proxied
+    )
 
 
 def render_config(options: GuardOptions, prefix: Path) -> str:
@@ -74,6 +144,7 @@ def render_config(options: GuardOptions, prefix: Path) -> str:
         "of Triton)"
     )
     busy = f"server busy: {options.max_inflight} requests in flight (the guard's budget)"
+    unauthenticated = "a client certificate signed by the server's client CA is required"
     return f"""# Written by abdoserve (deploy/guard.py); regenerated at every start.
 worker_processes 1;
 pid {prefix}/nginx.pid;
@@ -95,7 +166,7 @@ http {{
     # long-lived gRPC channel then sees UNAVAILABLE on the calls it raced in (a soak
     # found it). Clients reconnect anyway; there is no reason to make them.
     keepalive_requests 100000000;
-    keepalive_time 7d;
+    keepalive_time 7d;{_tls_settings(options.tls)}
     # One budget for gRPC and HTTP together: every request has the same (non-empty) key.
     map $request_method $inflight_key {{ default all; }}
     limit_conn_zone $inflight_key zone=inflight:1m;
@@ -106,19 +177,22 @@ http {{
     upstream triton_http {{ server 127.0.0.1:{options.upstream_http_port}; keepalive 32; }}
 
     server {{
-        listen {options.host}:{options.grpc_port} http2;
+        {_listen(options, options.grpc_port, "http2")}
         limit_conn inflight {options.max_inflight};
+        error_page 495 496 = @unauthenticated;
         location / {{
             grpc_pass grpc://triton_grpc;
             grpc_read_timeout {options.read_timeout_s}s;
             grpc_send_timeout {options.read_timeout_s}s;
             error_page 413 = @too_large;
             error_page 503 = @busy;
-        }}{_grpc_refusal("too_large", too_large)}{_grpc_refusal("busy", busy)}
+        }}{_grpc_refusal("too_large", too_large)}{_grpc_refusal("busy", busy)}{
+        _grpc_refusal("unauthenticated", unauthenticated, GRPC_UNAUTHENTICATED)
+    }
     }}
 
     server {{
-        listen {options.host}:{options.http_port};
+        {_listen(options, options.http_port)}
         limit_conn inflight {options.max_inflight};
         location / {{
             proxy_pass http://triton_http;
@@ -127,7 +201,7 @@ http {{
             proxy_read_timeout {options.read_timeout_s}s;
             proxy_request_buffering off;
         }}
-    }}
+    }}{_proxied_servers(options)}
 }}
 """
 

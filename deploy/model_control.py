@@ -14,6 +14,11 @@ import urllib.request
 from typing import Any
 
 ADMIN_HEADER = "abdoserve-admin-key"
+# The shared-memory API's own key, where one co-located sender shares a region.
+SHM_HEADER = "abdoserve-shm-key"
+# Over gRPC, Triton reads a restricted protocol's key from metadata named with this
+# prefix (`triton-grpc-protocol-abdoserve-admin-key`); over HTTP, the header as is.
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 # A config parameter the served models ignore; a new value makes Triton reload the
 # model (a load of an unchanged model is a no-op in 2.51, and would leave a dead
 # stub in place).

@@ -5,19 +5,23 @@ exited), print its endpoints, and run until Ctrl-C (or SIGTERM), then shut down 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from types import FrameType
 
 from abdoserve.deploy.embedded import BUILD_DIR, Ports, ServerError, ServerOptions
-from abdoserve.deploy.guard import GuardError, nginx_binary
+from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
+from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.preprocessing.tasks import TASKS
 
 ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
+SHM_KEY_VARIABLE = "ABDOSERVE_SHM_KEY"
 ENVELOPE_BYTES = 1024 * 1024  # the request's protobuf head and CLINICAL, beyond the DICOM
 
 DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
@@ -63,12 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30,
         help="drop a request whose headers or body stall this long (default %(default)s)",
     )
-    parser.add_argument(
-        "--admin-key-file",
-        type=Path,
-        help=f"the admin key for the restricted model-repository API (else ${ADMIN_KEY_VARIABLE}, "
-        "else a random key per launch)",
-    )
+    add_security_arguments(parser)
     parser.add_argument(
         "--log-file",
         type=Path,
@@ -78,6 +77,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tuning_arguments(parser.add_argument_group("tuning (see docs/benchmarks.md)"))
 
 
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group("TLS (served by the guard on every public port)")
+    tls.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the server")
+    tls.add_argument("--tls-key", type=Path, help="PEM private key of the server")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA: mutual TLS, only clients with a certificate it signed get in",
+    )
+    admin = parser.add_argument_group("admin APIs and shared memory (see docs/security.md)")
+    admin.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="the key of the restricted APIs: model-repository, statistics, trace, logging, "
+        f"shared-memory (else ${ADMIN_KEY_VARIABLE}, else a random key per launch)",
+    )
+    admin.add_argument(
+        "--shm-isolation",
+        choices=("auto", "private", "host"),
+        default="auto",
+        help="the server's /dev/shm: private (its own tmpfs, unseen by the host), host "
+        "(containers: theirs is private already), auto (default): private where "
+        "possible, else host with a warning",
+    )
+    admin.add_argument(
+        "--shm-size",
+        type=int,
+        help="bytes the private /dev/shm may hold (default: half the RAM, as tmpfs)",
+    )
+    admin.add_argument(
+        "--shared-region",
+        metavar="NAME",
+        help="opt-in: the one /dev/shm/NAME a co-located sender created, made visible to "
+        "the server for Triton's system shared-memory API; needs --shm-key-file or "
+        f"${SHM_KEY_VARIABLE} (the shared-memory API's own key, for that sender)",
+    )
+    admin.add_argument("--shm-key-file", type=Path, help="the shared-memory API's key")
+
+
 def run(args: argparse.Namespace) -> int:
     from abdoserve.export.repository import build_repository, is_built
 
@@ -85,20 +123,13 @@ def run(args: argparse.Namespace) -> int:
     if args.rebuild or not is_built(args.repository, tuning=tuning):
         print(f"building the model repository at {args.repository} ...", flush=True)
         build_repository(args.repository, tuning=tuning)
-    options = ServerOptions(
-        repository=args.repository,
-        host=args.host,
-        log_file=args.log_file,
-        ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
-    )
-    supervision = SupervisorOptions(
-        health_host=args.host,
-        health_port=args.supervisor_port,
-        admin_key=admin_key(args),
-        guard=guard_limits(args),
-    )
-    supervisor = Supervisor(options, supervision)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
+    try:
+        supervisor = Supervisor(server_options(args), supervisor_options(args))
+    except (GuardError, IsolationError, OSError) as error:
+        print(f"error: {error}")
+        return 2
+    warn_if_exposed(args, supervisor)
     try:
         supervisor.start()
         announce(supervisor)
@@ -110,6 +141,80 @@ def run(args: argparse.Namespace) -> int:
         code = supervisor.stop()
     print(f"tritonserver stopped ({stop}, exit code {code})")
     return 0
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    options = ServerOptions(
+        repository=args.repository,
+        host=args.host,
+        log_file=args.log_file,
+        ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
+        shm=shm_isolation(args),
+        shm_key=read_key(args.shm_key_file, SHM_KEY_VARIABLE),
+    )
+    if options.shm.shared_region is not None and options.shm_key is None:
+        raise IsolationError(
+            f"--shared-region needs the shared-memory key: --shm-key-file or ${SHM_KEY_VARIABLE}"
+        )
+    return options
+
+
+def supervisor_options(args: argparse.Namespace) -> SupervisorOptions:
+    return SupervisorOptions(
+        health_host=args.host,
+        health_port=args.supervisor_port,
+        admin_key=read_key(args.admin_key_file, ADMIN_KEY_VARIABLE),
+        guard=guard_limits(args),
+        tls=tls_files(args),
+    )
+
+
+def tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise GuardError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise GuardError("TLS needs both --tls-cert and --tls-key")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).check()
+
+
+def shm_isolation(args: argparse.Namespace) -> ShmIsolation:
+    """private / host as asked; auto: private where this host allows a mount namespace."""
+    private = args.shm_isolation == "private"
+    if private and not private_shm_available():
+        raise IsolationError(
+            "this host allows no mount namespace for a private /dev/shm (run as root, enable "
+            "user namespaces, or use --shm-isolation host inside a container)"
+        )
+    if args.shm_isolation == "auto":
+        private = private_shm_available()
+        if not private:
+            print(
+                "warning: no private /dev/shm here (no mount namespace allowed): other users "
+                "of this host can read the requests' shared memory unless this is a "
+                "container with a /dev/shm of its own"
+            )
+    return ShmIsolation(private=private, size_bytes=args.shm_size, shared_region=args.shared_region)
+
+
+def warn_if_exposed(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    """Beyond loopback, without TLS, studies and answers cross the network in clear."""
+    if supervisor.supervision.tls is not None or is_loopback(args.host):
+        return
+    print(
+        f"warning: listening on {args.host} without TLS: studies and answers cross the "
+        "network unencrypted (use --tls-cert/--tls-key; see docs/security.md)"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def guard_limits(args: argparse.Namespace) -> GuardLimits | None:
@@ -134,11 +239,16 @@ def guard_limits(args: argparse.Namespace) -> GuardLimits | None:
     )
 
 
-def admin_key(args: argparse.Namespace) -> str | None:
-    """From --admin-key-file, else the environment; None: the supervisor makes one."""
-    if args.admin_key_file is not None:
-        return str(args.admin_key_file.read_text().strip())
-    return os.environ.get(ADMIN_KEY_VARIABLE) or None
+def read_key(path: Path | None, variable: str) -> str | None:
+    """From the file, else the environment variable; None where neither is given."""
+    if path is None:
+        return os.environ.get(variable) or None
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"warning: {path} is readable by other users of this host (chmod 600 it)")
+    key = path.read_text().strip()
+    if not key:
+        raise OSError(f"{path} is empty")
+    return key
 
 
 def announce(supervisor: Supervisor) -> None:
@@ -150,14 +260,20 @@ def announce(supervisor: Supervisor) -> None:
         for name in control.model_names()
         if "_" not in name or not name.endswith(("_preprocess", "_net", "_postprocess"))
     )
+    tls = supervisor.supervision.tls
+    scheme = "http" if tls is None else "https"
+    client_flags = "" if tls is None else " --tls --root-cert CA.pem"
+    if tls is not None and tls.client_ca is not None:
+        client_flags += " --client-cert CERT.pem --client-key KEY.pem"
     print(f"AbdoServe ready: {len(names)} tasks: {', '.join(names)}")
     print(
-        f"  gRPC     {host}:{ports.grpc}   (abdoserve infer TASK FILES --url {host}:{ports.grpc})"
+        f"  gRPC     {host}:{ports.grpc}   "
+        f"(abdoserve infer TASK FILES --url {host}:{ports.grpc}{client_flags})"
     )
-    print(f"  HTTP     http://{host}:{ports.http}/v2/health/ready")
-    print(f"  metrics  http://{host}:{ports.metrics}/metrics")
+    print(f"  HTTP     {scheme}://{host}:{ports.http}/v2/health/ready")
+    print(f"  metrics  {scheme}://{host}:{ports.metrics}/metrics")
     if supervisor.supervision.health_port is not None:
-        health = f"http://{host}:{supervisor.supervision.health_port}"
+        health = f"{scheme}://{host}:{supervisor.supervision.health_port}"
         print(f"  health   {health}/health/ready   (supervisor: {health}/metrics)")
     limits = supervisor.supervision.guard
     if limits is not None:

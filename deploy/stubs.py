@@ -17,6 +17,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from abdoserve.deploy.isolation import server_shm
+
 STUB_BINARY = "triton_python_backend_stub"
 PROC = Path("/proc")
 SHM = Path("/dev/shm")
@@ -96,10 +98,11 @@ def stubs_of(server_pid: int) -> dict[int, Stub]:
     return found
 
 
-def region_bytes(stub: Stub, shm: Path = SHM) -> int:
-    """The current size of the stub's shared-memory region (it only ever grows)."""
+def region_bytes(stub: Stub) -> int:
+    """The current size of the stub's shared-memory region (it only ever grows), read
+    through the stub's own view of /dev/shm (the server's private tmpfs)."""
     try:
-        return (shm / stub.region).stat().st_size if stub.region else 0
+        return (server_shm(stub.pid) / stub.region).stat().st_size if stub.region else 0
     except OSError:
         return 0
 

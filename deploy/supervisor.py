@@ -32,7 +32,7 @@ from abdoserve.deploy.embedded import (
     ServerOptions,
     free_port,
 )
-from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard
+from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.health import HealthServer
 from abdoserve.deploy.model_control import ModelControl, ModelControlError
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
@@ -70,15 +70,20 @@ class SupervisorOptions:
     # at most once per `trim_every_s`: the Python backend's regions never shrink.
     trim_shm_bytes: int = 64 * 1024 * 1024
     trim_every_s: float = 30.0
-    # nginx on the public gRPC and HTTP ports, Triton behind it on loopback; None: none.
+    # nginx on every public port (gRPC, HTTP, metrics, health), Triton and the health
+    # endpoint behind it on loopback; None: no guard, Triton listens itself.
     guard: GuardLimits | None = None
+    tls: TlsFiles | None = None  # the guard's certificates (TLS needs the guard)
 
 
 class Supervisor:
     """Starts, watches and stops one embedded server; use as a context manager."""
 
     def __init__(self, options: ServerOptions, supervision: SupervisorOptions) -> None:
+        if supervision.tls is not None and supervision.guard is None:
+            raise GuardError("TLS is served by the guard (nginx): it cannot be off with TLS")
         self.supervision = supervision
+        self.health_address = self._health_address(supervision)
         self.admin_key = supervision.admin_key or secrets.token_urlsafe(32)
         # Where clients connect: the guard's address when there is one.
         self.public_host, self.public_ports = options.host, options.ports
@@ -100,20 +105,28 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    @staticmethod
+    def _health_address(supervision: SupervisorOptions) -> tuple[str, int] | None:
+        """Where the health endpoint listens: behind a guard, a loopback port it proxies."""
+        if supervision.health_port is None:
+            return None
+        if supervision.guard is not None:
+            return ("127.0.0.1", free_port())
+        return (supervision.health_host, supervision.health_port)
+
     def _triton_options(self, options: ServerOptions) -> ServerOptions:
-        """Behind a guard, Triton's gRPC and HTTP move to loopback ports of their own."""
+        """Behind a guard, Triton's ports move to loopback ports of their own."""
         if self.supervision.guard is None:
             return options
-        internal = Ports(grpc=free_port(), http=free_port(), metrics=options.ports.metrics)
+        internal = Ports(grpc=free_port(), http=free_port(), metrics=free_port())
         return replace(options, host="127.0.0.1", ports=internal)
 
     def start(self) -> Supervisor:
         self._launch()
         self._start_guard()
-        if self.supervision.health_port is not None:
+        if self.health_address is not None:
             self._health = HealthServer(
-                self.supervision.health_host,
-                self.supervision.health_port,
+                *self.health_address,
                 ready=self.is_ready,
                 metrics=self.metrics,
             ).start()
@@ -160,6 +173,9 @@ class Supervisor:
         limits = self.supervision.guard
         if limits is None:
             return
+        proxied = [ProxiedPort(self.public_ports.metrics, self.base_options.ports.metrics)]
+        if self.supervision.health_port is not None and self.health_address is not None:
+            proxied.append(ProxiedPort(self.supervision.health_port, self.health_address[1]))
         options = GuardOptions(
             host=self.public_host,
             grpc_port=self.public_ports.grpc,
@@ -169,6 +185,8 @@ class Supervisor:
             max_body_bytes=limits.max_body_bytes,
             max_inflight=limits.max_inflight,
             body_timeout_s=limits.body_timeout_s,
+            tls=self.supervision.tls,
+            proxied=tuple(proxied),
         )
         prefix = self.base_options.log_file.parent / f"guard-{os.getpid()}"
         self.guard = NginxGuard(options, prefix).start()

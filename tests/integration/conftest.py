@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
-
-SHARED_MEMORY = "/dev/shm"
+from abdoserve.deploy.isolation import HOST_SHM, server_shm
+from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
 
 
 @pytest.fixture(scope="session")
@@ -19,15 +19,24 @@ def server(
 ) -> Iterator[EmbeddedServer]:
     log_file = tmp_path_factory.mktemp("triton") / "triton.log"
     options = ServerOptions(repository=built_repository, ports=free_ports(), log_file=log_file)
-    shared_memory_before = set(os.listdir(SHARED_MEMORY))
+    host_before = set(os.listdir(HOST_SHM))
     with EmbeddedServer(options) as running:
-        assert set(os.listdir(SHARED_MEMORY)) - shared_memory_before, "no stub shared memory?"
+        assert running.process is not None
+        regions = os.listdir(server_shm(running.process.pid))
+        assert regions, "no stub shared memory in the server's private /dev/shm?"
         yield running
-    # Triton QA's habit: a stopped server leaves no Python-backend shared memory behind.
-    leaked = set(os.listdir(SHARED_MEMORY)) - shared_memory_before
-    assert not leaked, f"shared memory left in {SHARED_MEMORY}: {sorted(leaked)}"
+        # The regions live in the server's own tmpfs: the host never sees one.
+        assert not set(regions) & set(os.listdir(HOST_SHM))
+    leaked = set(os.listdir(HOST_SHM)) - host_before
+    assert not leaked, f"shared memory left in {HOST_SHM}: {sorted(leaked)}"
 
 
 @pytest.fixture(scope="session")
 def grpc_url(server: EmbeddedServer) -> str:
     return f"{server.options.host}:{server.ports.grpc}"
+
+
+@pytest.fixture(scope="session")
+def admin_headers(server: EmbeddedServer) -> dict[str, str]:
+    """gRPC metadata that opens the restricted APIs (statistics, logging, ...)."""
+    return {GRPC_HEADER_PREFIX + ADMIN_HEADER: server.options.admin_key}
