@@ -20,11 +20,12 @@ def check_keys(spec: TaskSpec, clinical: Mapping[str, object]) -> None:
         known.add(ROI_KEY)
         if clinical.get(ROI_KEY) is None:
             raise RoiError(f"{spec.name} needs 'roi' [row_min, col_min, row_max, col_max]")
-    unknown = sorted(set(clinical) - known)
-    if unknown:
+    unknown = len(set(clinical) - known)
+    if unknown:  # counted, never named: a key is text the sender wrote
         expected = ", ".join(sorted(known)) or "none"
+        keys = "key" if unknown == 1 else "keys"
         raise ClinicalInputError(
-            f"unknown clinical input {unknown[0]!r} for {spec.name}; expected: {expected}"
+            f"CLINICAL has {unknown} unknown {keys} for {spec.name}; expected: {expected}"
         )
 
 

@@ -37,6 +37,7 @@ from abdoserve.preprocessing.errors import (
     NotDicomError,
     TruncatedDicomError,
     UnsupportedObjectError,
+    uid_name,
 )
 from abdoserve.preprocessing.frames import Frame, frames_of
 from abdoserve.preprocessing.nesting import check_sequence_depth, nested_too_deep
@@ -172,8 +173,10 @@ def _read(data: bytes, index: int, *, force: bool, header_only: bool) -> tuple[D
     except InvalidDicomError:
         raise
     except _PARSE_ERRORS as error:
+        # pydicom's message may quote the element's bytes: it stays in __cause__ only.
         raise TruncatedDicomError(
-            f"the dataset cannot be parsed ({error})", instance=index
+            "the dataset cannot be parsed: it ends early or holds a malformed element",
+            instance=index,
         ) from error
     if len(dataset) == 0:
         raise TruncatedDicomError("the dataset ends before its first attribute", instance=index)
@@ -187,12 +190,11 @@ def check_is_image(parsed: Parsed, index: int) -> None:
         tag in dataset for tag in (PIXEL_DATA, *(FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA))
     )
     if not has_pixels:
-        sop_class = UID(header.text(dataset, SOP_CLASS_UID) or "")
-        if sop_class and "Image" not in sop_class.name:
-            raise UnsupportedObjectError(
-                f"{sop_class.name or 'an unknown SOP class'} is not an image object", instance=index
-            )
-        is_image_class = bool(sop_class) and "Image" in sop_class.name
+        # The dictionary's name decides, never the sent text ("1.2.3.Image" is no image class).
+        sop_class = header.text(dataset, SOP_CLASS_UID)
+        is_image_class = "Image" in (uid_name(sop_class, "SOP Class") or "")
+        if sop_class and not is_image_class:
+            raise UnsupportedObjectError(not_an_image(sop_class), instance=index)
         if not is_image_class and not any(tag in dataset for tag in _IMAGE_PIXEL_MODULE):
             raise UnsupportedObjectError(
                 "the dataset holds no image (no Rows, Columns or Pixel Data)", instance=index
@@ -206,6 +208,14 @@ def check_is_image(parsed: Parsed, index: int) -> None:
         raise AttributeProblem(
             SAMPLES_PER_PIXEL, f"is {samples}; a greyscale image is required", instance=index
         )
+
+
+def not_an_image(sop_class: str) -> str:
+    """A standard SOP class by its dictionary name; any other only by the attribute's name."""
+    name = uid_name(sop_class, "SOP Class")
+    if name is None:
+        return "(0008,0016) SOP Class UID is not a standard SOP class; not an image object"
+    return f"{name} is not an image object"
 
 
 def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> None:

@@ -2,7 +2,10 @@
 
 Messages name the instance (its index in the request) and the DICOM attribute at
 fault, the way pydicom does ("instance 2: (0028,0030) Pixel Spacing is missing").
-They never carry patient identifiers: only tags, keywords, counts and geometry.
+They never carry text the sender wrote: no attribute value read as a string (Modality,
+UIDs, names, dates), no CLINICAL key or value, no third-party exception text (a
+decoder's or parser's message may quote the file). Only tags, keywords, counts,
+geometry and numbers parsed as numbers, and the server's own expected values.
 
 Every class names a stable `reason`: the `reason` label of
 `abdoserve_rejected_requests_total`. Dashboards and alerts read these strings, so a
@@ -14,6 +17,7 @@ from __future__ import annotations
 import enum
 from typing import ClassVar
 
+from pydicom._uid_dict import UID_dictionary  # pydicom.uid imports it from here
 from pydicom.datadict import dictionary_description
 from pydicom.tag import Tag
 
@@ -153,3 +157,15 @@ def describe_tag(tag: int) -> str:
     except KeyError:
         name = "Unknown Attribute"
     return f"({value.group:04X},{value.element:04X}) {name}"
+
+
+def uid_name(value: str | None, kind: str) -> str | None:
+    """The DICOM dictionary's name for a standard UID of `kind` ("SOP Class", "Transfer
+    Syntax"); None for any other value.
+
+    pydicom's `UID.name` returns the value itself when it is not in the dictionary,
+    and a UID the sender crafted can carry any text. A plain lookup, not `UID(value)`:
+    that warns with the value itself.
+    """
+    entry = UID_dictionary.get(str(value)) if value else None
+    return entry[0] if entry is not None and entry[1] == kind else None

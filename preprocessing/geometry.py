@@ -128,7 +128,8 @@ def parse_roi(value: object, shape: tuple[int, int]) -> Roi:
         raise RoiError("roi must be four finite numbers [row_min, col_min, row_max, col_max]")
     roi = Roi(*numbers)
     if roi.row_min >= roi.row_max or roi.col_min >= roi.col_max:
-        raise RoiError(f"roi {numbers} is empty: row_min < row_max and col_min < col_max needed")
+        raise RoiError("roi is empty: row_min < row_max and col_min < col_max needed")
     if roi.row_min < 0 or roi.col_min < 0 or roi.row_max > shape[0] or roi.col_max > shape[1]:
-        raise RoiError(f"roi {numbers} lies outside the {shape[0]}x{shape[1]} image")
+        # The image's size, not the request's numbers: CLINICAL values are never echoed.
+        raise RoiError(f"roi lies outside the {shape[0]}x{shape[1]} image")
     return roi

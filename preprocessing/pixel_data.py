@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from abdoserve.preprocessing import header
-from abdoserve.preprocessing.errors import PixelDecodeError, TruncatedDicomError
+from abdoserve.preprocessing.errors import PixelDecodeError, TruncatedDicomError, uid_name
 from abdoserve.preprocessing.tags import (
     BITS_ALLOCATED,
     BITS_STORED,
@@ -117,8 +117,19 @@ def decoded_pixels(dataset: Dataset, syntax: UID | None, index: int) -> np.ndarr
 
 
 def _decode_error(syntax: UID | None, index: int, error: BaseException) -> PixelDecodeError:
-    name = syntax.name if syntax is not None else "unknown transfer syntax"
-    return PixelDecodeError(f"pixel data could not be decoded ({name}): {error}", instance=index)
+    """Names the syntax (if standard) and the exception's type; the decoder's message may
+    quote the stream or the header's values, so it stays in __cause__ only."""
+    name = uid_name(syntax, "Transfer Syntax")
+    if name is None:
+        return PixelDecodeError(
+            "pixel data could not be decoded: (0002,0010) Transfer Syntax UID is missing "
+            "or not a standard transfer syntax",
+            instance=index,
+        )
+    return PixelDecodeError(
+        f"pixel data could not be decoded ({name}): the decoder raised {type(error).__name__}",
+        instance=index,
+    )
 
 
 def _mask_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> np.ndarray:

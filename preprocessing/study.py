@@ -96,11 +96,7 @@ class StudyPreparer:
     def decode(self, data: bytes, index: int) -> DecodedInstance:
         decoded = decode_instance(data, index, self.spec.limits, self.fallback_tags)
         if decoded.modality != self.spec.modality:
-            raise WrongModalityError(
-                f"(0008,0060) Modality is {decoded.modality or 'empty'}; "
-                f"{self.spec.name} reads {self.spec.modality}",
-                instance=index,
-            )
+            raise WrongModalityError(modality_problem(self.spec, decoded.modality), instance=index)
         return decoded
 
     def prepare_image(self, image: Image, roi: object, out: np.ndarray | None = None) -> np.ndarray:
@@ -136,6 +132,12 @@ class StudyPreparer:
                 grid = self._grids[key] = centred_grid(shape, image.frame.spacing, geometry)
             return grid
         return roi_grid(shape, image.frame.spacing, parse_roi(roi, shape), geometry)
+
+
+def modality_problem(spec: TaskSpec, modality: str) -> str:
+    """Names what the task expects, never the value sent: a Modality can hold any text."""
+    found = "is missing or empty" if not modality else f"is not {spec.modality}"
+    return f"(0008,0060) Modality {found}; {spec.name} reads {spec.modality}"
 
 
 def check_instance_count(spec: TaskSpec, count: int) -> None:

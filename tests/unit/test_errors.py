@@ -155,8 +155,13 @@ def test_a_panicking_rle_decoder_is_a_pixel_decode_error() -> None:
     ds.PixelData = encapsulate([frame[:4] + struct.pack("<15I", *offsets) + segment + second])
     out = io.BytesIO()
     ds.save_as(out)
-    with pytest.raises(PixelDecodeError, match=r"^instance 0: pixel data could not be decoded"):
+    with pytest.raises(PixelDecodeError) as caught:
         decode_instance(out.getvalue(), 0, IntakeLimits())
+    # The decoder's own message may quote the stream: only its type is named.
+    assert str(caught.value) == (
+        "instance 0: pixel data could not be decoded (RLE Lossless): "
+        "the decoder raised PanicException"
+    )
 
 
 def test_image_without_pixel_data(bone: PhantomStudy) -> None:
@@ -181,11 +186,33 @@ def test_non_image_objects(bone: PhantomStudy, name: str, what: str) -> None:
     assert str(error) == f"instance 1: {what} is not an image object"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_sop_class_outside_the_dictionary_is_named_by_its_attribute(bone: PhantomStudy) -> None:
+    def private_class(ds: Dataset) -> None:
+        ds.SOPClassUID = "1.2.826.0.1.3680043.99.1"
+        del ds.PixelData
+
+    error = refused(
+        UnsupportedObjectError, "bone_density_ct", [edit(bone.instances[0], private_class)]
+    )
+    assert str(error) == (
+        "instance 0: (0008,0016) SOP Class UID is not a standard SOP class; not an image object"
+    )
+
+
 def test_wrong_modality(bone: PhantomStudy, mri: PhantomStudy) -> None:
     error = refused(WrongModalityError, "bone_density_ct", [bone.instances[0], mri.instances[0]])
-    assert str(error) == "instance 1: (0008,0060) Modality is MR; bone_density_ct reads CT"
+    assert str(error) == "instance 1: (0008,0060) Modality is not CT; bone_density_ct reads CT"
     error = refused(WrongModalityError, "liver_fibrosis_mri", list(bone.instances), {})
-    assert str(error) == "instance 0: (0008,0060) Modality is CT; liver_fibrosis_mri reads MR"
+    assert str(error) == "instance 0: (0008,0060) Modality is not MR; liver_fibrosis_mri reads MR"
+
+    def blank(ds: Dataset) -> None:
+        ds.Modality = ""
+
+    error = refused(WrongModalityError, "bone_density_ct", [edit(bone.instances[0], blank)])
+    assert str(error) == (
+        "instance 0: (0008,0060) Modality is missing or empty; bone_density_ct reads CT"
+    )
 
 
 def test_wrong_number_of_phases_levels_and_slices(
@@ -284,9 +311,9 @@ def test_mri_level_without_position(mri: PhantomStudy) -> None:
         ("abc", "roi must be four numbers [row_min, col_min, row_max, col_max]"),
         ([1, 2, 3], "roi must be four finite numbers [row_min, col_min, row_max, col_max]"),
         ([1, 2, 3, float("nan")], "roi must be four finite numbers"),
-        ([10, 10, 10, 20], "roi [10.0, 10.0, 10.0, 20.0] is empty"),
-        ([500, 500, 600, 600], "roi [500.0, 500.0, 600.0, 600.0] lies outside the 512x512 image"),
-        ([-1, 0, 20, 20], "roi [-1.0, 0.0, 20.0, 20.0] lies outside the 512x512 image"),
+        ([10, 10, 10, 20], "roi is empty: row_min < row_max and col_min < col_max needed"),
+        ([500, 500, 600, 600], "roi lies outside the 512x512 image"),
+        ([-1, 0, 20, 20], "roi lies outside the 512x512 image"),
     ],
 )
 def test_missing_malformed_and_outside_roi(mass: PhantomStudy, roi: object, message: str) -> None:
@@ -309,7 +336,11 @@ def test_missing_malformed_and_outside_roi(mass: PhantomStudy, roi: object, mess
         ({"sex": ["M"], "age": 50}, "clinical input 'sex' must be one of M, F"),
         (
             {"sex": "M", "age": 50, "weight": 70},
-            "unknown clinical input 'weight' for liver_fibrosis_ct; expected: age, sex",
+            "CLINICAL has 1 unknown key for liver_fibrosis_ct; expected: age, sex",
+        ),
+        (
+            {"sex": "M", "age": 50, "weight": 70, "Age": 50},
+            "CLINICAL has 2 unknown keys for liver_fibrosis_ct; expected: age, sex",
         ),
     ],
 )
