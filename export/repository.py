@@ -91,7 +91,8 @@ def build_task(
     result = export_task(spec, root / net / "1", checkpoint)
     configs = render_task(spec, tuning, result.provenance.to_parameters())
     for name, config in configs.items():
-        if overrides and config.backend == "python" and not name.endswith("_net"):
+        # Every Python model checks tensors against the spec, the `_net` included.
+        if overrides and config.backend == "python":
             config.parameters["spec_overrides"].string_value = json.dumps(dict(overrides))
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)

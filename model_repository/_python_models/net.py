@@ -1,9 +1,11 @@
 """<task>_net on the embedded CPU server: ONNX Runtime inside the Python backend.
 
 Glue only. Every queued request's samples run as one ONNX Runtime batch (the
-dynamic batcher may hand several studies at once). On a GPU server this model's
-folder is replaced by a TensorRT plan or the ONNX Runtime backend; the ensemble
-and the other models stay the same.
+dynamic batcher may hand several studies at once). Any client can call this model
+directly, so each request's tensors are checked against the task spec first
+(`abdoserve.serving.validation`). On a GPU server this model's folder is replaced by
+a TensorRT plan or the ONNX Runtime backend; the ensemble and the other models stay
+the same.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
+from abdoserve.serving import validation
 from abdoserve.serving.onnx_runner import OnnxRunner
 
 
@@ -23,11 +27,16 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         glue.route_logging(pb_utils)
         parameters = glue.model_parameters(json.loads(args["model_config"]))
+        overrides = json.loads(parameters.get("spec_overrides") or "{}")
+        self.spec = get_task(parameters["task"], overrides)
         self.runner = OnnxRunner(
             Path(args["model_repository"]) / args["model_version"] / "model.onnx",
             intra_op_threads=int(parameters.get("intra_op_threads", "0")),
             max_samples=int(parameters.get("max_samples_per_run", "64")),
         )
+        if self.runner.with_features != bool(self.spec.feature_width):
+            # A graph that disagrees with the spec fails the load, not the first patient.
+            raise ValueError(f"{self.spec.name}: the ONNX graph's inputs disagree with the spec")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
@@ -42,14 +51,24 @@ class TritonPythonModel:
             samples.append(study_samples)
             features.append(study_features)
         if positions:
-            outputs = self.runner.run_studies(samples, features)
-            for position, output in zip(positions, outputs, strict=True):
-                responses[position] = glue.response(pb_utils, {"OUTPUT": output[None, ...]})
+            for position, reply in zip(positions, self.run(samples, features), strict=True):
+                responses[position] = reply
         return responses
 
+    def run(self, samples: list[np.ndarray], features: list[np.ndarray]) -> list[Any]:
+        """Responses for the checked studies, in order; a failed run fails each of them."""
+        try:
+            outputs = self.runner.run_studies(samples, features)
+        except Exception as error:  # never raised out of execute
+            return [glue.error_response(pb_utils, error) for _ in samples]
+        return [glue.response(pb_utils, {"OUTPUT": output[None, ...]}) for output in outputs]
+
     def read(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One study's SAMPLES and FEATURES, checked as the preprocess would have made them."""
         samples = glue.single_study(glue.require_input(pb_utils, request, "SAMPLES"), "SAMPLES")
-        if not self.runner.with_features:
+        validation.check_samples(self.spec, samples)
+        if not self.spec.feature_width:
             return samples, np.zeros(0, dtype=np.float32)
         features = glue.single_study(glue.require_input(pb_utils, request, "FEATURES"), "FEATURES")
+        validation.check_features(self.spec, features)
         return samples, features

@@ -2,7 +2,9 @@
 
 Glue only: the work is `abdoserve.serving.answer.study_answer`. Model identity and
 weights provenance come from this model's config parameters, written there by
-the repository build from the exported weights.
+the repository build from the exported weights. Any client can call this model
+directly, so its inputs are checked against the task spec first
+(`abdoserve.serving.validation`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
+from abdoserve.serving import validation
 from abdoserve.serving.answer import ModelIdentity, study_answer
 
 
@@ -33,18 +36,9 @@ class TritonPythonModel:
 
     def handle(self, request: Any) -> Any:
         try:
-            output = glue.single_study(glue.require_input(pb_utils, request, "OUTPUT"), "OUTPUT")
-            sources = glue.single_study(
-                glue.require_input(pb_utils, request, "SAMPLE_SOURCE"), "SAMPLE_SOURCE"
-            )
-            info = glue.json_object(
-                glue.single_study(
-                    glue.require_input(pb_utils, request, "STUDY_INFO"), "STUDY_INFO"
-                ),
-                "STUDY_INFO",
-            )
+            output, sources, info = self.read(request)
             study, answer = study_answer(
-                self.spec, output, sources.tolist(), self.identity, info.get("roles")
+                self.spec, output, sources.tolist(), self.identity, info.roles
             )
         except Exception as error:
             return glue.error_response(pb_utils, error)
@@ -56,3 +50,17 @@ class TritonPythonModel:
                 "ANSWER": glue.json_tensor(answer),
             },
         )
+
+    def read(self, request: Any) -> tuple[np.ndarray, np.ndarray, validation.StudyInfo]:
+        """One study's OUTPUT, SAMPLE_SOURCE and STUDY_INFO, checked against each other."""
+        output = glue.single_study(glue.require_input(pb_utils, request, "OUTPUT"), "OUTPUT")
+        validation.check_output(self.spec, output)
+        info = validation.study_info(
+            self.spec,
+            glue.single_study(glue.require_input(pb_utils, request, "STUDY_INFO"), "STUDY_INFO"),
+        )
+        sources = glue.single_study(
+            glue.require_input(pb_utils, request, "SAMPLE_SOURCE"), "SAMPLE_SOURCE"
+        )
+        validation.check_sample_source(sources, output.shape[0], info.instances)
+        return output, sources, info

@@ -1,7 +1,9 @@
 """<task>_preprocess: DICOM bytes + clinical JSON -> network samples (Python backend, CPU).
 
 Glue only: the work is `abdoserve.preprocessing.study.StudyPreparer`. Shared by all five
-tasks; the task comes from the config parameter "task".
+tasks; the task comes from the config parameter "task". It takes the ensemble's own
+inputs, so a direct call is checked exactly as one through the ensemble: tensor dtype
+and rank here, CLINICAL (the ROI included) by the intake.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
+from abdoserve.serving import validation
 from abdoserve.serving.metrics import IntakeMetrics
 from abdoserve.serving.warmup import read_warmup
 
@@ -52,9 +55,9 @@ class TritonPythonModel:
     def handle(self, request: Any) -> Any:
         started = time.perf_counter()
         try:
-            instances = glue.bytes_elements(
-                glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
-            )
+            dicom = glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
+            validation.check_bytes_input(dicom, "DICOM")
+            instances = glue.bytes_elements(dicom)
             self.metrics.received(len(instances), sum(len(item) for item in instances))
             clinical = self.clinical(request)
             prepared = self.prepare(instances, clinical)
@@ -81,7 +84,9 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, "CLINICAL")
         if tensor is None:
             return {}
-        elements = glue.bytes_elements(glue.single_study(tensor.as_numpy(), "CLINICAL"))
+        clinical = glue.single_study(tensor.as_numpy(), "CLINICAL")
+        validation.check_bytes_input(clinical, "CLINICAL")
+        elements = glue.bytes_elements(clinical)
         if len(elements) != 1:
             raise ClinicalInputError("input 'CLINICAL' must hold exactly one JSON object")
         return load_clinical_json(elements[0], self.spec.limits)
