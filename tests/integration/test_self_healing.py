@@ -19,6 +19,7 @@ import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import ServerOptions, free_port, free_ports
+from abdoserve.deploy.isolation import server_shm
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.phantom import build_study
@@ -233,7 +234,7 @@ def test_a_killed_server_is_restarted_and_leaves_no_stub_or_region_behind(
     assert server is not None and server.process is not None
     old_prefix, old_pid = supervisor.region_prefix, server.process.pid
     old_stubs = list(stubs.stubs_of(old_pid))
-    assert old_stubs and stubs.stale_regions(old_prefix)
+    assert old_stubs and stubs.stale_regions(old_prefix, server_shm(old_pid))
     os.kill(old_pid, signal.SIGKILL)
     wait_until(
         lambda: metric(supervisor, "abdoserve_supervisor_server_restarts_total") == 1,
@@ -242,6 +243,8 @@ def test_a_killed_server_is_restarted_and_leaves_no_stub_or_region_behind(
     wait_until(supervisor.is_ready, "the restarted server")
     assert supervisor.server is not None and supervisor.server.process is not None
     assert supervisor.server.process.pid != old_pid
+    # With the server and every stub gone, nothing holds its mount namespace: the private
+    # tmpfs and its regions went with them; the host's /dev/shm never held one.
     assert all(stubs.process_state(pid) is None for pid in old_stubs), "orphaned stubs live on"
     assert stubs.stale_regions(old_prefix) == []
     assert supervisor.region_prefix != old_prefix
@@ -271,7 +274,7 @@ def footprint_mib(supervisor: Supervisor) -> dict[str, int]:
     for pid, stub in stubs.stubs_of(server_pid).items():
         if not stub.dead:
             parts[stub.model] = parts.get(stub.model, 0) + anonymous_mib(pid)
-    shm = stubs.stale_regions(supervisor.region_prefix)
+    shm = stubs.stale_regions(supervisor.region_prefix, server_shm(server_pid))
     parts["/dev/shm"] = sum(path.stat().st_size for path in shm) >> 20
     return parts
 
