@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import IO
 
 from abdoserve.deploy.isolation import ShmIsolation, prepare_staging, wrap
-from abdoserve.deploy.model_control import ADMIN_HEADER, SHM_HEADER
+from abdoserve.deploy.model_control import ADMIN_HEADER, GUARD_HEADER, SHM_HEADER
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = PROJECT_ROOT / "build"
@@ -73,6 +73,8 @@ class ServerOptions:
     # A separate key for the shared-memory API alone, given to the one co-located
     # sender of `shm.shared_region`; None: shared memory is under the admin key.
     shm_key: str | None = None
+    # Behind the guard: inference only with the key nginx adds to what it forwards.
+    inference_key: str | None = None
     # The server's /dev/shm: a private tmpfs by default (see abdoserve.deploy.isolation).
     shm: ShmIsolation = field(default_factory=ShmIsolation)
     # The Python backend's /dev/shm region names start with this: one server's regions
@@ -201,6 +203,8 @@ class EmbeddedServer:
         else:
             restricted.append(f"shared-memory:{SHM_HEADER}={options.shm_key}")
         restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={options.admin_key}")
+        if options.inference_key is not None:
+            restricted.append(f"inference:{GUARD_HEADER}={options.inference_key}")
         args = ["--model-control-mode=explicit", "--load-model=*"]
         for setting in restricted:
             args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]

@@ -25,6 +25,7 @@ gRPC callers without one get UNAUTHENTICATED.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -32,6 +33,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from abdoserve.deploy.model_control import GRPC_HEADER_PREFIX, GUARD_HEADER
 
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_UNAUTHENTICATED = 16
@@ -77,6 +80,8 @@ class GuardOptions:
     read_timeout_s: int = 300  # a whole study's inference, as the client deadline allows
     tls: TlsFiles | None = None
     proxied: tuple[ProxiedPort, ...] = ()
+    # Added to every forwarded request: Triton serves inference only to the guard.
+    upstream_key: str | None = None
 
 
 def nginx_binary() -> str:
@@ -115,6 +120,14 @@ def _tls_settings(tls: TlsFiles | None) -> str:
             "ssl_verify_depth 4;",
         ]
     return "".join(f"\n    {line}" for line in lines)
+
+
+def _upstream_key(directive: str, options: GuardOptions) -> str:
+    """The key Triton asks of inference, set (never passed on from the client)."""
+    if options.upstream_key is None:
+        return ""
+    header = GUARD_HEADER if directive == "proxy_set_header" else GRPC_HEADER_PREFIX + GUARD_HEADER
+    return f"\n            {directive} {header} {options.upstream_key};"
 
 
 def _listen(options: GuardOptions, port: int, *flags: str) -> str:
@@ -181,7 +194,7 @@ http {{
         limit_conn inflight {options.max_inflight};
         error_page 495 496 = @unauthenticated;
         location / {{
-            grpc_pass grpc://triton_grpc;
+            grpc_pass grpc://triton_grpc;{_upstream_key("grpc_set_header", options)}
             grpc_read_timeout {options.read_timeout_s}s;
             grpc_send_timeout {options.read_timeout_s}s;
             error_page 413 = @too_large;
@@ -197,7 +210,7 @@ http {{
         location / {{
             proxy_pass http://triton_http;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";{_upstream_key("proxy_set_header", options)}
             proxy_read_timeout {options.read_timeout_s}s;
             proxy_request_buffering off;
         }}
@@ -215,9 +228,12 @@ class NginxGuard:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> NginxGuard:
-        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
         config = self.prefix / "nginx.conf"
-        config.write_text(render_config(self.options, self.prefix))
+        # It holds the key Triton asks of inference: for this user's eyes only.
+        descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(render_config(self.options, self.prefix))
         command = [nginx_binary(), "-p", str(self.prefix), "-c", str(config)]
         checked = subprocess.run(
             [*command, "-t", "-q"], check=False, capture_output=True, text=True

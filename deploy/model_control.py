@@ -16,6 +16,9 @@ from typing import Any
 ADMIN_HEADER = "abdoserve-admin-key"
 # The shared-memory API's own key, where one co-located sender shares a region.
 SHM_HEADER = "abdoserve-shm-key"
+# Behind the guard, inference needs this key, which only nginx adds: a user of the host
+# who reaches Triton's loopback ports directly cannot bypass mutual TLS and the limits.
+GUARD_HEADER = "abdoserve-guard-key"
 # Over gRPC, Triton reads a restricted protocol's key from metadata named with this
 # prefix (`triton-grpc-protocol-abdoserve-admin-key`); over HTTP, the header as is.
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"

@@ -115,11 +115,13 @@ class Supervisor:
         return (supervision.health_host, supervision.health_port)
 
     def _triton_options(self, options: ServerOptions) -> ServerOptions:
-        """Behind a guard, Triton's ports move to loopback ports of their own."""
+        """Behind a guard, Triton's ports move to loopback ports of their own, and serve
+        inference only to requests the guard forwarded (it adds the key)."""
         if self.supervision.guard is None:
             return options
         internal = Ports(grpc=free_port(), http=free_port(), metrics=free_port())
-        return replace(options, host="127.0.0.1", ports=internal)
+        key = secrets.token_urlsafe(32)
+        return replace(options, host="127.0.0.1", ports=internal, inference_key=key)
 
     def start(self) -> Supervisor:
         self._launch()
@@ -187,6 +189,7 @@ class Supervisor:
             body_timeout_s=limits.body_timeout_s,
             tls=self.supervision.tls,
             proxied=tuple(proxied),
+            upstream_key=self.base_options.inference_key,
         )
         prefix = self.base_options.log_file.parent / f"guard-{os.getpid()}"
         self.guard = NginxGuard(options, prefix).start()

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve.deploy.embedded import PROJECT_ROOT, free_port, server_environment, triton_home
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-from tests.integration.pki import Pki, make_pki
+from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.integration
 

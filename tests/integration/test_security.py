@@ -28,13 +28,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.guard import GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX, SHM_HEADER
 from abdoserve.loadtests.phantom import build_study
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
-from tests.integration.pki import Pki, make_pki
+from tests.pki import Pki, make_pki
 
 pytestmark = [
     pytest.mark.integration,
@@ -652,3 +653,39 @@ def test_patient_identifiers_stay_in_the_request(served: Served) -> None:
         if path.is_file() and path.suffix not in (".key",):
             assert_no_identifier(path.read_text(errors="replace"), str(path))
     assert_no_identifier("".join(served.output), "the launcher's output")
+
+
+def triton_ports(served: Served) -> dict[str, int]:
+    """The loopback ports the served tritonserver listens on behind the guard."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and stubs.parent_of(int(entry.name)) == served.process.pid:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            if argv[0].endswith("tritonserver"):
+                flags = dict(arg[2:].split("=", 1) for arg in argv[1:] if "=" in arg)
+                return {"grpc": int(flags["grpc-port"]), "http": int(flags["http-port"])}
+    raise AssertionError("no tritonserver under the served launcher")
+
+
+def test_triton_behind_the_guard_serves_inference_to_the_guard_alone(served: Served) -> None:
+    """A user of the host who finds Triton's loopback ports cannot get past mutual TLS
+    and the guard's limits by calling them directly."""
+    ports = triton_ports(served)
+    instances = build_study(TASK, seed=4).instances
+    with (
+        AbdoServeClient(f"127.0.0.1:{ports['grpc']}", retries=0) as direct,
+        pytest.raises(AbdoServeError) as refused,
+    ):
+        direct.bone_density_ct(instances)
+    assert "restricted" in str(refused.value)
+    assert http_status(f"http://127.0.0.1:{ports['http']}/v2/models/{TASK}/infer") == 403
+    with served.client() as client:  # through the guard, the same call is answered
+        assert client.bone_density_ct(instances).study_values.shape == (1,)
+
+
+def http_status(address: str) -> int:
+    request = urllib.request.Request(address, data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)

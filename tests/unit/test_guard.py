@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
-from abdoserve.deploy.guard import GuardOptions, nginx_binary, render_config
+from abdoserve.deploy.guard import (
+    GuardOptions,
+    ProxiedPort,
+    TlsFiles,
+    nginx_binary,
+    render_config,
+)
 from abdoserve.deploy.supervisor import GuardLimits
 
 OPTIONS = GuardOptions(
@@ -47,3 +54,38 @@ def test_the_byte_budget_becomes_a_request_count_at_the_largest_size() -> None:
     assert GuardLimits(257 * 1024**2, max_inflight_bytes=8 * 1024**3).max_inflight == 31
     assert GuardLimits(8 * 1024**2, max_inflight_bytes=16 * 1024**2).max_inflight == 2
     assert GuardLimits(8 * 1024**2, max_inflight_bytes=1).max_inflight == 1
+
+
+def test_nginx_accepts_tls_mutual_tls_proxied_ports_and_the_upstream_key(tmp_path: Path) -> None:
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    options = replace(
+        OPTIONS,
+        tls=TlsFiles(pki.server.certificate, pki.server.key, client_ca=pki.ca),
+        proxied=(ProxiedPort(18002, 28002), ProxiedPort(18003, 28003)),
+        upstream_key="k3y",
+    )
+    text = render_config(options, tmp_path)
+    config = tmp_path / "nginx.conf"
+    config.write_text(text)
+    checked = subprocess.run(
+        [nginx_binary(), "-p", str(tmp_path), "-c", str(config), "-t"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert text.count(" ssl") >= 4 and "ssl_verify_client on;" in text
+    assert "listen 127.0.0.1:18001 ssl http2;" in text
+    assert "add_header grpc-status 16 always;" in text  # UNAUTHENTICATED without a cert
+    # Probes and scrapes bypass the in-flight budget; the key is set, never passed on.
+    assert text.count("limit_conn inflight") == 2
+    assert "proxy_pass http://127.0.0.1:28003;" in text
+    assert "grpc_set_header triton-grpc-protocol-abdoserve-guard-key k3y;" in text
+    assert "proxy_set_header abdoserve-guard-key k3y;" in text
+
+
+def test_without_tls_no_listener_speaks_it() -> None:
+    text = render_config(replace(OPTIONS, proxied=(ProxiedPort(18002, 28002),)), Path("/g"))
+    assert "ssl" not in text and "guard-key" not in text
