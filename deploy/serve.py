@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except (GuardError, IsolationError, OSError) as error:
         print(f"error: {error}")
         return 2
-    warn_if_exposed(args, supervisor)
+    warn_if_exposed(args, supervisor.supervision)
     try:
         supervisor.start()
         announce(supervisor)
@@ -198,9 +198,9 @@ def shm_isolation(args: argparse.Namespace) -> ShmIsolation:
     return ShmIsolation(private=private, size_bytes=args.shm_size, shared_region=args.shared_region)
 
 
-def warn_if_exposed(args: argparse.Namespace, supervisor: Supervisor) -> None:
+def warn_if_exposed(args: argparse.Namespace, supervision: SupervisorOptions) -> None:
     """Beyond loopback, without TLS, studies and answers cross the network in clear."""
-    if supervisor.supervision.tls is not None or is_loopback(args.host):
+    if supervision.tls is not None or is_loopback(args.host):
         return
     print(
         f"warning: listening on {args.host} without TLS: studies and answers cross the "

@@ -1,0 +1,100 @@
+"""`abdoserve serve`'s security options: what they turn into, and what they refuse."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from abdoserve.deploy import serve
+from abdoserve.deploy.embedded import ServerOptions
+from abdoserve.deploy.guard import GuardError
+from abdoserve.deploy.isolation import IsolationError
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def key_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        *[("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True)],
+        *[("0.0.0.0", False), ("10.1.2.3", False), ("::", False), ("pacs.hospital", False)],
+    ],
+)
+def test_only_loopback_addresses_count_as_loopback(host: str, loopback: bool) -> None:
+    assert serve.is_loopback(host) is loopback
+
+
+def test_beyond_loopback_without_tls_a_warning_is_printed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = parse("--host", "0.0.0.0", "--guard", "off")
+    serve.warn_if_exposed(args, serve.supervisor_options(args))
+    assert "warning: listening on 0.0.0.0 without TLS" in capsys.readouterr().out
+    serve.warn_if_exposed(
+        parse("--guard", "off"), serve.supervisor_options(parse("--guard", "off"))
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_tls_needs_both_files_and_files_that_exist(tmp_path: Path) -> None:
+    certificate = key_file(tmp_path / "server.pem", "x")
+    with pytest.raises(GuardError, match="both"):
+        serve.tls_files(parse("--tls-cert", str(certificate)))
+    with pytest.raises(GuardError, match="does not exist"):
+        serve.tls_files(parse("--tls-cert", str(certificate), "--tls-key", str(tmp_path / "no")))
+    with pytest.raises(GuardError, match="needs --tls-cert"):
+        serve.tls_files(parse("--tls-client-ca", str(certificate)))
+    assert serve.tls_files(parse()) is None
+
+
+def test_tls_with_the_guard_off_is_refused(tmp_path: Path) -> None:
+    pem = key_file(tmp_path / "server.pem", "x")
+    args = parse("--guard", "off", "--tls-cert", str(pem), "--tls-key", str(pem))
+    supervision = serve.supervisor_options(args)
+    with pytest.raises(GuardError, match="TLS is served by the guard"):
+        serve.Supervisor(serve.server_options(args), supervision)
+
+
+def test_keys_come_from_files_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(serve.ADMIN_KEY_VARIABLE, "from-env")
+    assert serve.read_key(None, serve.ADMIN_KEY_VARIABLE) == "from-env"
+    private = key_file(tmp_path / "admin.key", "from-file\n")
+    assert serve.read_key(private, serve.ADMIN_KEY_VARIABLE) == "from-file"
+    assert capsys.readouterr().out == ""
+    shared = key_file(tmp_path / "shared.key", "readable", mode=0o644)
+    assert serve.read_key(shared, serve.ADMIN_KEY_VARIABLE) == "readable"
+    assert "readable by other users" in capsys.readouterr().out
+    with pytest.raises(OSError, match="empty"):
+        serve.read_key(key_file(tmp_path / "empty.key", "\n"), serve.ADMIN_KEY_VARIABLE)
+
+
+def test_a_shared_region_needs_its_own_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(serve.SHM_KEY_VARIABLE, raising=False)
+    with pytest.raises(IsolationError, match="shared-memory key"):
+        serve.server_options(parse("--shm-isolation", "host", "--shared-region", "x"))
+
+
+def test_the_shared_memory_key_moves_shared_memory_out_of_the_admin_group() -> None:
+    from abdoserve.deploy.embedded import EmbeddedServer
+
+    closed = EmbeddedServer(ServerOptions(Path("/r"), admin_key="A")).control_args()
+    admin = "model-repository,statistics,trace,logging"
+    assert f"--grpc-restricted-protocol={admin},shared-memory:abdoserve-admin-key=A" in closed
+    opted_in = EmbeddedServer(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
+    args = opted_in.control_args()
+    assert "--http-restricted-api=shared-memory:abdoserve-shm-key=S" in args
+    assert f"--http-restricted-api={admin}:abdoserve-admin-key=A" in args
