@@ -68,11 +68,21 @@ class ProxiedPort:
 
 
 @dataclass(frozen=True)
+class Backend:
+    """One Triton behind the guard: its loopback gRPC and HTTP ports. A backend that is
+    not `up` (draining, restarting) stays listed as `down`, so it gets no new request."""
+
+    grpc_port: int
+    http_port: int
+    up: bool = True
+
+
+@dataclass(frozen=True)
 class GuardOptions:
     host: str
     grpc_port: int  # public
     http_port: int  # public
-    upstream_grpc_port: int  # Triton's, on loopback
+    upstream_grpc_port: int  # one Triton's, on loopback (or see `backends`)
     upstream_http_port: int
     max_body_bytes: int
     max_inflight: int = 32
@@ -82,6 +92,11 @@ class GuardOptions:
     proxied: tuple[ProxiedPort, ...] = ()
     # Added to every forwarded request: Triton serves inference only to the guard.
     upstream_key: str | None = None
+    # Several Tritons (local replicas) balanced round robin; empty: the one above.
+    backends: tuple[Backend, ...] = ()
+
+    def all_backends(self) -> tuple[Backend, ...]:
+        return self.backends or (Backend(self.upstream_grpc_port, self.upstream_http_port),)
 
 
 def nginx_binary() -> str:
@@ -128,6 +143,22 @@ def _upstream_key(directive: str, options: GuardOptions) -> str:
         return ""
     header = GUARD_HEADER if directive == "proxy_set_header" else GRPC_HEADER_PREFIX + GUARD_HEADER
     return f"\n            {directive} {header} {options.upstream_key};"
+
+
+def _upstream(name: str, ports: list[tuple[int, bool]]) -> str:
+    """An upstream group; a backend that fails a connection rests 5 s before a retry."""
+    servers = " ".join(
+        f"server 127.0.0.1:{port}{' max_fails=1 fail_timeout=5s' if up else ' down'};"
+        for port, up in ports
+    )
+    return f"upstream {name} {{ {servers} keepalive 32; }}"
+
+
+def _upstreams(options: GuardOptions) -> str:
+    backends = options.all_backends()
+    grpc = _upstream("triton_grpc", [(backend.grpc_port, backend.up) for backend in backends])
+    http = _upstream("triton_http", [(backend.http_port, backend.up) for backend in backends])
+    return f"{grpc}\n    {http}"
 
 
 def _listen(options: GuardOptions, port: int, *flags: str) -> str:
@@ -186,8 +217,7 @@ http {{
     limit_conn_status 503;
     limit_conn_log_level warn;
 
-    upstream triton_grpc {{ server 127.0.0.1:{options.upstream_grpc_port}; keepalive 32; }}
-    upstream triton_http {{ server 127.0.0.1:{options.upstream_http_port}; keepalive 32; }}
+    {_upstreams(options)}
 
     server {{
         {_listen(options, options.grpc_port, "http2")}
@@ -197,6 +227,10 @@ http {{
             grpc_pass grpc://triton_grpc;{_upstream_key("grpc_set_header", options)}
             grpc_read_timeout {options.read_timeout_s}s;
             grpc_send_timeout {options.read_timeout_s}s;
+            # Inference is idempotent: a request whose Triton failed (refused the
+            # connection, reset it mid-request) is sent once more, to another one.
+            grpc_next_upstream error timeout non_idempotent;
+            grpc_next_upstream_tries 2;
             error_page 413 = @too_large;
             error_page 503 = @busy;
         }}{_grpc_refusal("too_large", too_large)}{_grpc_refusal("busy", busy)}{
@@ -213,6 +247,8 @@ http {{
             proxy_set_header Connection "";{_upstream_key("proxy_set_header", options)}
             proxy_read_timeout {options.read_timeout_s}s;
             proxy_request_buffering off;
+            proxy_next_upstream error timeout non_idempotent;
+            proxy_next_upstream_tries 2;
         }}
     }}{_proxied_servers(options)}
 }}
@@ -228,23 +264,34 @@ class NginxGuard:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> NginxGuard:
-        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
-        config = self.prefix / "nginx.conf"
-        # It holds the key Triton asks of inference: for this user's eyes only.
-        descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(render_config(self.options, self.prefix))
-        command = [nginx_binary(), "-p", str(self.prefix), "-c", str(config)]
-        checked = subprocess.run(
-            [*command, "-t", "-q"], check=False, capture_output=True, text=True
-        )
-        if checked.returncode != 0:
-            raise GuardError(f"nginx refused its configuration: {checked.stderr.strip()}")
+        self._write_config()
+        self._check_config()
         self.process = subprocess.Popen(
-            [*command, "-g", "daemon off;"], stderr=subprocess.DEVNULL, start_new_session=True
+            [*self._command(), "-g", "daemon off;"],
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self._wait_listening(timeout_s)
         return self
+
+    def _command(self) -> list[str]:
+        return [nginx_binary(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")]
+
+    def _write_config(self) -> None:
+        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # It holds the key Triton asks of inference: for this user's eyes only.
+        descriptor = os.open(
+            self.prefix / "nginx.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+        )
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(render_config(self.options, self.prefix))
+
+    def _check_config(self) -> None:
+        checked = subprocess.run(
+            [*self._command(), "-t", "-q"], check=False, capture_output=True, text=True
+        )
+        if checked.returncode != 0:
+            raise GuardError(f"nginx refused its configuration: {checked.stderr.strip()}")
 
     def _wait_listening(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -258,6 +305,15 @@ class NginxGuard:
                 return
             time.sleep(0.05)
         raise GuardError(f"nginx did not listen on {self.options.grpc_port} in {timeout_s} s")
+
+    def reconfigure(self, options: GuardOptions) -> None:
+        """New options without dropping a request: nginx starts workers with the new
+        configuration and lets the old ones finish what they hold (SIGHUP)."""
+        self.options = options
+        self._write_config()
+        if self.process is not None and self.process.poll() is None:
+            self._check_config()
+            self.process.send_signal(signal.SIGHUP)
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

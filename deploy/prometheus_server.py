@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ from typing import IO, Any
 PROMETHEUS_DIR = Path(__file__).resolve().parent / "prometheus"
 RULE_FILES = (str(PROMETHEUS_DIR / "rules" / "*.yml"),)
 JOB = "abdoserve-triton"
+SUPERVISOR_JOB = "abdoserve-supervisor"
 
 
 class PrometheusError(RuntimeError):
@@ -47,13 +48,27 @@ def render_config(
     *,
     interval_s: float = 15.0,
     rule_files: Sequence[str] = RULE_FILES,
+    target_labels: Mapping[str, Mapping[str, str]] | None = None,
+    supervisor_targets: Sequence[str] = (),
 ) -> str:
-    """The config as text: JSON, which is valid YAML, so no YAML library is needed."""
+    """The config as text: JSON, which is valid YAML, so no YAML library is needed.
+    `target_labels` gives a target labels of its own (e.g. `pod` per local replica)."""
     interval = f"{int(interval_s * 1000)}ms"
+    labels = target_labels or {}
+    groups = [
+        {"targets": [target], "labels": dict(labels[target])}
+        if target in labels
+        else {"targets": [target]}
+        for target in targets
+    ]
+    jobs: list[dict[str, object]] = [{"job_name": JOB, "static_configs": groups}]
+    if supervisor_targets:
+        supervisors = {"targets": list(supervisor_targets)}
+        jobs.append({"job_name": SUPERVISOR_JOB, "static_configs": [supervisors]})
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": list(rule_files),
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": jobs,
     }
     return json.dumps(config, indent=2) + "\n"
 
@@ -76,12 +91,15 @@ class PrometheusServer:
         data_dir: Path,
         interval_s: float = 15.0,
         startup_timeout_s: float = 30.0,
+        target_labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.port = port
         self.data_dir = data_dir
         self.config = data_dir / "prometheus.yml"
         self.config.parent.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(render_config(targets, interval_s=interval_s))
+        self.config.write_text(
+            render_config(targets, interval_s=interval_s, target_labels=target_labels)
+        )
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

@@ -17,7 +17,13 @@ from abdoserve.deploy.embedded import BUILD_DIR, Ports, ServerError, ServerOptio
 from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
-from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
+from abdoserve.deploy.tuning_options import (
+    TUNING_OPTIONS,
+    add_tuning_arguments,
+    replica_tuning,
+    repository_tag,
+)
+from abdoserve.export.configs import Tuning
 from abdoserve.preprocessing.tasks import TASKS
 
 ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
@@ -74,7 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=BUILD_DIR / "triton.log",
         help="server log (default build/triton.log)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="Triton replicas behind nginx balancing gRPC and HTTP (default 1); tuning "
+        "options not given are sized so that all replicas fit the cores (docs/scaling.md)",
+    )
     add_tuning_arguments(parser.add_argument_group("tuning (see docs/benchmarks.md)"))
+    # Unset tuning options are sized for the replica count (replica_tuning).
+    parser.set_defaults(**{name: None for _, name, _ in TUNING_OPTIONS})
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,12 +132,11 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abdoserve.export.repository import build_repository, is_built
+    prepare_repository(args)
+    if args.replicas > 1:
+        from abdoserve.deploy.serve_replicas import run_replicas
 
-    tuning = tuning_from(args)
-    if args.rebuild or not is_built(args.repository, tuning=tuning):
-        print(f"building the model repository at {args.repository} ...", flush=True)
-        build_repository(args.repository, tuning=tuning)
+        return run_replicas(args)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
     try:
         supervisor = Supervisor(server_options(args), supervisor_options(args))
@@ -141,6 +155,19 @@ def run(args: argparse.Namespace) -> int:
         code = supervisor.stop()
     print(f"tritonserver stopped ({stop}, exit code {code})")
     return 0
+
+
+def prepare_repository(args: argparse.Namespace) -> None:
+    """Build the repository for the replicas' tuning unless it is built; a tuning other
+    than the defaults gets a folder of its own under build/ unless --repository names one."""
+    from abdoserve.export.repository import build_repository, is_built
+
+    tuning = replica_tuning(args, args.replicas)
+    if args.repository == DEFAULT_REPOSITORY and tuning != Tuning():
+        args.repository = BUILD_DIR / f"model_repository-{repository_tag(tuning)}"
+    if args.rebuild or not is_built(args.repository, tuning=tuning):
+        print(f"building the model repository at {args.repository} ...", flush=True)
+        build_repository(args.repository, tuning=tuning)
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:

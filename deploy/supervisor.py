@@ -98,6 +98,7 @@ class Supervisor:
         self.degraded: set[str] = set()
         self.trimmed_at: dict[str, float] = {}
         self.restarting = False
+        self.draining = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -212,10 +213,16 @@ class Supervisor:
 
     # -- watching ------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Answer not ready from now on, so that a balancer stops sending; the server
+        keeps serving what it already holds until `stop`."""
+        self.draining = True
+
     def is_ready(self) -> bool:
-        """Ready: the server answers ready and no model is degraded or restarting."""
+        """Ready: the server answers ready, no model is degraded or restarting, and it is
+        not draining."""
         server = self.server
-        if server is None or self.restarting or self.degraded:
+        if server is None or self.restarting or self.degraded or self.draining:
             return False
         if self.guard is not None and not self.guard.is_running():
             return False

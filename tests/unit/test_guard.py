@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from abdoserve.deploy.guard import (
+    Backend,
     GuardOptions,
     ProxiedPort,
     TlsFiles,
@@ -45,7 +46,8 @@ def test_the_configuration_carries_every_limit() -> None:
     assert "client_body_timeout 30s;" in text and "client_header_timeout 30s;" in text
     assert text.count("limit_conn inflight 31;") == 2  # gRPC and HTTP share one budget
     assert "grpc_pass grpc://triton_grpc;" in text
-    assert "server 127.0.0.1:28001;" in text and "listen 127.0.0.1:18001 http2;" in text
+    assert "server 127.0.0.1:28001 max_fails=1 fail_timeout=5s;" in text
+    assert "listen 127.0.0.1:18001 http2;" in text
     assert 'grpc-message "request exceeds the limit of 269484032 bytes' in text
     assert "add_header grpc-status 8 always;" in text  # RESOURCE_EXHAUSTED
 
@@ -89,3 +91,24 @@ def test_nginx_accepts_tls_mutual_tls_proxied_ports_and_the_upstream_key(tmp_pat
 def test_without_tls_no_listener_speaks_it() -> None:
     text = render_config(replace(OPTIONS, proxied=(ProxiedPort(18002, 28002),)), Path("/g"))
     assert "ssl" not in text and "guard-key" not in text
+
+
+def test_replicas_are_balanced_and_one_not_up_gets_no_new_request(tmp_path: Path) -> None:
+    backends = (Backend(28001, 28000), Backend(28011, 28010, up=False), Backend(28021, 28020))
+    text = render_config(replace(OPTIONS, backends=backends), tmp_path)
+    assert (
+        "upstream triton_grpc { server 127.0.0.1:28001 max_fails=1 fail_timeout=5s; "
+        "server 127.0.0.1:28011 down; server 127.0.0.1:28021 max_fails=1 fail_timeout=5s;"
+    ) in text
+    assert "server 127.0.0.1:28010 down;" in text
+    # A request whose Triton died mid-way is sent once more, elsewhere (idempotent).
+    assert "grpc_next_upstream error timeout non_idempotent;" in text
+    config = tmp_path / "nginx.conf"
+    config.write_text(text)
+    checked = subprocess.run(
+        [nginx_binary(), "-p", str(tmp_path), "-c", str(config), "-t"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr

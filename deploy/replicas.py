@@ -1,0 +1,296 @@
+"""`abdoserve serve --replicas N`: N supervised Triton replicas behind Debian's nginx.
+
+Each replica is a process of its own (abdoserve.deploy.replica) with its Triton on
+loopback ports; nginx (the guard's configuration: limits, TLS, the inference key)
+balances gRPC and HTTP over them round robin on the public ports, and publishes each
+replica's Triton metrics and supervisor health on ports of its own:
+
+    replica i (1..N): metrics on `metrics_port + 10 (i - 1)`, health on
+    `health_port + 10 (i - 1)`; replica 1 keeps the single server's 8002 and 8003.
+
+The launcher does what Kubernetes does for pods: every 0.25 s it reads each replica's
+readiness; one that turns not ready (draining, restarting its server, a model
+degraded) is marked `down` in nginx's configuration and nginx reloaded (gracefully:
+requests in flight finish); one that exits is started again and rejoins when ready.
+A request whose replica dies under it is sent once more to another (nginx's
+`grpc_next_upstream`), and the client retries what still fails as UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from abdoserve.deploy.embedded import Ports, ServerError, free_port
+from abdoserve.deploy.guard import Backend, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
+from abdoserve.deploy.isolation import ShmIsolation
+from abdoserve.deploy.prometheus_server import render_config
+from abdoserve.deploy.replica import ReplicaSpec
+from abdoserve.deploy.supervisor import GuardLimits
+
+log = logging.getLogger(__name__)
+PORT_STRIDE = 10  # replica i's public metrics and health ports: base + 10 (i - 1)
+
+
+@dataclass(frozen=True)
+class ReplicaSetOptions:
+    replicas: int
+    repository: Path
+    public_host: str
+    public_ports: Ports  # gRPC and HTTP balanced; metrics of replica 1, then + 10 each
+    health_port: int  # replica 1's supervisor port, then + 10 each
+    run_dir: Path  # per replica: spec, log; the balancer's prefix; the scrape config
+    guard: GuardLimits
+    tls: TlsFiles | None = None
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    shm: ShmIsolation = field(default_factory=ShmIsolation)
+    interval_s: float = 0.25
+    startup_timeout_s: float = 600.0
+
+    def public_metrics_port(self, index: int) -> int:
+        return self.public_ports.metrics + PORT_STRIDE * (index - 1)
+
+    def public_health_port(self, index: int) -> int:
+        return self.health_port + PORT_STRIDE * (index - 1)
+
+
+class Replica:
+    """One replica process: started, asked whether it is ready, restarted, stopped."""
+
+    def __init__(self, spec: ReplicaSpec, spec_file: Path, output: Path) -> None:
+        self.spec = spec
+        self.spec_file = spec.write(spec_file)
+        self.output = output
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._out: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._out = self.output.open("ab")
+        command = [sys.executable, "-m", "abdoserve.deploy.replica", str(self.spec_file)]
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops replicas
+        )
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def is_ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.spec.health_port}/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def restart(self) -> None:
+        self.close()
+        self.restarts += 1
+        self.start()
+
+    def signal(self, number: int) -> None:
+        if self.is_alive():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(number)
+
+    def wait(self, timeout_s: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+class ReplicaSet:
+    """N replicas and the balancer in front of them; use as a context manager."""
+
+    def __init__(self, options: ReplicaSetOptions) -> None:
+        self.options = options
+        self.inference_key = secrets.token_urlsafe(32)
+        self.replicas = [self._replica(index) for index in range(1, options.replicas + 1)]
+        self.up: tuple[bool, ...] = (False,) * options.replicas
+        self.guard: NginxGuard | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _replica(self, index: int) -> Replica:
+        folder = self.options.run_dir / f"replica-{index}"
+        spec = ReplicaSpec(
+            index=index,
+            repository=str(self.options.repository),
+            log_file=str(folder / "triton.log"),
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            health_port=free_port(),
+            admin_key=self.options.admin_key,
+            inference_key=self.inference_key,
+            shm_private=self.options.shm.private,
+            shm_size_bytes=self.options.shm.size_bytes,
+        )
+        return Replica(spec, folder / "spec.json", folder / "replica.log")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> ReplicaSet:
+        for replica in self.replicas:
+            replica.start()
+        self._wait_all_ready()
+        self.up = tuple(True for _ in self.replicas)
+        self.guard = NginxGuard(self._guard_options(), self.options.run_dir / "balancer")
+        self.guard.start()
+        self.write_scrape_config()
+        self._thread = threading.Thread(target=self._watch, name="replicas", daemon=True)
+        self._thread.start()
+        return self
+
+    def _wait_all_ready(self) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while not all(replica.is_ready() for replica in self.replicas):
+            for replica in self.replicas:
+                if not replica.is_alive():
+                    self.stop()
+                    raise ServerError(
+                        f"replica {replica.spec.index} exited while starting; see "
+                        f"{replica.output} and {replica.spec.log_file}"
+                    )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError("the replicas were not ready in time")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """The balancer finishes what it holds, then every replica stops (SIGINT: Triton
+        still completes its requests in flight)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.guard is not None:
+            self.guard.stop()
+        for replica in self.replicas:
+            replica.signal(signal.SIGINT)
+        for replica in self.replicas:
+            replica.wait(timeout_s=60)
+            replica.close()
+
+    def __enter__(self) -> ReplicaSet:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- the balancer ------------------------------------------------------------------
+
+    def _guard_options(self) -> GuardOptions:
+        options, limits = self.options, self.options.guard
+        backends = tuple(
+            Backend(replica.spec.grpc_port, replica.spec.http_port, up)
+            for replica, up in zip(self.replicas, self.up, strict=True)
+        )
+        proxied = []
+        for replica in self.replicas:
+            index = replica.spec.index
+            proxied.append(
+                ProxiedPort(options.public_metrics_port(index), replica.spec.metrics_port)
+            )
+            proxied.append(ProxiedPort(options.public_health_port(index), replica.spec.health_port))
+        return GuardOptions(
+            host=options.public_host,
+            grpc_port=options.public_ports.grpc,
+            http_port=options.public_ports.http,
+            upstream_grpc_port=backends[0].grpc_port,
+            upstream_http_port=backends[0].http_port,
+            max_body_bytes=limits.max_body_bytes,
+            max_inflight=limits.max_inflight,
+            body_timeout_s=limits.body_timeout_s,
+            tls=options.tls,
+            proxied=tuple(proxied),
+            upstream_key=self.inference_key,
+            backends=backends,
+        )
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.options.interval_s):
+            try:
+                self.check_once()
+            except (OSError, ServerError) as error:
+                log.error("replica check failed: %s", error)
+
+    def check_once(self) -> None:
+        for replica in self.replicas:
+            if not replica.is_alive():
+                log.warning("replica %d exited; starting it again", replica.spec.index)
+                replica.restart()
+        up = tuple(replica.is_ready() for replica in self.replicas)
+        if up != self.up and self.guard is not None:
+            self.up = up
+            self.guard.reconfigure(self._guard_options())
+            log.info("balancing over replicas %s", [i + 1 for i, ok in enumerate(up) if ok])
+
+    @property
+    def restarts(self) -> int:
+        return sum(replica.restarts for replica in self.replicas)
+
+    # -- monitoring --------------------------------------------------------------------
+
+    def scrape_targets(self) -> dict[str, dict[str, str]]:
+        """Each replica's public metrics address and its labels: `pod` and `namespace`
+        as on Kubernetes, so the autoscaling rule reads the same here."""
+        host = (
+            "127.0.0.1"
+            if self.options.public_host in ("0.0.0.0", "::")
+            else self.options.public_host
+        )
+        return {
+            f"{host}:{self.options.public_metrics_port(replica.spec.index)}": {
+                "namespace": "local",
+                "pod": f"abdoserve-replica-{replica.spec.index}",
+            }
+            for replica in self.replicas
+        }
+
+    def write_scrape_config(self) -> Path:
+        """A Prometheus configuration listing every replica (TLS aside: with TLS on, add
+        the scrape's tls_config, see docs/security.md)."""
+        path = self.options.run_dir / "prometheus.yml"
+        path.write_text(
+            render_config(list(self.scrape_targets()), target_labels=self.scrape_targets())
+        )
+        return path
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "replicas": [
+                {
+                    "index": replica.spec.index,
+                    "metrics": self.options.public_metrics_port(replica.spec.index),
+                    "health": self.options.public_health_port(replica.spec.index),
+                    "log": replica.spec.log_file,
+                }
+                for replica in self.replicas
+            ]
+        }
