@@ -159,15 +159,19 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare_repository(args: argparse.Namespace) -> None:
     """Build the repository for the replicas' tuning unless it is built; a tuning other
-    than the defaults gets a folder of its own under build/ unless --repository names one."""
-    from abdoserve.export.repository import build_repository, is_built
+    than the defaults gets a folder of its own under build/ unless --repository names one
+    (which may hold some of the tasks: those it holds are served)."""
+    from abdoserve.export.repository import build_repository, built_tasks, is_built
 
     tuning = replica_tuning(args, args.replicas)
+    tasks = tuple(TASKS)
     if args.repository == DEFAULT_REPOSITORY and tuning != Tuning():
         args.repository = BUILD_DIR / f"model_repository-{repository_tag(tuning)}"
-    if args.rebuild or not is_built(args.repository, tuning=tuning):
+    elif args.repository != DEFAULT_REPOSITORY:
+        tasks = built_tasks(args.repository) or tasks
+    if args.rebuild or not is_built(args.repository, tasks, tuning=tuning):
         print(f"building the model repository at {args.repository} ...", flush=True)
-        build_repository(args.repository, tuning=tuning)
+        build_repository(args.repository, tasks, tuning=tuning)
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:

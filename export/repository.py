@@ -177,6 +177,14 @@ def _link_model(folder: Path, source: str) -> None:
     link.symlink_to(Path("..", "..", "_python_models", source))
 
 
+def built_tasks(out: Path) -> tuple[str, ...]:
+    """The tasks a finished build in `out` holds (none if there is no build)."""
+    record = out / BUILD_RECORD
+    if not record.is_file():
+        return ()
+    return tuple(name for name in json.loads(record.read_text()) if name in TASKS)
+
+
 def is_built(
     out: Path,
     tasks: Iterable[str] = tuple(TASKS),

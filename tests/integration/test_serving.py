@@ -7,33 +7,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from abdoserve.deploy.embedded import EmbeddedServer
-from abdoserve.export.reference import TorchReference
 from abdoserve.loadtests.phantom import build_study
-from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import UNTRAINED_NOTICE, aggregate
+from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
 from tests.integration.triton_calls import infer
 
 pytestmark = pytest.mark.integration
-
-RELATIVE_TOLERANCE = 1e-4  # FP32 (docs/architecture.md)
-
-
-def relative_error(served: np.ndarray, reference: np.ndarray) -> float:
-    scale = max(float(np.max(np.abs(reference))), 1e-6)
-    return float(np.max(np.abs(served - reference))) / scale
-
-
-def in_process_reference(
-    task: str, instances: tuple[bytes, ...], clinical: dict[str, object]
-) -> np.ndarray:
-    """The same preprocessing, then PyTorch eager: what the served answer must equal."""
-    spec = TASKS[task]
-    prepared = StudyPreparer(spec)(instances, clinical)
-    features = None
-    if spec.feature_width:
-        features = np.repeat(prepared.features[None, :], prepared.samples.shape[0], axis=0)
-    return TorchReference(spec)(prepared.samples, features)
 
 
 @pytest.fixture(scope="module")

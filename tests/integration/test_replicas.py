@@ -1,0 +1,250 @@
+"""`abdoserve serve --replicas 2` under mixed traffic: one replica's tritonserver
+SIGKILLed, another replica drained with SIGTERM; the client through nginx sees no
+failure, every answer equals the in-process reference, and the replicas rejoin."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abdoserve.deploy import stubs
+from abdoserve.deploy.embedded import free_port
+from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.phantom import build_study
+from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.answer import aggregate
+from abdoserve_client import AbdoServeClient
+from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SERVED = ("bone_density_ct", "liver_fibrosis_ct")
+TUNING = Tuning(preprocess_instances=1, net_instances=1, net_intra_op_threads=1)
+WAIT_S = 300.0
+TRAFFIC_S = 30.0
+
+
+@dataclass
+class Launched:
+    process: subprocess.Popen[str]
+    grpc: int
+    metrics: int
+    health: int
+    run_dir: Path
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def replica_pid(self, index: int) -> int:
+        spec = str(self.run_dir / f"replica-{index}" / "spec.json")
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._argv(entry)[-1:] == [spec]:
+                return int(entry.name)
+        raise AssertionError(f"no process for replica {index}")
+
+    def triton_pid(self, index: int) -> int:
+        parent = self.replica_pid(index)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and stubs.parent_of(int(entry.name)) == parent:
+                argv = self._argv(entry)
+                if argv and argv[0].endswith("tritonserver"):
+                    return int(entry.name)
+        raise AssertionError(f"no tritonserver under replica {index}")
+
+    @staticmethod
+    def _argv(entry: Path) -> list[str]:
+        try:
+            return (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            return []
+
+    def ready(self, index: int) -> bool:
+        """Replica `index`'s supervisor health, through the balancer's port for it."""
+        url = f"http://127.0.0.1:{self.health + 10 * (index - 1)}/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def successes(self, index: int) -> float:
+        """Ensemble successes counted by replica `index`'s own Triton."""
+        url = f"http://127.0.0.1:{self.metrics + 10 * (index - 1)}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("nv_inference_request_success")
+            and any(f'model="{task}"' in line for task in SERVED)
+        )
+
+
+def wait_until(condition: object, what: str) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from abdoserve.export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("replicas") / "model_repository"
+    build_repository(out, SERVED, tuning=TUNING)
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    folder = tmp_path_factory.mktemp("serve")
+    ports = {name: free_port() for name in ("grpc", "http", "metrics", "health")}
+    command = [
+        str(Path(sys.executable).parent / "abdoserve"),
+        "serve",
+        "--replicas=2",
+        f"--repository={repository}",
+        f"--grpc-port={ports['grpc']}",
+        f"--http-port={ports['http']}",
+        f"--metrics-port={ports['metrics']}",
+        f"--supervisor-port={ports['health']}",
+        f"--log-file={folder / 'triton.log'}",
+        "--preprocess-instances=1",
+        "--net-instances=1",
+        "--net-threads=1",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    run = Launched(process, ports["grpc"], ports["metrics"], ports["health"], folder / "replicas")
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            run.output.append(line)
+            if line.startswith("AbdoServe ready"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(WAIT_S)
+    assert process.poll() is None, "".join(run.output)
+    yield run
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=180) == 0, "".join(run.output)
+    leftovers = [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and any(str(path) in " ".join(Launched._argv(entry)) for path in (run.run_dir, repository))
+    ]
+    assert not leftovers, "replicas, servers or stubs outlived the launcher"
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    """Per task, the study answer the in-process reference gives for the traffic's study."""
+    found = {}
+    for task in SERVED:
+        study = build_study(task, seed=7)
+        scores = in_process_reference(task, study.instances, dict(study.clinical))
+        found[task] = aggregate(TASKS[task].output, scores)
+    return found
+
+
+class Traffic:
+    """Four threads of mixed studies through the balancer, each answer checked."""
+
+    def __init__(self, url: str, expected: dict[str, np.ndarray]) -> None:
+        self.url = url
+        self.expected = expected
+        self.studies = {task: build_study(task, seed=7) for task in SERVED}
+        self.answered = 0
+        self.failures: list[str] = []
+        self.wrong: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(4)]
+
+    def _run(self, offset: int) -> None:
+        with AbdoServeClient(self.url, timeout_s=60) as client:
+            turn = offset
+            while not self._stop.is_set():
+                task = SERVED[turn % len(SERVED)]
+                turn += 1
+                study = self.studies[task]
+                try:
+                    values = client.infer(task, study.instances, study.clinical).study_values
+                except Exception as error:  # every failure is a finding: keep it
+                    self.failures.append(f"{task}: {error}")
+                    continue
+                self.answered += 1
+                if relative_error(values, self.expected[task]) > RELATIVE_TOLERANCE:
+                    self.wrong.append(task)
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def test_a_killed_replica_loses_no_request_and_rejoins(
+    launched: Launched, expected: dict[str, np.ndarray]
+) -> None:
+    killed = launched.triton_pid(1)
+    with Traffic(launched.url, expected) as traffic:
+        time.sleep(TRAFFIC_S / 3)
+        before = traffic.answered
+        stubs.kill(killed)
+        time.sleep(TRAFFIC_S * 2 / 3)
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.wrong == []
+    assert before > 0 and traffic.answered > before
+    # Replica 1 runs a new server and takes requests again.
+    wait_until(lambda: launched.ready(1) and launched.ready(2), "both replicas ready")
+    assert launched.triton_pid(1) != killed
+    served_before = launched.successes(1)
+    with AbdoServeClient(launched.url, timeout_s=60) as client:
+        study = build_study(SERVED[0], seed=7)
+        for _ in range(8):  # round robin: half of them reach replica 1
+            client.infer(SERVED[0], study.instances)
+    assert launched.successes(1) > served_before
+
+
+def test_a_drained_replica_loses_no_request(
+    launched: Launched, expected: dict[str, np.ndarray]
+) -> None:
+    wait_until(lambda: launched.ready(1) and launched.ready(2), "both replicas ready")
+    drained = launched.replica_pid(2)
+    with Traffic(launched.url, expected) as traffic:
+        time.sleep(TRAFFIC_S / 3)
+        before = traffic.answered
+        os.kill(drained, signal.SIGTERM)
+        time.sleep(TRAFFIC_S * 2 / 3)
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.wrong == []
+    assert traffic.answered > before > 0
+    log = (launched.run_dir / "replica-2" / "replica.log").read_text()
+    assert "replica 2 draining" in log and "replica 2 stopped (tritonserver exit code 0)" in log
+    wait_until(lambda: launched.replica_pid(2) != drained and launched.ready(2), "replica 2 back")
