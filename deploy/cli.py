@@ -24,6 +24,8 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
+    (("bench", "autoscale"), "abdoserve.loadtests.bench.autoscale", "the HPA signal under a ramp"),
+    (("bench", "replicas"), "abdoserve.loadtests.bench.replicas", "1 vs N replicas, and nginx"),
     (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),
     (("soak",), "abdoserve.loadtests.soak", "hours of traffic at a fixed rate, watching for leaks"),
 )

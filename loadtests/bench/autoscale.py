@@ -1,0 +1,196 @@
+"""`abdoserve bench autoscale`: the autoscaling signal, measured on real replicas.
+
+Starts `--replicas` local replicas behind nginx (as `abdoserve serve --replicas`), a
+real Prometheus scraping each replica with the `namespace`/`pod` labels a PodMonitor
+gives on Kubernetes, and a locust step ramp of the hospital-day mix. Every
+`--sample-s` it evaluates the prometheus-adapter rule's own query (read from
+deploy/k8s/prometheus-adapter/rules.yaml, its template filled in as the adapter
+would for the pods) and the replica count the HorizontalPodAutoscaler would ask for
+with the target of deploy/k8s/base/horizontalpodautoscaler.yaml:
+
+    desired = ceil(current replicas x mean over pods / target)   (HPA's formula,
+    unchanged within its 10 % tolerance)
+
+It prints the series, writes them as JSON and plots them (users, signal per pod,
+desired replicas over time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from abdoserve.deploy.embedded import BUILD_DIR, PROJECT_ROOT, Ports, free_port
+from abdoserve.deploy.prometheus_server import PrometheusServer
+from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
+from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepare_repository
+from abdoserve.deploy.supervisor import GuardLimits
+from abdoserve.deploy.tuning_options import TUNING_OPTIONS
+from abdoserve.loadtests.cli import SCENARIOS_DIR, execute
+from abdoserve.loadtests.profiles import step_users
+
+ADAPTER_RULES = PROJECT_ROOT / "deploy" / "k8s" / "prometheus-adapter" / "rules.yaml"
+HPA = PROJECT_ROOT / "deploy" / "k8s" / "base" / "horizontalpodautoscaler.yaml"
+HPA_TOLERANCE = 0.1  # the controller's default: no change within 10 % of the target
+NAMESPACE = "local"
+
+
+@dataclass(frozen=True)
+class Point:
+    at_s: float
+    users: int
+    signal_by_pod: dict[str, float]
+    desired_replicas: int
+
+
+def adapter_query(rules: Path = ADAPTER_RULES, namespace: str = NAMESPACE) -> str:
+    """The adapter's metricsQuery with its template filled in for every pod of a
+    namespace, grouped by pod, as the custom metrics API asks it."""
+    match = re.search(r"metricsQuery:\s*'([^']+)'", rules.read_text())
+    if match is None:
+        raise ValueError(f"no metricsQuery in {rules}")
+    query = match.group(1).replace("<<.GroupBy>>", "pod")
+    return query.replace("<<.LabelMatchers>>", f'namespace="{namespace}",pod!=""')
+
+
+def hpa_target(hpa: Path = HPA) -> float:
+    """The HPA's averageValue target as a number ("200m" is 0.2)."""
+    match = re.search(r"averageValue:\s*\"?([0-9.]+)(m?)\"?", hpa.read_text())
+    if match is None:
+        raise ValueError(f"no averageValue target in {hpa}")
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "m" else value
+
+
+def desired_replicas(current: int, values: list[float], target: float) -> int:
+    """The HorizontalPodAutoscaler's formula for a Pods metric (mean over the pods)."""
+    if not values:
+        return current
+    ratio = sum(values) / len(values) / target
+    if abs(ratio - 1.0) <= HPA_TOLERANCE:
+        return current
+    return max(1, math.ceil(current * ratio))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", type=int, default=2, help="local replicas (default 2)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help="the repository (default: as `abdoserve serve --replicas N` picks and builds it)",
+    )
+    parser.add_argument("--users", type=int, default=16, help="peak users (default 16)")
+    parser.add_argument("--run-time", default="4m", help="the ramp, 4 steps (default 4m)")
+    parser.add_argument("--sample-s", type=float, default=5.0, help="sampling period (5 s)")
+    parser.add_argument(
+        "--out", type=Path, default=BUILD_DIR / "autoscale", help="JSON, PNG, locust files"
+    )
+    parser.add_argument("--plot", type=Path, help="also write the PNG here (docs/figures/...)")
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    serving = argparse.Namespace(repository=args.repository, replicas=args.replicas, rebuild=False)
+    vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
+    prepare_repository(serving)  # sized for the replicas, as `serve` does
+    args.repository = serving.repository
+    options = ReplicaSetOptions(
+        replicas=args.replicas,
+        repository=args.repository,
+        public_host="127.0.0.1",
+        public_ports=Ports(grpc=free_port(), http=free_port(), metrics=free_port()),
+        health_port=free_port(),
+        run_dir=args.out / "replicas",
+        guard=GuardLimits(max_body_bytes=257 * 1024 * 1024),
+    )
+    query, target = adapter_query(), hpa_target()
+    print(f"signal: {query}\nHPA target: {target} s per request", flush=True)
+    with ReplicaSet(options) as replicas:
+        targets = replicas.scrape_targets()
+        with PrometheusServer(
+            list(targets),
+            port=free_port(),
+            data_dir=args.out / "prometheus",
+            interval_s=2.0,
+            target_labels=targets,
+        ) as prometheus:
+            points = ramp(args, prometheus, query, target, replicas.options.public_ports.grpc)
+    report(args, points, query, target)
+    return 0
+
+
+def ramp(
+    args: argparse.Namespace,
+    prometheus: PrometheusServer,
+    query: str,
+    target: float,
+    grpc_port: int,
+) -> list[Point]:
+    """Locust's step ramp in the background, the signal sampled meanwhile."""
+    locust = argparse.Namespace(
+        scenario=SCENARIOS_DIR / "step_ramp.py",
+        users=args.users,
+        spawn_rate=float(args.users),
+        run_time=args.run_time,
+        host=f"127.0.0.1:{grpc_port}",
+        deadline_s=120.0,
+        root_cert=None,
+        client_key=None,
+        client_cert=None,
+        tls=False,
+        user_class=[],
+    )
+    done = threading.Event()
+    codes: list[int] = []
+
+    def run_locust() -> None:
+        codes.append(execute(locust, args.out))
+        done.set()
+
+    worker = threading.Thread(target=run_locust)
+    duration = _seconds(args.run_time)
+    started = time.monotonic()
+    worker.start()
+    points = []
+    while not done.wait(args.sample_s):
+        at = time.monotonic() - started
+        values = {sample.labels["pod"]: sample.value for sample in prometheus.query(query)}
+        users = step_users(at, args.users, duration) or 0
+        desired = desired_replicas(args.replicas, list(values.values()), target)
+        points.append(Point(round(at, 1), users, values, desired))
+        signal = ", ".join(f"{pod} {value * 1e3:.0f} ms" for pod, value in sorted(values.items()))
+        print(f"{at:6.0f} s  {users:3d} users  {signal}  -> {desired} replicas", flush=True)
+    worker.join()
+    if codes and codes[0] not in (0, 1):
+        print(f"warning: locust exited with {codes[0]}; see {args.out / 'locust.log'}")
+    return points
+
+
+def _seconds(run_time: str) -> float:
+    from abdoserve.loadtests.cli import run_time_s
+
+    return float(run_time_s(run_time))
+
+
+def report(args: argparse.Namespace, points: list[Point], query: str, target: float) -> None:
+    result = {
+        "query": query,
+        "target_s": target,
+        "replicas": args.replicas,
+        "users": args.users,
+        "points": [asdict(point) for point in points],
+    }
+    (args.out / "autoscale.json").write_text(json.dumps(result, indent=2) + "\n")
+    from abdoserve.loadtests.bench.autoscale_plot import plot
+
+    for path in (args.out / "autoscale.png", args.plot):
+        if path is not None:
+            plot(points, target, path)
+            print(f"plot: {path}")
