@@ -40,8 +40,8 @@ ADAPTER_RULES = K8S / "prometheus-adapter" / "rules.yaml"
 RECORDING_RULES = PROMETHEUS_DIR / "rules" / "abdoserve-recording.yml"
 KUBERNETES_VERSION = "1.31"  # the oldest minor the manifests must work on
 NAMESPACE = "abdoserve"
-HPA_METRIC = "abdoserve_net_queue_seconds_per_request"
-HPA_RULE = "namespace_pod:abdoserve_net_queue_seconds_per_request:rate1m"
+HPA_METRIC = "abdoserve_queue_seconds_per_study"
+HPA_RULE = "namespace_pod:abdoserve_queue_seconds_per_study:rate1m"
 
 # Custom resources: (apiVersion, kind) -> the vendored schema (see its README).
 CRDS = {
@@ -546,10 +546,12 @@ def test_the_adapter_serves_the_recording_rule_per_pod() -> None:
     assert re.fullmatch(rule["name"]["matches"], HPA_RULE)
     assert "<<.LabelMatchers>>" in rule["metricsQuery"]
     assert "<<.GroupBy>>" in rule["metricsQuery"]
-    # The rule is per (namespace, pod) and reads the _net models only.
+    # The rule is per (namespace, pod): the composing models' queues over the
+    # ensembles' (the studies') answers.
     expr = " ".join(expressions[HPA_RULE].split())
     assert expr.count("sum by (namespace, pod)") == 3
-    assert expr.count('{model=~".+_net"}') == 3
+    assert expr.count('queue_duration_us{model=~".+_(preprocess|net|postprocess)"}') == 1
+    assert expr.count('success{model!~".+_(preprocess|net|postprocess)"}') == 2
 
 
 def test_the_adapters_queries_are_valid_promql(tmp_path: Path) -> None:
