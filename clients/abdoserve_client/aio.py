@@ -1,9 +1,9 @@
 """`AsyncAbdoServeClient`: the asyncio twin of `AbdoServeClient` (tritonclient.grpc.aio).
 
-Same methods (awaitable), same deadline and retry policy, with `asyncio.sleep`
-between retries. The channel is opened on first use, inside the running event
-loop: a grpc.aio channel made outside it is bound to another loop and every call
-then fails with "attached to a different loop" (seen with `asyncio.run`).
+Same methods (awaitable), same endpoints, deadline and retry policy, with
+`asyncio.sleep` between retries. The channel is opened on first use, inside the
+running event loop: a grpc.aio channel made outside it is bound to another loop and
+every call then fails with "attached to a different loop" (seen with `asyncio.run`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any, TypeVar
 import tritonclient.grpc.aio as aio_client
 from tritonclient.utils import InferenceServerException
 
+from abdoserve_client.endpoints import channel_target, describe
 from abdoserve_client.instances import Instance, load_instances
 from abdoserve_client.metrics import ClientMetrics, timed
 from abdoserve_client.protocol import (
     DEFAULT_URL,
     OUTPUT_NAMES,
+    Deadline,
     RetryPolicy,
     expect,
     fibrosis_ct_clinical,
@@ -42,7 +44,7 @@ from abdoserve_client.results import (
     StudyResult,
     TaskInfo,
 )
-from abdoserve_client.wire import AsyncRawInfer, open_aio_channel
+from abdoserve_client.wire import AsyncRawInfer, open_aio_channel, triton_channel_args
 
 log = logging.getLogger("abdoserve_client")
 T = TypeVar("T")
@@ -53,7 +55,7 @@ class AsyncAbdoServeClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout_s: float = 30.0,
         retries: int = 3,
@@ -62,12 +64,15 @@ class AsyncAbdoServeClient:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        tls_server_name: str | None = None,
         metrics: ClientMetrics | None = None,
     ) -> None:
-        self.url = url
+        self.url = describe(url)
         self.timeout_s = timeout_s
         self.policy = RetryPolicy(retries, backoff_s)
         self.metrics = metrics
+        # Host names in a list are resolved here, once (see endpoints.py).
+        self._target = channel_target(url, ssl=ssl, tls_server_name=tls_server_name)
         self._channel_options: dict[str, Any] = {
             "ssl": ssl,
             "root_certificates": root_certificates,
@@ -78,17 +83,25 @@ class AsyncAbdoServeClient:
         self._raw: Any = None  # inference in wire format (wire.py), opened on first use
         self._tasks: dict[str, TaskInfo] = {}
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # replaced in tests
+        self._clock: Callable[[], float] = time.monotonic  # replaced in tests
 
     @property
     def _triton(self) -> Any:
         if self._client is None:
-            self._client = aio_client.InferenceServerClient(self.url, **self._channel_options)
+            self._client = aio_client.InferenceServerClient(
+                self._target.target,
+                channel_args=triton_channel_args(self._target.options),
+                **self._channel_options,
+            )
         return self._client
 
     @property
     def _transport(self) -> Any:
         if self._raw is None:
-            self._raw = AsyncRawInfer(open_aio_channel(self.url, **self._channel_options))
+            channel = open_aio_channel(
+                self._target.target, options=self._target.options, **self._channel_options
+            )
+            self._raw = AsyncRawInfer(channel)
         return self._raw
 
     async def __aenter__(self) -> AsyncAbdoServeClient:
@@ -111,21 +124,33 @@ class AsyncAbdoServeClient:
         if raw is not None:
             await raw.close()
 
-    async def _call(self, what: str, action: Callable[[], Awaitable[T]], task: str = "") -> T:
-        """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
+    def _deadline(self) -> Deadline:
+        return Deadline(self.timeout_s, self._clock)
+
+    async def _call(
+        self,
+        what: str,
+        action: Callable[[float], Awaitable[T]],
+        deadline: Deadline,
+        task: str = "",
+    ) -> T:
+        """Run one RPC under the retry policy, each attempt given the time left before
+        `deadline` (`action` takes it, in s); errors become `AbdoServeError`s."""
+        target = f"{what} at {self.url}"
         attempt = 0
         while True:
             try:
-                return await action()
+                return await action(deadline.attempt_timeout(target))
             except InferenceServerException as error:
-                delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+                delay = self.policy.delay_or_raise(error, attempt, target, deadline)
             if self.metrics is not None:
                 self.metrics.retried(task)
             await self._sleep(delay)
             attempt += 1
 
     async def is_ready(self) -> bool:
-        """Whether the server answers and reports ready (one try, no retries)."""
+        """Whether the server answers and reports ready (one try, no retries); with several
+        endpoints, the one round_robin picked: some server is up."""
         try:
             return bool(await self._triton.is_server_ready(client_timeout=self.timeout_s))
         except InferenceServerException as error:
@@ -134,15 +159,20 @@ class AsyncAbdoServeClient:
 
     async def task_info(self, task: str) -> TaskInfo:
         """The task's published description (labels, units, inputs), fetched once."""
+        return await self._task_info(task, self._deadline())
+
+    async def _task_info(self, task: str, deadline: Deadline) -> TaskInfo:
         if task not in self._tasks:
             config = await self._call(
                 "model config",
-                lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+                lambda timeout: self._triton.get_model_config(task, client_timeout=timeout),
+                deadline,
                 task,
             )
             metadata = await self._call(
                 "model metadata",
-                lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+                lambda timeout: self._triton.get_model_metadata(task, client_timeout=timeout),
+                deadline,
                 task,
             )
             self._tasks[task] = task_info(config, metadata)
@@ -158,16 +188,19 @@ class AsyncAbdoServeClient:
         instances: Sequence[Instance],
         clinical: Mapping[str, Any] | None = None,
     ) -> StudyResult:
-        """One study through the task's ensemble; the typed result for its output kind."""
+        """One study through the task's ensemble; the typed result for its output kind;
+        `timeout_s` bounds the whole call, as for `AbdoServeClient.infer`."""
         with timed(self.metrics, task):
-            info = await self.task_info(task)
+            deadline = self._deadline()
+            info = await self._task_info(task, deadline)
             data = load_instances(instances)
             tensors = request_tensors(data, clinical)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
             response = await self._call(
                 f"infer {task}",
-                lambda: self._transport.infer(task, tensors, OUTPUT_NAMES, self.timeout_s),
+                lambda timeout: self._transport.infer(task, tensors, OUTPUT_NAMES, timeout),
+                deadline,
                 task,
             )
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))

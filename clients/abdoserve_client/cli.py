@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", type=Path, help="DICOM files or study folders (all files inside)"
     )
     parser.add_argument(
-        "--url", default="127.0.0.1:8001", help="gRPC HOST:PORT (default %(default)s)"
+        "--url",
+        default="127.0.0.1:8001",
+        help="gRPC HOST:PORT (default %(default)s); several endpoints as HOST:PORT,HOST:PORT "
+        "or a DNS name with several addresses as dns:///NAME:PORT, balanced round robin, "
+        "a retry going to another endpoint",
     )
     clinical = parser.add_argument_group("clinical inputs")
     clinical.add_argument("--age", type=float, help="age in years (liver_fibrosis_ct)")
@@ -53,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clinical.add_argument("--clinical-json", type=Path, help="JSON object of clinical inputs")
     call = parser.add_argument_group("connection")
     call.add_argument(
-        "--timeout", type=float, default=30.0, help="deadline per call in s (default %(default)s)"
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="deadline of the whole call in s, retries included (default %(default)s)",
     )
     call.add_argument(
         "--retries", type=int, default=3, help="retries while UNAVAILABLE (default %(default)s)"
@@ -62,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     call.add_argument("--root-cert", help="PEM root certificates (with --tls)")
     call.add_argument("--client-key", help="PEM private key for mutual TLS")
     call.add_argument("--client-cert", help="PEM certificate chain for mutual TLS")
+    call.add_argument(
+        "--tls-server-name",
+        help="the name on the servers' certificates, where it is not the --url host "
+        "(needed for a --url list of different hosts with --tls)",
+    )
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
@@ -121,6 +133,7 @@ def _infer(args: argparse.Namespace) -> int:
         root_certificates=args.root_cert,
         private_key=args.client_key,
         certificate_chain=args.client_cert,
+        tls_server_name=args.tls_server_name,
     ) as client:
         result = client.infer(args.task, instances, clinical)
         info = client.task_info(args.task)

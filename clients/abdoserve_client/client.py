@@ -1,7 +1,8 @@
 """`AbdoServeClient`: the thin, typed, blocking gRPC client for AbdoServe's five tasks.
 
-One long-lived channel per client; every call carries an explicit deadline
-(`timeout_s`, per attempt); only UNAVAILABLE is retried, with exponential backoff.
+One long-lived channel per client, balanced over one or several endpoints by gRPC's
+round_robin (endpoints.py); every call has a deadline (`timeout_s`) that bounds all its
+attempts and backoff waits; only transient failures are retried (protocol.py).
 Logs go to the `abdoserve_client` logger at DEBUG and never include DICOM content or
 clinical values. For asyncio, see `abdoserve_client.aio.AsyncAbdoServeClient`.
 """
@@ -17,11 +18,13 @@ from typing import Any, TypeVar
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from abdoserve_client.endpoints import channel_target, describe
 from abdoserve_client.instances import Instance, load_instances
 from abdoserve_client.metrics import ClientMetrics, timed
 from abdoserve_client.protocol import (
     DEFAULT_URL,
     OUTPUT_NAMES,
+    Deadline,
     RetryPolicy,
     expect,
     fibrosis_ct_clinical,
@@ -41,7 +44,7 @@ from abdoserve_client.results import (
     StudyResult,
     TaskInfo,
 )
-from abdoserve_client.wire import RawInfer, open_channel
+from abdoserve_client.wire import RawInfer, open_channel, triton_channel_args
 
 log = logging.getLogger("abdoserve_client")
 T = TypeVar("T")
@@ -50,14 +53,19 @@ T = TypeVar("T")
 class AbdoServeClient:
     """Blocking client; use as a context manager or call `close()`.
 
-    TLS: `ssl=True` with `root_certificates` (and, for mutual TLS, `private_key`
-    and `certificate_chain`) given as PEM file paths. `metrics`: a
+    `url`: `"HOST:PORT"`, a gRPC target such as `"dns:///name:8001"`, or several
+    endpoints, `"hostA:8001,hostB:8001"` or a sequence of `HOST:PORT` strings, balanced
+    by gRPC's round_robin (see `abdoserve_client.endpoints`). `timeout_s`: the deadline
+    of each call, retries and backoff waits included. TLS: `ssl=True` with
+    `root_certificates` (and, for mutual TLS, `private_key` and `certificate_chain`)
+    given as PEM file paths; `tls_server_name`: the name the servers' certificates carry,
+    where it is not the endpoint's host. `metrics`: a
     `abdoserve_client.metrics.ClientMetrics` to record each call's latency, retries and errors.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout_s: float = 30.0,
         retries: int = 3,
@@ -66,32 +74,37 @@ class AbdoServeClient:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        tls_server_name: str | None = None,
         metrics: ClientMetrics | None = None,
     ) -> None:
-        self.url = url
+        self.url = describe(url)
         self.timeout_s = timeout_s
         self.policy = RetryPolicy(retries, backoff_s)
         self.metrics = metrics
+        target = channel_target(url, ssl=ssl, tls_server_name=tls_server_name)
         self._triton: Any = grpcclient.InferenceServerClient(
-            url,
+            target.target,
             ssl=ssl,
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
+            channel_args=triton_channel_args(target.options),
         )
         # Inference goes over its own channel, written in wire format (wire.py);
         # tritonclient keeps the metadata calls: readiness, configs.
         self._transport: Any = RawInfer(
             open_channel(
-                url,
+                target.target,
                 ssl=ssl,
                 root_certificates=root_certificates,
                 private_key=private_key,
                 certificate_chain=certificate_chain,
+                options=target.options,
             )
         )
         self._tasks: dict[str, TaskInfo] = {}
         self._sleep: Callable[[float], None] = time.sleep  # replaced in tests
+        self._clock: Callable[[], float] = time.monotonic  # replaced in tests
 
     def __enter__(self) -> AbdoServeClient:
         return self
@@ -109,21 +122,29 @@ class AbdoServeClient:
         self._transport.close()
         self._triton.close()
 
-    def _call(self, what: str, action: Callable[[], T], task: str = "") -> T:
-        """Run one RPC under the retry policy; errors become `AbdoServeError`s."""
+    def _deadline(self) -> Deadline:
+        return Deadline(self.timeout_s, self._clock)
+
+    def _call(
+        self, what: str, action: Callable[[float], T], deadline: Deadline, task: str = ""
+    ) -> T:
+        """Run one RPC under the retry policy, each attempt given the time left before
+        `deadline` (`action` takes it, in s); errors become `AbdoServeError`s."""
+        target = f"{what} at {self.url}"
         attempt = 0
         while True:
             try:
-                return action()
+                return action(deadline.attempt_timeout(target))
             except InferenceServerException as error:
-                delay = self.policy.delay_or_raise(error, attempt, f"{what} at {self.url}")
+                delay = self.policy.delay_or_raise(error, attempt, target, deadline)
             if self.metrics is not None:
                 self.metrics.retried(task)
             self._sleep(delay)
             attempt += 1
 
     def is_ready(self) -> bool:
-        """Whether the server answers and reports ready (one try, no retries)."""
+        """Whether the server answers and reports ready (one try, no retries); with several
+        endpoints, the one round_robin picked: some server is up."""
         try:
             return bool(self._triton.is_server_ready(client_timeout=self.timeout_s))
         except InferenceServerException as error:
@@ -132,15 +153,20 @@ class AbdoServeClient:
 
     def task_info(self, task: str) -> TaskInfo:
         """The task's published description (labels, units, inputs), fetched once."""
+        return self._task_info(task, self._deadline())
+
+    def _task_info(self, task: str, deadline: Deadline) -> TaskInfo:
         if task not in self._tasks:
             config = self._call(
                 "model config",
-                lambda: self._triton.get_model_config(task, client_timeout=self.timeout_s),
+                lambda timeout: self._triton.get_model_config(task, client_timeout=timeout),
+                deadline,
                 task,
             )
             metadata = self._call(
                 "model metadata",
-                lambda: self._triton.get_model_metadata(task, client_timeout=self.timeout_s),
+                lambda timeout: self._triton.get_model_metadata(task, client_timeout=timeout),
+                deadline,
                 task,
             )
             self._tasks[task] = task_info(config, metadata)
@@ -156,16 +182,21 @@ class AbdoServeClient:
         instances: Sequence[Instance],
         clinical: Mapping[str, Any] | None = None,
     ) -> StudyResult:
-        """One study through the task's ensemble; the typed result for its output kind."""
+        """One study through the task's ensemble; the typed result for its output kind.
+
+        `timeout_s` bounds the whole call: the task description's fetch (first call only),
+        every attempt and every backoff wait."""
         with timed(self.metrics, task):
-            info = self.task_info(task)
+            deadline = self._deadline()
+            info = self._task_info(task, deadline)
             data = load_instances(instances)
             tensors = request_tensors(data, clinical)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
             response = self._call(
                 f"infer {task}",
-                lambda: self._transport.infer(task, tensors, OUTPUT_NAMES, self.timeout_s),
+                lambda timeout: self._transport.infer(task, tensors, OUTPUT_NAMES, timeout),
+                deadline,
                 task,
             )
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))

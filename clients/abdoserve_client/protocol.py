@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve_client.errors import (
     AbdoServeError,
+    DeadlineExceededError,
     InvalidRequestError,
     ResponseError,
     ServerUnavailableError,
@@ -55,10 +56,30 @@ def is_transient(failure: AbdoServeError) -> bool:
     return any(marker in failure.message for marker in markers)
 
 
+class Deadline:
+    """The caller's time budget for one call: every attempt and backoff wait fits in it."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._expires = clock() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self._expires - self._clock())
+
+    def attempt_timeout(self, target: str) -> float:
+        """The time the next attempt may take: what is left, or DeadlineExceededError."""
+        remaining = self.remaining()
+        if remaining <= 0.0:
+            raise DeadlineExceededError(f"{target}: the {self.seconds:g} s deadline is spent")
+        return remaining
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retry transient failures (`is_transient`), `retries` times, doubling the wait
-    (inference is idempotent); every other error is raised at once."""
+    (inference is idempotent), while the caller's deadline leaves time for the wait and
+    another attempt; every other error is raised at once."""
 
     retries: int = 3
     backoff_s: float = 0.2
@@ -67,25 +88,40 @@ class RetryPolicy:
         if self.retries < 0 or self.backoff_s < 0:
             raise ValueError("retries and backoff_s must not be negative")
 
-    def delay_or_raise(self, error: InferenceServerException, attempt: int, target: str) -> float:
+    def delay_or_raise(
+        self,
+        error: InferenceServerException,
+        attempt: int,
+        target: str,
+        deadline: Deadline | None = None,
+    ) -> float:
         """Seconds to wait before retrying after failed attempt `attempt` (from 0), or raise
         the typed error with `error` as its cause."""
         failure = from_triton(error)
         if not is_transient(failure):
             raise failure from error
-        if attempt < self.retries:
-            delay = self.backoff_s * 2.0**attempt
-            log.debug(
-                "%s: %s (attempt %d); retrying in %.2f s", target, failure.code, attempt + 1, delay
-            )
-            return delay
-        if failure.code == ServerUnavailableError.code:
-            raise ServerUnavailableError(
-                f"{target} unavailable after {attempt + 1} attempts: {failure.message}"
-            ) from error
-        raise type(failure)(
-            f"{target} failed after {attempt + 1} attempts: {failure.message}", failure.code
-        ) from error
+        delay = self.backoff_s * 2.0**attempt
+        if attempt >= self.retries:
+            raise _exhausted(failure, target, attempt, "") from error
+        if deadline is not None and delay >= deadline.remaining():
+            # No retry could finish in time: the caller hears now, not at the deadline.
+            why = f" (the {deadline.seconds:g} s deadline leaves no time for another)"
+            raise _exhausted(failure, target, attempt, why) from error
+        log.debug(
+            "%s: %s (attempt %d); retrying in %.2f s", target, failure.code, attempt + 1, delay
+        )
+        return delay
+
+
+def _exhausted(failure: AbdoServeError, target: str, attempt: int, why: str) -> AbdoServeError:
+    """The transient failure that was not retried again, with the attempts it took."""
+    if failure.code == ServerUnavailableError.code:
+        return ServerUnavailableError(
+            f"{target} unavailable after {attempt + 1} attempts{why}: {failure.message}"
+        )
+    return type(failure)(
+        f"{target} failed after {attempt + 1} attempts{why}: {failure.message}", failure.code
+    )
 
 
 def clinical_json(clinical: Mapping[str, Any] | None) -> bytes:

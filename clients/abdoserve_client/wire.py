@@ -23,6 +23,7 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
 _CONTENTS_TAG = bytes([(RAW_INPUT_CONTENTS << 3) | 2])  # field 7, wire type 2
 UNLIMITED_MESSAGES = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+ChannelOptions = Sequence[tuple[str, Any]]
 
 
 def encode_infer_request(
@@ -59,12 +60,29 @@ def open_channel(
     root_certificates: str | None,
     private_key: str | None,
     certificate_chain: str | None,
+    options: ChannelOptions = (),
 ) -> Any:
-    """A channel like tritonclient's (PEM files given as paths), without message size caps."""
+    """A channel like tritonclient's (PEM files given as paths), without message size caps;
+    `options`: more channel arguments (the load-balancing policy, see endpoints.py)."""
+    arguments = [*UNLIMITED_MESSAGES, *options]
     if not ssl:
-        return grpc.insecure_channel(url, options=UNLIMITED_MESSAGES)
+        return grpc.insecure_channel(url, options=arguments)
     credentials = _credentials(root_certificates, private_key, certificate_chain)
-    return grpc.secure_channel(url, credentials, options=UNLIMITED_MESSAGES)
+    return grpc.secure_channel(url, credentials, options=arguments)
+
+
+def triton_channel_args(options: ChannelOptions) -> list[tuple[str, Any]]:
+    """tritonclient's own channel arguments plus `options`: given `channel_args`, it drops
+    its defaults (message sizes, keepalive), so they are repeated here."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        *UNLIMITED_MESSAGES,
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        *options,
+    ]
 
 
 def _credentials(*paths: str | None) -> Any:
@@ -105,7 +123,9 @@ class RawInfer:
     ) -> grpcclient.InferResult:
         request = encode_infer_request(task, tensors, outputs)
         try:
-            response = self._call(request, timeout=timeout_s)
+            # Never wait for an endpoint to come back: fail fast (UNAVAILABLE) when none
+            # is up, and let the retry policy spend the caller's deadline.
+            response = self._call(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.RpcError as error:
             raise triton_error(error) from error
         return grpcclient.InferResult(response)
@@ -121,12 +141,14 @@ def open_aio_channel(
     root_certificates: str | None,
     private_key: str | None,
     certificate_chain: str | None,
+    options: ChannelOptions = (),
 ) -> Any:
     """`open_channel` for asyncio: create it inside the running event loop."""
+    arguments = [*UNLIMITED_MESSAGES, *options]
     if not ssl:
-        return grpc.aio.insecure_channel(url, options=UNLIMITED_MESSAGES)
+        return grpc.aio.insecure_channel(url, options=arguments)
     credentials = _credentials(root_certificates, private_key, certificate_chain)
-    return grpc.aio.secure_channel(url, credentials, options=UNLIMITED_MESSAGES)
+    return grpc.aio.secure_channel(url, credentials, options=arguments)
 
 
 class AsyncRawInfer:
@@ -147,7 +169,7 @@ class AsyncRawInfer:
     ) -> grpcclient.InferResult:
         request = encode_infer_request(task, tensors, outputs)
         try:
-            response = await self._call(request, timeout=timeout_s)
+            response = await self._call(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.aio.AioRpcError as error:
             raise triton_error(error) from error
         return grpcclient.InferResult(response)

@@ -202,11 +202,20 @@ def sync_client(fake: FakeTriton, sleeps: list[float], retries: int = 3) -> Abdo
     return client
 
 
+def config_call(client: AbdoServeClient, fake: FakeTriton) -> Any:
+    """One model-config RPC under the client's retry policy and deadline."""
+
+    def action(timeout: float) -> Any:
+        return fake.get_model_config("t", timeout)
+
+    return client._call("config", action, client._deadline())
+
+
 def test_unavailable_is_retried_with_exponential_backoff_then_succeeds() -> None:
     sleeps: list[float] = []
     fake = FakeTriton(["UNAVAILABLE", "UNAVAILABLE"])
     client = sync_client(fake, sleeps)
-    assert client._call("config", lambda: fake.get_model_config("t", 1.0)) == "config"
+    assert config_call(client, fake) == "config"
     assert fake.calls == 3 and sleeps == pytest.approx([0.1, 0.2])
 
 
@@ -230,7 +239,7 @@ def test_a_stub_that_failed_under_the_request_is_retried() -> None:
     sleeps: list[float] = []
     fake = FakeTriton(["INTERNAL", "INTERNAL"], message=STUB_DIED)
     client = sync_client(fake, sleeps)
-    assert client._call("config", lambda: fake.get_model_config("t", 1.0)) == "config"
+    assert config_call(client, fake) == "config"
     assert fake.calls == 3 and sleeps == pytest.approx([0.1, 0.2])
 
 
