@@ -274,23 +274,16 @@ class ReplicaSet:
         }
 
     def write_scrape_config(self) -> Path:
-        """A Prometheus configuration listing every replica (TLS aside: with TLS on, add
-        the scrape's tls_config, see docs/security.md)."""
+        """A Prometheus configuration listing every replica's Triton metrics and
+        supervisor (TLS aside: with TLS on, add the scrapes' tls_config, see
+        docs/security.md)."""
         path = self.options.run_dir / "prometheus.yml"
-        path.write_text(
-            render_config(list(self.scrape_targets()), target_labels=self.scrape_targets())
-        )
+        targets = self.scrape_targets()
+        host = next(iter(targets)).rsplit(":", 1)[0]
+        supervisors = [
+            f"{host}:{self.options.public_health_port(replica.spec.index)}"
+            for replica in self.replicas
+        ]
+        text = render_config(list(targets), target_labels=targets, supervisor_targets=supervisors)
+        path.write_text(text)
         return path
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "replicas": [
-                {
-                    "index": replica.spec.index,
-                    "metrics": self.options.public_metrics_port(replica.spec.index),
-                    "health": self.options.public_health_port(replica.spec.index),
-                    "log": replica.spec.log_file,
-                }
-                for replica in self.replicas
-            ]
-        }

@@ -4,6 +4,7 @@ failure, every answer equals the in-process reference, and the replicas rejoin."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import free_port
+from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.autoscale import adapter_query
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import aggregate
@@ -248,3 +251,33 @@ def test_a_drained_replica_loses_no_request(
     log = (launched.run_dir / "replica-2" / "replica.log").read_text()
     assert "replica 2 draining" in log and "replica 2 stopped (tritonserver exit code 0)" in log
     wait_until(lambda: launched.replica_pid(2) != drained and launched.ready(2), "replica 2 back")
+
+
+def test_the_generated_scrape_config_feeds_the_autoscaling_signal_per_replica(
+    launched: Launched, expected: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A real Prometheus on the launcher's scrape config (each replica labelled as a pod),
+    the recording rules loaded: the prometheus-adapter's own query answers per replica,
+    and it reads a queue once studies wait."""
+    config = json.loads((launched.run_dir / "prometheus.yml").read_text())
+    [triton, supervisors] = config["scrape_configs"]
+    groups = triton["static_configs"]
+    targets = {group["targets"][0]: group["labels"] for group in groups}
+    assert {labels["pod"] for labels in targets.values()} == {
+        "abdoserve-replica-1",
+        "abdoserve-replica-2",
+    }
+    assert len(supervisors["static_configs"][0]["targets"]) == 2
+    query = adapter_query()
+    with PrometheusServer(
+        list(targets), port=free_port(), data_dir=tmp_path, interval_s=1, target_labels=targets
+    ) as prometheus:
+        with Traffic(launched.url, expected) as traffic:  # four at once: studies queue
+            wait_until(
+                lambda: any(sample.value > 0 for sample in prometheus.query(query)),
+                "a replica's queue time to show",
+            )
+        values = {sample.labels["pod"]: sample.value for sample in prometheus.query(query)}
+    assert traffic.failures == []
+    assert set(values) == {"abdoserve-replica-1", "abdoserve-replica-2"}
+    assert all(value >= 0 for value in values.values())
