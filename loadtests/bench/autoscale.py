@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         guard=GuardLimits(max_body_bytes=257 * 1024 * 1024),
     )
     query, target = adapter_query(), hpa_target()
-    print(f"signal: {query}\nHPA target: {target} s per request", flush=True)
+    print(f"signal: {query}\nHPA target: {target} s per study", flush=True)
     with ReplicaSet(options) as replicas:
         targets = replicas.scrape_targets()
         with PrometheusServer(
@@ -161,8 +161,10 @@ def ramp(
     points = []
     while not done.wait(args.sample_s):
         at = time.monotonic() - started
+        users = step_users(at, args.users, duration)
+        if users is None:  # the ramp is over; locust is stopping
+            continue
         values = {sample.labels["pod"]: sample.value for sample in prometheus.query(query)}
-        users = step_users(at, args.users, duration) or 0
         desired = desired_replicas(args.replicas, list(values.values()), target)
         points.append(Point(round(at, 1), users, values, desired))
         signal = ", ".join(f"{pod} {value * 1e3:.0f} ms" for pod, value in sorted(values.items()))

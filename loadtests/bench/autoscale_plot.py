@@ -26,7 +26,7 @@ def plot(points: Sequence[Point], target_s: float, path: Path) -> None:
         values = [1e3 * point.signal_by_pod.get(pod, float("nan")) for point in points]
         signal.plot(times, values, label=pod, color=f"C{index + 1}")
     signal.axhline(1e3 * target_s, color="k", linestyle="--", label="HPA target")
-    signal.set(ylabel="_net queue ms / request", title="the adapter's metric, per pod")
+    signal.set(ylabel="queue ms per study", title="the adapter's metric, per pod")
     signal.legend(fontsize="small")
     replicas.step(times, [point.desired_replicas for point in points], where="post", color="C3")
     replicas.set(ylabel="replicas", xlabel="s", title="what the HPA would ask for")
