@@ -264,6 +264,7 @@ class NginxGuard:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> NginxGuard:
+        self._reap_workers()
         self._write_config()
         self._check_config()
         self.process = subprocess.Popen(
@@ -273,6 +274,13 @@ class NginxGuard:
         )
         self._wait_listening(timeout_s)
         return self
+
+    def _reap_workers(self) -> None:
+        """A master that died (SIGKILL) leaves its workers running, holding the listening
+        ports: kill its whole process group before a new master binds them."""
+        if self.process is not None and self.process.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def _command(self) -> list[str]:
         return [nginx_binary(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")]

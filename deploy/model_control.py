@@ -32,10 +32,14 @@ class ModelControlError(RuntimeError):
     """Triton refused or failed a model-repository call."""
 
 
+class ModelControlTimeout(ModelControlError):
+    """Triton did not answer a model-repository call in time: it is wedged."""
+
+
 class ModelControl:
     """Reload and readiness of single models on one server's HTTP endpoint."""
 
-    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.admin_key = admin_key
         self.timeout_s = timeout_s
@@ -55,7 +59,11 @@ class ModelControl:
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:300]
             raise ModelControlError(f"{path}: HTTP {error.code} {detail}") from error
+        except TimeoutError as error:
+            raise ModelControlTimeout(f"{path}: no answer in {self.timeout_s:.0f} s") from error
         except (urllib.error.URLError, OSError) as error:
+            if isinstance(getattr(error, "reason", None), TimeoutError):
+                raise ModelControlTimeout(f"{path}: no answer in {self.timeout_s:.0f} s") from error
             raise ModelControlError(f"{path}: {error}") from error
 
     def config(self, model: str) -> dict[str, Any]:

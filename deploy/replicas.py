@@ -134,6 +134,7 @@ class ReplicaSet:
         self.replicas = [self._replica(index) for index in range(1, options.replicas + 1)]
         self.up: tuple[bool, ...] = (False,) * options.replicas
         self.guard: NginxGuard | None = None
+        self.balancer_restarts = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -241,6 +242,10 @@ class ReplicaSet:
                 log.error("replica check failed: %s", error)
 
     def check_once(self) -> None:
+        if self.guard is not None and not self.guard.is_running():
+            log.error("the balancer (nginx) exited; starting it again")
+            self.balancer_restarts += 1
+            self.guard.start()
         for replica in self.replicas:
             if not replica.is_alive():
                 log.warning("replica %d exited; starting it again", replica.spec.index)

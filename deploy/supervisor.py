@@ -34,7 +34,7 @@ from abdoserve.deploy.embedded import (
 )
 from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.health import HealthServer
-from abdoserve.deploy.model_control import ModelControl, ModelControlError
+from abdoserve.deploy.model_control import ModelControl, ModelControlError, ModelControlTimeout
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
 
 log = logging.getLogger(__name__)
@@ -300,11 +300,24 @@ class Supervisor:
                 self.retired[pid] = now
                 del self.known[pid]
         self.metrics.degraded.set(len(self.degraded))
-        self.control.reload(model)
+        try:
+            self.control.reload(model)
+        except ModelControlTimeout:
+            # Seen under load in 2.51: a load that never returns after a stub was
+            # killed mid-request (the server then aborts). A wedged server heals only by
+            # a restart: kill it, and the next check starts a new one.
+            log.error("tritonserver did not finish reloading %s: restarting it", model)
+            self._kill_server()
+            raise
         self.degraded.discard(model)
         self.metrics.degraded.set(len(self.degraded))
         self.metrics.model_reloads.labels(model=model, reason=reason).inc()
         log.warning("reloaded %s (%s)", model, reason)
+
+    def _kill_server(self) -> None:
+        server = self.server
+        if server is not None and server.process is not None:
+            stubs.kill(server.process.pid)
 
     def _end_drained(self) -> None:
         """Kill retired stubs that outlived the drain time (their memory comes back)."""

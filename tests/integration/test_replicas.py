@@ -281,3 +281,23 @@ def test_the_generated_scrape_config_feeds_the_autoscaling_signal_per_replica(
     assert traffic.failures == []
     assert set(values) == {"abdoserve-replica-1", "abdoserve-replica-2"}
     assert all(value >= 0 for value in values.values())
+
+
+def test_a_killed_balancer_is_started_again_and_loses_no_request(
+    launched: Launched, expected: dict[str, np.ndarray]
+) -> None:
+    """nginx's master SIGKILLed (its workers would hold the ports): the launcher kills
+    what is left of it, starts it again, and the client's retries ride it out."""
+    wait_until(lambda: launched.ready(1) and launched.ready(2), "both replicas ready")
+    pid_file = launched.run_dir / "balancer" / "nginx.pid"
+    killed = int(pid_file.read_text())
+    with Traffic(launched.url, expected) as traffic:
+        time.sleep(TRAFFIC_S / 3)
+        os.kill(killed, signal.SIGKILL)
+        wait_until(
+            lambda: pid_file.is_file() and pid_file.read_text().strip() not in ("", str(killed)),
+            "a new balancer",
+        )
+        time.sleep(TRAFFIC_S / 3)
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.wrong == [] and traffic.answered > 0
