@@ -26,6 +26,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
     (("bench", "autoscale"), "abdoserve.loadtests.bench.autoscale", "the HPA signal under a ramp"),
     (("bench", "replicas"), "abdoserve.loadtests.bench.replicas", "1 vs N replicas, and nginx"),
+    (("bench", "gpu"), "abdoserve.loadtests.bench.gpu_check", "the prepared GPU check"),
     (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),
     (("soak",), "abdoserve.loadtests.soak", "hours of traffic at a fixed rate, watching for leaks"),
 )
