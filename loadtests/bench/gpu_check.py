@@ -718,7 +718,7 @@ def preprocess_section(
 ) -> None:
     cores = os.cpu_count() or 1
     counts = tuple(dict.fromkeys((1, cores)))
-    label = f"mix of {len(specs)} tasks"
+    label = f"mix of {len(specs)} task{'s' if len(specs) > 1 else ''}"
     reason = None if pydicom_present() else "pydicom not installed"
     if reason is None and not budget.allows(10 if plan.dry else 40):
         reason = TIME_BUDGET
@@ -874,6 +874,12 @@ def tensorrt_section(
 
 def _exported(spec: TaskSpec, plan: Plan, path: Path, report: Report) -> str | None:
     """Exports the ONNX (a row); why the engine cannot follow, or None."""
+    try:
+        importlib.import_module("onnx")
+    except ImportError:
+        reason = "onnx not installed (torch.onnx.export needs it)"
+        report.add(skipped("tensorrt", spec.name, "onnx export", reason))
+        return reason
     try:
         started = time.perf_counter()
         export_onnx(spec, reference_module(spec, "cpu"), path)

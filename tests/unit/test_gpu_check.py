@@ -127,11 +127,11 @@ def test_the_table_is_printed(dry_run: Result) -> None:
         assert any(task in line and "fp32 eager" in line for line in lines)
 
 
-def test_without_pydicom_the_networks_still_run(tmp_path: Path) -> None:
-    # as on a GPU machine with torch and numpy only: pydicom cannot be imported
+def test_with_torch_and_numpy_only_the_networks_still_run(tmp_path: Path) -> None:
+    # as on a GPU machine with torch and numpy only: pydicom and onnx cannot be imported
     hide = (
-        "import runpy, sys; sys.modules['pydicom'] = None; sys.argv = sys.argv[1:]; "
-        "runpy.run_path(sys.argv[0], run_name='__main__')"
+        "import runpy, sys; sys.modules.update(pydicom=None, onnx=None); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     _, record = run_dry(
         tmp_path,
@@ -149,6 +149,23 @@ def test_without_pydicom_the_networks_still_run(tmp_path: Path) -> None:
     [fp32] = [r for r in rows(record, "pytorch") if r["mode"] == "fp32 eager"]
     assert fp32["result"] == "ok" and fp32["task"] == "liver_fibrosis_mri"
     assert "pydicom not installed" in rows(record, "served")[0]["result"]
+    export = rows(record, "tensorrt")[0]
+    assert export["mode"] == "onnx export"
+    assert export["result"] == "skipped: onnx not installed (torch.onnx.export needs it)"
+    assert record["exit_status"] == 0
+
+
+def test_past_the_budget_every_row_says_so(tmp_path: Path) -> None:
+    completed, record = run_dry(
+        tmp_path, "--tasks", "bone_density_ct", "--budget-s", "0", prefix=(str(SCRIPT),)
+    )
+    results = {row["section"]: row["result"] for row in record["rows"]}
+    assert set(results) == {"pytorch", "fp16 check", "preprocess", "tensorrt", "served"}
+    for section, result in results.items():
+        expected = "skipped: no --url given" if section == "served" else "skipped: time budget"
+        assert result == expected, section
+    assert all(row["result"].startswith("skipped: ") for row in record["rows"])
+    assert "skipped: time budget" in completed.stdout
 
 
 def test_without_cuda_and_without_dry_it_refuses(
