@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,10 @@ class Served:
     def __init__(self, url: str, task: str, pool: Sequence[Study]) -> None:
         self.url = url
         self.task = task
+        started = time.perf_counter()
         self.requests = [serialized_request(task, study) for study in pool]
+        # The client's encode time per study (done once here, as perf_analyzer does).
+        self.encode_ms = 1e3 * (time.perf_counter() - started) / max(len(pool), 1)
         self.channels: list[Any] = []
         self.lock = threading.Lock()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.breakdown import Breakdown
 from abdoserve.loadtests.bench.workload import PERCENTILES, Measurement
 
 THROUGHPUT_TARGET = 0.95  # served saturating throughput / in-process
@@ -29,6 +30,7 @@ class TaskResult:
     onnxruntime: Measurement
     pytorch: Measurement
     served: tuple[Measurement, ...]
+    breakdown: tuple[Breakdown, ...] = ()  # per served level, where the statistics were read
 
     def ratios(self) -> dict[str, Any]:
         """The side-by-side ratios and whether the serving targets are met."""
@@ -58,6 +60,7 @@ class TaskResult:
             "pytorch": self.pytorch.summary(),
             "served": [row.summary() for row in self.served],
             "ratios": self.ratios(),
+            "breakdown": [part.summary() for part in self.breakdown],
         }
 
 

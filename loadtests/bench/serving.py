@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.export.configs import Tuning
 
 if TYPE_CHECKING:
+    from abdoserve.loadtests.bench.breakdown import Breakdown
     from abdoserve.loadtests.bench.report import SweepPoint, TaskResult
     from abdoserve.loadtests.bench.workload import Measurement, Study
 
@@ -109,6 +111,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one task, c=1,4, 10 requests")
     parser.add_argument("--url", help="benchmark a running server at HOST:PORT (gRPC)")
     parser.add_argument(
+        "--server-pid",
+        type=int,
+        help="with --url: its tritonserver's pid, for the server's CPU per study (local only)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="with --url: the admin key, for the statistics behind the time breakdown "
+        "(else $ABDOSERVE_ADMIN_KEY; without either, no breakdown)",
+    )
+    parser.add_argument(
         "--repository",
         type=Path,
         default=DEFAULT_REPOSITORY,
@@ -158,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     try:
-        with serving(plan, requested_tuning(args), args.log_file) as (url, tuning):
-            results, sweep = measure_all(plan, url, tuning)
+        with serving(plan, requested_tuning(args), args.log_file, observer(args)) as target:
+            tuning = target.tuning
+            results, sweep = measure_all(plan, target)
     except KeyboardInterrupt:
         print("interrupted" + ("" if plan.url else "; the server it started has been stopped"))
         return 130
@@ -170,9 +184,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Target:
+    """The server measured: its gRPC url and tuning; its pid where it is local (server
+    CPU), and the admin key's metadata where known (statistics for the breakdown)."""
+
+    url: str
+    tuning: Tuning
+    server_pid: int | None = None
+    admin_headers: dict[str, str] | None = None
+
+
+def observer(args: argparse.Namespace) -> tuple[int | None, dict[str, str] | None]:
+    """For --url: the pid and admin headers the options give (None where not given)."""
+    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
+
+    key = os.environ.get("ABDOSERVE_ADMIN_KEY")
+    if args.admin_key_file is not None:
+        key = args.admin_key_file.read_text().strip()
+    headers = None if not key else {GRPC_HEADER_PREFIX + ADMIN_HEADER: key}
+    return args.server_pid, headers
+
+
 @contextmanager
-def serving(plan: Plan, tuning: Tuning, log_file: Path) -> Iterator[tuple[str, Tuning]]:
-    """(gRPC url, the served tuning): a running server's, or our own server's, stopped after."""
+def serving(
+    plan: Plan,
+    tuning: Tuning,
+    log_file: Path,
+    observed: tuple[int | None, dict[str, str] | None] = (None, None),
+) -> Iterator[Target]:
+    """The server measured: a running one, or our own, stopped after."""
     from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
     from abdoserve.export.repository import build_repository, is_built
     from abdoserve.loadtests.bench.pipelines import served_tuning
@@ -184,24 +225,34 @@ def serving(plan: Plan, tuning: Tuning, log_file: Path) -> Iterator[tuple[str, T
         build_repository(plan.repository, plan.built_tasks, tuning=tuning)
     if plan.url:
         print(f"benchmarking the server at {plan.url}: {describe(tuning)}", flush=True)
-        yield plan.url, tuning
+        yield Target(plan.url, tuning, *observed)
         return
+    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
+
     options = ServerOptions(repository=plan.repository, ports=free_ports(), log_file=log_file)
     with EmbeddedServer(options) as server:
         url = f"{options.host}:{server.ports.grpc}"
         print(f"started tritonserver at {url}: {describe(tuning)}", flush=True)
-        yield url, tuning
+        assert server.process is not None
+        headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: options.admin_key}
+        yield Target(url, tuning, server.process.pid, headers)
 
 
 def describe(tuning: Tuning) -> str:
     return ", ".join(f"{key}={value}" for key, value in asdict(tuning).items())
 
 
-def measure_all(plan: Plan, url: str, tuning: Tuning) -> tuple[list[TaskResult], list[SweepPoint]]:
+def measure_all(plan: Plan, target: Target) -> tuple[list[TaskResult], list[SweepPoint]]:
+    from abdoserve.loadtests.bench.breakdown import format_breakdown
+
     results = []
     for task in plan.tasks:
-        results.append(measure_task(plan, url, tuning, task))
+        results.append(measure_task(plan, target, task))
         print(format_task_table(results[-1]) + "\n", flush=True)
+        if results[-1].breakdown:
+            in_process_cpu = 1e3 * results[-1].onnxruntime.cpu_seconds / plan.requests
+            print(format_breakdown(task, list(results[-1].breakdown), in_process_cpu) + "\n")
+    url, tuning = target.url, target.tuning
     sweep = [measure_sweep_point(plan, url, tuning, images) for images in plan.images]
     if sweep:
         from abdoserve.loadtests.bench.report import format_sweep
@@ -216,15 +267,52 @@ def format_task_table(result: TaskResult) -> str:
     return format_task(result)
 
 
-def measure_task(plan: Plan, url: str, tuning: Tuning, task: str) -> TaskResult:
+def measure_task(plan: Plan, target: Target, task: str) -> TaskResult:
     from abdoserve.loadtests.bench.report import TaskResult
     from abdoserve.loadtests.bench.workload import study_pool
 
     pool = study_pool(task, plan.pool)
+    tuning = target.tuning
     local = in_process(plan, tuning, task, pool, plan.requests, runtime="onnxruntime")
     torch = in_process(plan, tuning, task, pool, plan.requests, runtime="pytorch")
-    served = served_levels(url, task, pool, plan.concurrency, plan.requests)
-    return TaskResult(task, len(pool), local, torch, tuple(served))
+    served, parts = observed_levels(target, task, pool, plan.concurrency, plan.requests)
+    return TaskResult(task, len(pool), local, torch, tuple(served), tuple(parts))
+
+
+def observed_levels(
+    target: Target, task: str, pool: list[Study], levels: tuple[int, ...], requests: int
+) -> tuple[list[Measurement], list[Breakdown]]:
+    """`served_levels`, with the server's statistics and CPU read around each level."""
+    from abdoserve.loadtests.bench.breakdown import breakdown, snapshot
+    from abdoserve.loadtests.bench.pipelines import Served
+    from abdoserve.loadtests.bench.workload import time_concurrent
+
+    rows, parts = [], []
+    headers = target.admin_headers
+    for level in levels:
+        served = Served(target.url, task, pool)
+        try:
+            before = (
+                None if headers is None else snapshot(target.url, task, headers, target.server_pid)
+            )
+            row = time_concurrent(served.new_call, pool, requests, level, THREAD_WARMUP)
+            rows.append(row)
+            if before is not None and headers is not None:
+                after = snapshot(target.url, task, headers, target.server_pid)
+                parts.append(
+                    breakdown(
+                        task,
+                        before,
+                        after,
+                        concurrency=level,
+                        round_trip_ms=sum(row.latencies_ms) / len(row.latencies_ms),
+                        encode_ms=served.encode_ms,
+                        client_cpu_s=row.cpu_seconds,
+                    )
+                )
+        finally:
+            served.close()
+    return rows, parts
 
 
 def measure_sweep_point(plan: Plan, url: str, tuning: Tuning, images: int) -> SweepPoint:

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.bench import serving as bench_serving
 
@@ -80,10 +81,33 @@ def check_task(document: dict[str, Any], task: str, requests: int) -> None:
     assert isinstance(ratios["latency_target_met"], bool)
 
 
+def check_breakdown(result: dict[str, Any], levels: tuple[int, ...]) -> None:
+    """Where a study's time went, per level: every part measured, and the composing
+    models' queue and compute within the ensemble's own time."""
+    parts = result["breakdown"]
+    assert [part["concurrency"] for part in parts] == list(levels)
+    for part in parts:
+        for key in ("round_trip_ms", "encode_ms", "server_ms", "server_cpu_ms", "client_cpu_ms"):
+            assert part[key] > 0, key
+        assert set(part["compute_ms"]) == {"preprocess", "net", "postprocess"}
+        assert all(value > 0 for value in part["compute_ms"].values())
+        inside = sum(part["compute_ms"].values()) + sum(part["queue_ms"].values())
+        assert inside <= 1.05 * part["server_ms"] + 1.0
+        assert part["transfer_ms"] == pytest.approx(part["round_trip_ms"] - part["server_ms"])
+
+
 def test_quick_against_the_running_server(
-    grpc_url: str, built_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: EmbeddedServer,
+    grpc_url: str,
+    built_repository: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(server.options.admin_key)
+    assert server.process is not None
     argv = ["--quick", "--url", grpc_url, "--repository", str(built_repository)]
+    argv += ["--admin-key-file", str(key_file), "--server-pid", str(server.process.pid)]
     assert run_bench(argv + outputs(tmp_path)) == 0
     printed = capsys.readouterr().out
     rows = table_rows(printed, "liver_fibrosis_ct")
@@ -99,6 +123,8 @@ def test_quick_against_the_running_server(
     assert document["settings"]["url"] == grpc_url
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
     check_task(document, "liver_fibrosis_ct", requests=10)
+    check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4))
+    assert "liver_fibrosis_ct: where a study's time goes (ms per study)" in printed
     assert document["images_sweep"] is None
 
 
@@ -127,6 +153,7 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     document = check_files(tmp_path)
     assert document["tuning"]["net_intra_op_threads"] == 1
     check_task(document, task, requests=6)
+    check_breakdown(document["tasks"][task], (1, 4))  # its own server: key and pid known
     points = document["images_sweep"]["points"]
     assert [point["images"] for point in points] == [1, 2]
     for point in points:
@@ -142,7 +169,7 @@ def test_ctrl_c_stops_its_server(
     before = tritonservers()
     during: set[int] = set()
 
-    def interrupted(plan: object, url: str, tuning: object) -> None:
+    def interrupted(plan: object, target: object) -> None:
         during.update(tritonservers() - before)
         raise KeyboardInterrupt
 
