@@ -244,7 +244,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         item_s=4.0,
         url=args.url,
         trt_task=args.trt_task,
-        rounds=4,
+        rounds=8,
         served_seconds=5.0,
     )
 
