@@ -153,9 +153,23 @@ def live_stubs(supervisor: Supervisor) -> dict[str, int]:
 
 
 def a_stub_of(supervisor: Supervisor, model: str) -> int:
+    """A live stub of `model` that the supervisor watches (not one it retired after a
+    reload, whose exit it rightly ignores)."""
     assert supervisor.server is not None and supervisor.server.process is not None
     found = stubs.stubs_of(supervisor.server.process.pid).values()
-    return next(stub.pid for stub in found if stub.model == model)
+    watched = set(supervisor.known)
+    return next(
+        stub.pid for stub in found if stub.model == model and (not watched or stub.pid in watched)
+    )
+
+
+def signal_a_stub(supervisor: Supervisor, model: str, number: int) -> int:
+    """Send `number` to a watched stub of `model` with the supervisor between checks, so
+    that no reload (e.g. a memory trim under traffic) retires it in between."""
+    with supervisor._lock:
+        victim = a_stub_of(supervisor, model)
+        os.kill(victim, number)
+    return victim
 
 
 def assert_whole(supervisor: Supervisor, reference: np.ndarray) -> None:
@@ -177,7 +191,7 @@ def test_a_killed_stub_is_reloaded_under_traffic_and_no_call_fails(
         Traffic(grpc_url(supervisor), study.instances) as traffic,
     ):
         reference = traffic.answers[0]
-        os.kill(a_stub_of(supervisor, PREPROCESS), signal.SIGKILL)
+        signal_a_stub(supervisor, PREPROCESS, signal.SIGKILL)
         wait_until(
             lambda: metric(supervisor, RELOADS, model=PREPROCESS, reason="stub_failed") == 1,
             "the reload",
@@ -207,8 +221,7 @@ def test_a_stopped_stub_is_killed_before_it_can_resume_and_crash_the_server(
     server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
     with Traffic(grpc_url(supervisor), study.instances) as traffic:
         reference = traffic.answers[0]
-        victim = a_stub_of(supervisor, f"{TASK}_net")
-        os.kill(victim, signal.SIGSTOP)
+        victim = signal_a_stub(supervisor, f"{TASK}_net", signal.SIGSTOP)
         time.sleep(10)  # the stall the hostile test used; the supervisor acts long before
         with contextlib.suppress(ProcessLookupError):  # killed and reaped: cannot resume
             os.kill(victim, signal.SIGCONT)
