@@ -272,12 +272,17 @@ def test_the_generated_scrape_config_feeds_the_autoscaling_signal_per_replica(
     with PrometheusServer(
         list(targets), port=free_port(), data_dir=tmp_path, interval_s=1, target_labels=targets
     ) as prometheus:
+        pods = {"abdoserve-replica-1", "abdoserve-replica-2"}
+
+        def signal() -> dict[str, float]:
+            return {sample.labels["pod"]: sample.value for sample in prometheus.query(query)}
+
         with Traffic(launched.url, expected) as traffic:  # four at once: studies queue
             wait_until(
-                lambda: any(sample.value > 0 for sample in prometheus.query(query)),
-                "a replica's queue time to show",
+                lambda: set(signal()) == pods and any(value > 0 for value in signal().values()),
+                "both replicas in the signal, one with a queue",
             )
-        values = {sample.labels["pod"]: sample.value for sample in prometheus.query(query)}
+        values = signal()
     assert traffic.failures == []
     assert set(values) == {"abdoserve-replica-1", "abdoserve-replica-2"}
     assert all(value >= 0 for value in values.values())
