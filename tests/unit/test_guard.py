@@ -28,16 +28,21 @@ OPTIONS = GuardOptions(
 )
 
 
-def test_nginx_accepts_the_rendered_configuration(tmp_path: Path) -> None:
-    config = tmp_path / "nginx.conf"
-    config.write_text(render_config(OPTIONS, tmp_path))
+def assert_nginx_accepts(text: str, folder: Path) -> None:
+    """The real nginx's `-t` on the configuration `text`."""
+    config = folder / "nginx.conf"
+    config.write_text(text)
     checked = subprocess.run(
-        [nginx_binary(), "-p", str(tmp_path), "-c", str(config), "-t"],
+        [nginx_binary(), "-p", str(folder), "-c", str(config), "-t"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_accepts_the_rendered_configuration(tmp_path: Path) -> None:
+    assert_nginx_accepts(render_config(OPTIONS, tmp_path), tmp_path)
 
 
 def test_the_configuration_carries_every_limit() -> None:
@@ -69,15 +74,7 @@ def test_nginx_accepts_tls_mutual_tls_proxied_ports_and_the_upstream_key(tmp_pat
         upstream_key="k3y",
     )
     text = render_config(options, tmp_path)
-    config = tmp_path / "nginx.conf"
-    config.write_text(text)
-    checked = subprocess.run(
-        [nginx_binary(), "-p", str(tmp_path), "-c", str(config), "-t"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert checked.returncode == 0, checked.stderr
+    assert_nginx_accepts(text, tmp_path)
     assert text.count(" ssl") >= 4 and "ssl_verify_client on;" in text
     assert "listen 127.0.0.1:18001 ssl http2;" in text
     assert "add_header grpc-status 16 always;" in text  # UNAUTHENTICATED without a cert
@@ -103,12 +100,4 @@ def test_replicas_are_balanced_and_one_not_up_gets_no_new_request(tmp_path: Path
     assert "server 127.0.0.1:28010 down;" in text
     # A request whose Triton died mid-way is sent once more, elsewhere (idempotent).
     assert "grpc_next_upstream error timeout non_idempotent;" in text
-    config = tmp_path / "nginx.conf"
-    config.write_text(text)
-    checked = subprocess.run(
-        [nginx_binary(), "-p", str(tmp_path), "-c", str(config), "-t"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert checked.returncode == 0, checked.stderr
+    assert_nginx_accepts(text, tmp_path)
