@@ -26,7 +26,7 @@ from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving import validation
-from tests.unit.test_triton_adapter import FakePbUtils, FakeResponse, FakeTensor, FakeTritonError
+from tests.unit.fake_pb_utils import FakePbUtils, FakeResponse, FakeTensor, FakeTritonError
 
 PYTHON_MODELS = Path(__file__).resolve().parents[2] / "model_repository" / "_python_models"
 SENDER_TEXT = "PHANTOM^ABDOMEN"  # sender-controlled text that must never be echoed

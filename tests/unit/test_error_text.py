@@ -18,7 +18,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -35,6 +35,7 @@ from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.triton_adapter import TritonLogHandler, error_response
+from tests.unit.fake_pb_utils import FakePbUtils, FakeTensor, FakeTritonError
 
 # Invalid values (UIDs, dates) are the point here; pydicom warns about each one as we
 # write them. The intake's own warnings are recorded and checked in the test.
@@ -325,41 +326,6 @@ CASES = DICOM_CASES | CLINICAL_CASES
 # --- the preprocess model, on a fake pb_utils ---------------------------------------
 
 
-class FakeTritonError(Exception):
-    INVALID_ARG = "invalid-arg"
-    INTERNAL = "internal"
-    UNSUPPORTED = "unsupported"
-
-    def __init__(self, message: str, code: str = "internal") -> None:
-        super().__init__(message)
-        self.message, self.code = message, code
-
-
-@dataclass
-class FakeTensor:
-    name: str
-    value: np.ndarray
-
-    def as_numpy(self) -> np.ndarray:
-        return self.value
-
-
-@dataclass
-class FakeResponse:
-    output_tensors: list[FakeTensor]
-    error: FakeTritonError | None = None
-
-
-@dataclass
-class FakeLogger:
-    lines: list[str] = field(default_factory=list)
-
-    def log_error(self, message: str) -> None:
-        self.lines.append(message)
-
-    log_warn = log_info = log_error
-
-
 class FakeMetric:
     def observe(self, value: float) -> None:
         pass
@@ -383,21 +349,11 @@ class FakeMetricFamily:
         return FakeMetric()
 
 
-class FakePbUtils:
-    TritonError = FakeTritonError
-    Tensor = FakeTensor
-    InferenceResponse = FakeResponse
+class PbUtilsWithMetrics(FakePbUtils):
     MetricFamily = FakeMetricFamily
 
-    def __init__(self) -> None:
-        self.Logger = FakeLogger()
 
-    @staticmethod
-    def get_input_tensor_by_name(request: dict[str, FakeTensor], name: str) -> FakeTensor | None:
-        return request.get(name)
-
-
-PB = FakePbUtils()
+PB = PbUtilsWithMetrics()
 
 
 def load_preprocess_module() -> ModuleType:
@@ -518,6 +474,6 @@ def test_an_intake_error_never_carries_what_the_sender_wrote(
     assert reply.error.message == adapted.message
     # Our loggers and Triton's log; pydicom's own logger is not routed anywhere.
     ours = [record for record in caplog.records if record.name.startswith("abdoserve")]
-    logged = [record.getMessage() for record in ours] + PB.Logger.lines
+    logged = [record.getMessage() for record in ours] + [line for _, line in PB.Logger.lines]
     assert not any(carries_marker(line) for line in logged), logged
     assert not any(carries_marker(repr(labels)) for labels in FakeMetricFamily.labels)
