@@ -152,24 +152,30 @@ def live_stubs(supervisor: Supervisor) -> dict[str, int]:
     return counts
 
 
-def a_stub_of(supervisor: Supervisor, model: str) -> int:
-    """A live stub of `model` that the supervisor watches (not one it retired after a
-    reload, whose exit it rightly ignores)."""
+def a_watched_stub_of(supervisor: Supervisor, model: str) -> int | None:
+    """A live stub of `model` that the supervisor watches, if any. After a reload (e.g. a
+    memory trim under traffic) the old stubs are retired, whose exit it rightly ignores,
+    and the new ones are watched only from its next check on."""
     assert supervisor.server is not None and supervisor.server.process is not None
     found = stubs.stubs_of(supervisor.server.process.pid).values()
     watched = set(supervisor.known)
-    return next(
-        stub.pid for stub in found if stub.model == model and (not watched or stub.pid in watched)
-    )
+    candidates = [stub.pid for stub in found if stub.model == model and stub.pid in watched]
+    return candidates[0] if candidates else None
 
 
 def signal_a_stub(supervisor: Supervisor, model: str, number: int) -> int:
     """Send `number` to a watched stub of `model` with the supervisor between checks, so
-    that no reload (e.g. a memory trim under traffic) retires it in between."""
-    with supervisor._lock:
-        victim = a_stub_of(supervisor, model)
-        os.kill(victim, number)
-    return victim
+    that no reload retires it in between."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with supervisor._lock:
+            victim = a_watched_stub_of(supervisor, model)
+            if victim is not None:
+                os.kill(victim, number)
+                return victim
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no watched stub of {model}")
+        time.sleep(0.05)
 
 
 def assert_whole(supervisor: Supervisor, reference: np.ndarray) -> None:
@@ -272,7 +278,9 @@ def test_stop_is_graceful_with_a_dead_stub_and_leaves_nothing_behind(
     )
     supervisor = Supervisor(options, SupervisorOptions(health_port=None)).start()
     prefix = supervisor.region_prefix
-    os.kill(a_stub_of(supervisor, PREPROCESS), signal.SIGKILL)
+    server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
+    victim = next(s.pid for s in stubs.stubs_of(server_pid).values() if s.model == PREPROCESS)
+    os.kill(victim, signal.SIGKILL)
     code = supervisor.stop()
     assert code == 0, "tritonserver did not exit by itself (SIGKILL after the timeout)"
     assert stubs.stale_regions(prefix) == []
