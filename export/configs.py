@@ -6,7 +6,8 @@ The committed `model_repository/*/config.pbtxt` files are these renderings for
 the default specs; a contract test keeps them identical.
 
 Tensor contract (the ensemble is the public entry point):
-  <task>              DICOM (BYTES [-1]), CLINICAL (BYTES [1], JSON; optional where the
+  <task>              DICOM (BYTES [-1]) or DICOM_PACKED (UINT8 [-1]) + DICOM_OFFSETS
+                      (INT64 [-1]), CLINICAL (BYTES [1], JSON; optional where the
                       task has no clinical inputs)
                       -> SCORES (FP32 [-1, K]), STUDY (FP32 [K]), ANSWER (BYTES [1], JSON)
   <task>_preprocess   -> SAMPLES (FP32 [-1, C, M, M]), FEATURES (FP32 [F], if F > 0),
@@ -31,6 +32,8 @@ MAX_BATCH_SIZE = 8
 FP32 = mc.DataType.TYPE_FP32
 INT32 = mc.DataType.TYPE_INT32
 BYTES = mc.DataType.TYPE_STRING
+UINT8 = mc.DataType.TYPE_UINT8
+INT64 = mc.DataType.TYPE_INT64
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelCo
     steps.add(
         model_name=preprocess,
         model_version=-1,
-        input_map={"DICOM": "DICOM", "CLINICAL": "CLINICAL"},
+        input_map={name: name for name in PUBLIC_INPUTS},
         output_map={name: name.lower() for name in prepared},
     )
     steps.add(
@@ -107,6 +110,7 @@ def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelCo
 
 
 _NET_INPUTS = ("SAMPLES", "FEATURES")
+PUBLIC_INPUTS = ("DICOM", "DICOM_PACKED", "DICOM_OFFSETS", "CLINICAL")
 
 
 def describe_task(spec: TaskSpec) -> dict[str, str]:
@@ -212,8 +216,28 @@ def _public_inputs(spec: TaskSpec, ragged: bool = False) -> list[mc.ModelInput]:
     # A task without clinical inputs takes DICOM alone: a raw KServe v2 client need not
     # send an empty CLINICAL. Absent, it reaches the preprocess model as None, meaning {}.
     clinical_optional = not clinical_input_names(spec)
+    # The study comes in one of two forms (the preprocess model requires exactly one):
+    # DICOM, one BYTES element per instance, or every instance back to back in one
+    # UINT8 tensor with their INT64 start offsets, which moves as one block (and can sit
+    # in a client's shared-memory region).
     return [
-        mc.ModelInput(name="DICOM", data_type=BYTES, dims=[-1], allow_ragged_batch=ragged),
+        mc.ModelInput(
+            name="DICOM", data_type=BYTES, dims=[-1], allow_ragged_batch=ragged, optional=True
+        ),
+        mc.ModelInput(
+            name="DICOM_PACKED",
+            data_type=UINT8,
+            dims=[-1],
+            allow_ragged_batch=ragged,
+            optional=True,
+        ),
+        mc.ModelInput(
+            name="DICOM_OFFSETS",
+            data_type=INT64,
+            dims=[-1],
+            allow_ragged_batch=ragged,
+            optional=True,
+        ),
         mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1], optional=clinical_optional),
     ]
 

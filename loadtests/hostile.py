@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from abdoserve.loadtests.phantom import build_study
 from abdoserve_client.errors import AbdoServeError, from_triton
 from abdoserve_client.protocol import OUTPUT_NAMES
-from abdoserve_client.wire import RawInfer, open_channel
+from abdoserve_client.wire import RawInfer, bytes_tensor, open_channel
 
 PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
 SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -159,7 +159,10 @@ def send(url: str, request: HostileRequest, timeout_s: float = 300.0) -> AbdoSer
         url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
     )
     raw = RawInfer(channel)
-    tensors = [("DICOM", list(request.instances)), ("CLINICAL", [request.clinical])]
+    tensors = [
+        bytes_tensor("DICOM", request.instances),
+        bytes_tensor("CLINICAL", [request.clinical]),
+    ]
     try:
         raw.infer(request.task, tensors, OUTPUT_NAMES, timeout_s)
     except InferenceServerException as error:

@@ -194,7 +194,7 @@ class AsyncAbdoServeClient:
             deadline = self._deadline()
             info = await self._task_info(task, deadline)
             data = load_instances(instances)
-            tensors = request_tensors(data, clinical)
+            tensors = request_tensors(data, clinical, packed=info.accepts_packed)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
             response = await self._call(

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from abdoserve_client.endpoints import channel_target, describe
+from abdoserve_client.errors import AbdoServeError, from_triton
 from abdoserve_client.instances import Instance, load_instances
 from abdoserve_client.metrics import ClientMetrics, timed
 from abdoserve_client.protocol import (
@@ -26,13 +27,14 @@ from abdoserve_client.protocol import (
     OUTPUT_NAMES,
     Deadline,
     RetryPolicy,
+    clinical_json,
+    dicom_tensors,
     expect,
     fibrosis_ct_clinical,
     fibrosis_mri_clinical,
     liver_mass_clinical,
     parse_response,
     request_summary,
-    request_tensors,
     task_info,
 )
 from abdoserve_client.results import (
@@ -44,7 +46,19 @@ from abdoserve_client.results import (
     StudyResult,
     TaskInfo,
 )
-from abdoserve_client.wire import RawInfer, open_channel, triton_channel_args
+from abdoserve_client.shared_memory import (
+    SHM_KEY_METADATA,
+    RegionSender,
+    SharedMemoryRegion,
+    forgotten_region,
+)
+from abdoserve_client.wire import (
+    RawInfer,
+    WireTensor,
+    bytes_tensor,
+    open_channel,
+    triton_channel_args,
+)
 
 log = logging.getLogger("abdoserve_client")
 T = TypeVar("T")
@@ -61,6 +75,9 @@ class AbdoServeClient:
     given as PEM file paths; `tls_server_name`: the name the servers' certificates carry,
     where it is not the endpoint's host. `metrics`: a
     `abdoserve_client.metrics.ClientMetrics` to record each call's latency, retries and errors.
+    `shared_memory`: for a sender on the server's host, a `SharedMemoryRegion` the server
+    was started to see (`--shared-region`); studies then travel through it, and `shm_key`
+    (the server's `--shm-key-file`) registers it. The caller owns and closes the region.
     """
 
     def __init__(
@@ -76,6 +93,8 @@ class AbdoServeClient:
         certificate_chain: str | None = None,
         tls_server_name: str | None = None,
         metrics: ClientMetrics | None = None,
+        shared_memory: SharedMemoryRegion | None = None,
+        shm_key: str | None = None,
     ) -> None:
         self.url = describe(url)
         self.timeout_s = timeout_s
@@ -103,6 +122,12 @@ class AbdoServeClient:
             )
         )
         self._tasks: dict[str, TaskInfo] = {}
+        self._shm_headers: dict[str, str] = {}
+        self._sender = (
+            None
+            if shared_memory is None
+            else RegionSender(shared_memory, lambda: self._register(shared_memory, shm_key))
+        )
         self._sleep: Callable[[float], None] = time.sleep  # replaced in tests
         self._clock: Callable[[], float] = time.monotonic  # replaced in tests
 
@@ -119,6 +144,8 @@ class AbdoServeClient:
 
     def close(self) -> None:
         """Close both channels; the client cannot be used afterwards."""
+        if self._sender is not None and self._sender.registered:
+            self._unregister(self._sender.region)
         self._transport.close()
         self._triton.close()
 
@@ -190,17 +217,62 @@ class AbdoServeClient:
             deadline = self._deadline()
             info = self._task_info(task, deadline)
             data = load_instances(instances)
-            tensors = request_tensors(data, clinical)
             log.debug("infer %s", request_summary(task, data, clinical or {}))
             started = time.perf_counter()
-            response = self._call(
-                f"infer {task}",
-                lambda timeout: self._transport.infer(task, tensors, OUTPUT_NAMES, timeout),
-                deadline,
-                task,
-            )
+            response = self._send(task, info, data, clinical, deadline)
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
             return parse_response(info, response)
+
+    def _send(
+        self,
+        task: str,
+        info: TaskInfo,
+        data: Sequence[bytes],
+        clinical: Mapping[str, Any] | None,
+        deadline: Deadline,
+    ) -> Any:
+        """The study through the shared-memory region where there is one (registering it
+        again once if the server forgot it, e.g. after a restart), else inline."""
+        clinical_tensor = bytes_tensor("CLINICAL", [clinical_json(clinical)])
+        if self._sender is None or not info.accepts_packed:
+            tensors = [*dicom_tensors(data, packed=info.accepts_packed), clinical_tensor]
+            return self._infer(task, tensors, deadline)
+        for attempt in range(2):
+            with self._sender.study(data) as dicom:
+                try:
+                    return self._infer(task, [*dicom, clinical_tensor], deadline)
+                except AbdoServeError as error:
+                    if attempt or not forgotten_region(error, self._sender.region):
+                        raise
+                    log.warning("the server forgot the shared-memory region; registering again")
+                    self._sender.forget()
+        raise AssertionError("unreachable")
+
+    def _infer(self, task: str, tensors: Sequence[WireTensor], deadline: Deadline) -> Any:
+        return self._call(
+            f"infer {task}",
+            lambda timeout: self._transport.infer(task, tensors, OUTPUT_NAMES, timeout),
+            deadline,
+            task,
+        )
+
+    def _register(self, region: SharedMemoryRegion, key: str | None) -> None:
+        """Register `region` with the server (replacing a stale registration of its name)."""
+        headers = {} if key is None else {SHM_KEY_METADATA: key}
+        try:
+            self._triton.unregister_system_shared_memory(region.name, headers=headers)
+            self._triton.register_system_shared_memory(
+                region.name, region.key, region.size, headers=headers
+            )
+        except InferenceServerException as error:
+            raise from_triton(error) from error
+        self._shm_headers = headers
+
+    def _unregister(self, region: SharedMemoryRegion) -> None:
+        try:
+            self._triton.unregister_system_shared_memory(region.name, headers=self._shm_headers)
+        except InferenceServerException as error:  # closing: the server may be gone
+            log.debug("unregistering %s failed: %s", region.name, error.status())
 
     def liver_mass_ct(
         self, instances: Sequence[Instance], *, roi: Sequence[float]

@@ -1,8 +1,9 @@
 """What the sync and async clients share: the tensor contract, retry policy, task inputs.
 
 Tensor contract of each task's ensemble (see export/configs.py on the server side):
-DICOM = BYTES [1, n] (one element per instance), CLINICAL = BYTES [1, 1] (a JSON
-object) -> SCORES FP32 [1, samples, K], STUDY FP32 [1, K], ANSWER BYTES [1, 1] (JSON).
+DICOM = BYTES [1, n] (one element per instance) or DICOM_PACKED = UINT8 [1, bytes] with
+DICOM_OFFSETS = INT64 [1, n], CLINICAL = BYTES [1, 1] (a JSON object)
+-> SCORES FP32 [1, samples, K], STUDY FP32 [1, K], ANSWER BYTES [1, 1] (JSON).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -25,6 +26,7 @@ from abdoserve_client.errors import (
     from_triton,
 )
 from abdoserve_client.results import StudyResult, TaskInfo, parse_result
+from abdoserve_client.wire import WireTensor, bytes_tensor
 
 log = logging.getLogger("abdoserve_client")
 
@@ -134,19 +136,45 @@ def clinical_json(clinical: Mapping[str, Any] | None) -> bytes:
 
 
 def request_tensors(
-    instances: Sequence[bytes], clinical: Mapping[str, Any] | None
-) -> list[tuple[str, list[bytes]]]:
-    """The ensemble's two BYTES inputs: DICOM [1, n] and CLINICAL [1, 1] (JSON)."""
+    instances: Sequence[bytes], clinical: Mapping[str, Any] | None, *, packed: bool = False
+) -> list[WireTensor]:
+    """The ensemble's inputs: the study (`dicom_tensors`) and CLINICAL [1, 1] (JSON)."""
+    return [
+        *dicom_tensors(instances, packed=packed),
+        bytes_tensor("CLINICAL", [clinical_json(clinical)]),
+    ]
+
+
+def dicom_tensors(instances: Sequence[bytes], *, packed: bool) -> list[WireTensor]:
+    """The study as BYTES DICOM [1, n], or `packed`: every instance back to back in
+    DICOM_PACKED (UINT8 [1, bytes]) with their start offsets in DICOM_OFFSETS (INT64 [1, n]),
+    which the server moves as one block instead of n elements."""
     if not instances:
         raise InvalidRequestError("no DICOM instances given")
-    return [("DICOM", list(instances)), ("CLINICAL", [clinical_json(clinical)])]
+    if not packed:
+        return [bytes_tensor("DICOM", instances)]
+    total = sum(len(instance) for instance in instances)
+    return [
+        WireTensor("DICOM_PACKED", "UINT8", (1, total), list(instances)),
+        offsets_tensor(instances),
+    ]
+
+
+def offsets_tensor(instances: Sequence[bytes]) -> WireTensor:
+    """DICOM_OFFSETS: where each instance starts in DICOM_PACKED."""
+    if any(not instance for instance in instances):
+        raise InvalidRequestError("an empty DICOM instance was given")
+    starts = np.cumsum([0, *(len(instance) for instance in instances[:-1])], dtype="<i8")
+    return WireTensor("DICOM_OFFSETS", "INT64", (1, len(instances)), [starts.tobytes()])
 
 
 def task_info(config: Any, metadata: Any) -> TaskInfo:
     """TaskInfo from `get_model_config` and `get_model_metadata` protobuf responses."""
     parameters = {key: value.string_value for key, value in config.config.parameters.items()}
     versions = sorted(metadata.versions, key=lambda version: (len(version), version))
-    return TaskInfo.from_parameters(parameters, version=versions[-1] if versions else "")
+    info = TaskInfo.from_parameters(parameters, version=versions[-1] if versions else "")
+    inputs = {item.name for item in config.config.input}
+    return replace(info, accepts_packed={"DICOM_PACKED", "DICOM_OFFSETS"} <= inputs)
 
 
 def parse_response(info: TaskInfo, response: _Response) -> StudyResult:

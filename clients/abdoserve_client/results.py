@@ -68,6 +68,9 @@ class TaskInfo:
     min_images: int
     max_images: int
     model: ModelInfo
+    # Whether the ensemble takes DICOM_PACKED + DICOM_OFFSETS (servers before it take
+    # only the BYTES input DICOM); read from the config's inputs, not its parameters.
+    accepts_packed: bool = False
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], version: str = "") -> TaskInfo:

@@ -12,6 +12,7 @@ exactly what tritonclient would have sent; a unit test parses both and compares.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]  # no stubs; tritonclient's dependency
@@ -26,22 +27,60 @@ UNLIMITED_MESSAGES = [("grpc.max_send_message_length", -1), ("grpc.max_receive_m
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
-def encode_infer_request(
-    task: str, tensors: Sequence[tuple[str, Sequence[bytes]]], outputs: Sequence[str]
-) -> bytes:
-    """A serialized ModelInferRequest with BYTES tensors of shape [1, n], in the given order."""
+@dataclass(frozen=True)
+class SharedMemoryRef:
+    """Where an input's bytes already lie in a registered system shared-memory region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """One input: its raw contents as pieces joined on the wire (copied once), or a
+    reference to a shared-memory region that holds them (nothing travels)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    pieces: Sequence[bytes] = ()
+    shared_memory: SharedMemoryRef | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+
+def bytes_tensor(name: str, elements: Sequence[bytes]) -> WireTensor:
+    """A BYTES tensor [1, n] in Triton's layout: each element's 4-byte LE length, then it."""
+    pieces: list[bytes] = []
+    for element in elements:
+        pieces += [len(element).to_bytes(4, "little"), element]
+    return WireTensor(name, "BYTES", (1, len(elements)), pieces)
+
+
+def encode_infer_request(task: str, tensors: Sequence[WireTensor], outputs: Sequence[str]) -> bytes:
+    """A serialized ModelInferRequest of `tensors`, in the given order."""
     request = service_pb2.ModelInferRequest(model_name=task)
     contents: list[bytes] = []
-    for name, elements in tensors:
-        request.inputs.add(name=name, datatype="BYTES", shape=[1, len(elements)])
-        size = sum(4 + len(element) for element in elements)
-        contents += [_CONTENTS_TAG, _varint(size)]
-        for element in elements:  # Triton's BYTES layout: 4-byte LE length, then the bytes
-            contents += [len(element).to_bytes(4, "little"), element]
+    for tensor in tensors:
+        entry = request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.shared_memory is not None:
+            _refer_to_region(entry, tensor.shared_memory)
+            continue  # Triton counts raw contents only over the inputs that carry them
+        contents += [_CONTENTS_TAG, _varint(tensor.size), *tensor.pieces]
     for name in outputs:
         request.outputs.add(name=name)
     head: bytes = request.SerializeToString()
     return b"".join([head, *contents])
+
+
+def _refer_to_region(entry: Any, where: SharedMemoryRef) -> None:
+    entry.parameters["shared_memory_region"].string_param = where.region
+    entry.parameters["shared_memory_byte_size"].int64_param = where.byte_size
+    if where.offset:
+        entry.parameters["shared_memory_offset"].int64_param = where.offset
 
 
 def _varint(value: int) -> bytes:
@@ -117,7 +156,7 @@ class RawInfer:
     def infer(
         self,
         task: str,
-        tensors: Sequence[tuple[str, Sequence[bytes]]],
+        tensors: Sequence[WireTensor],
         outputs: Sequence[str],
         timeout_s: float,
     ) -> grpcclient.InferResult:
@@ -163,7 +202,7 @@ class AsyncRawInfer:
     async def infer(
         self,
         task: str,
-        tensors: Sequence[tuple[str, Sequence[bytes]]],
+        tensors: Sequence[WireTensor],
         outputs: Sequence[str],
         timeout_s: float,
     ) -> grpcclient.InferResult:

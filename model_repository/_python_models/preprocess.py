@@ -1,5 +1,8 @@
 """<task>_preprocess: DICOM bytes + clinical JSON -> network samples (Python backend, CPU).
 
+The DICOM comes as BYTES (`DICOM`) or packed UINT8 with offsets (`DICOM_PACKED`,
+`DICOM_OFFSETS`); `abdoserve.serving.dicom_input` reads either.
+
 Glue only: the work is `abdoserve.preprocessing.study.StudyPreparer`. Shared by all five
 tasks; the task comes from the config parameter "task". It takes the ensemble's own
 inputs, so a direct call is checked exactly as one through the ensemble: tensor dtype
@@ -20,8 +23,8 @@ from abdoserve.preprocessing.errors import ClinicalInputError
 from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
+from abdoserve.serving import dicom_input, validation
 from abdoserve.serving import triton_adapter as glue
-from abdoserve.serving import validation
 from abdoserve.serving.metrics import IntakeMetrics
 from abdoserve.serving.warmup import read_warmup
 
@@ -55,9 +58,7 @@ class TritonPythonModel:
     def handle(self, request: Any) -> Any:
         started = time.perf_counter()
         try:
-            dicom = glue.single_study(glue.require_input(pb_utils, request, "DICOM"), "DICOM")
-            validation.check_bytes_input(dicom, "DICOM")
-            instances = glue.bytes_elements(dicom)
+            instances = dicom_input.read_instances(pb_utils, request, self.spec.limits)
             self.metrics.received(len(instances), sum(len(item) for item in instances))
             clinical = self.clinical(request)
             prepared = self.prepare(instances, clinical)

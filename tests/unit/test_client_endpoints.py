@@ -25,7 +25,7 @@ from abdoserve_client.endpoints import (
 )
 from abdoserve_client.errors import DeadlineExceededError, ServerUnavailableError
 from abdoserve_client.results import FibrosisResult
-from abdoserve_client.wire import RawInfer
+from abdoserve_client.wire import RawInfer, bytes_tensor
 from tests.unit.test_client import FIBROSIS, parameters, triton_error
 from tests.unit.test_client_metrics import FakeResponse
 
@@ -181,7 +181,7 @@ class FakeChannel:
 
 def test_an_inference_never_waits_for_an_endpoint_to_be_ready() -> None:
     channel = FakeChannel()
-    RawInfer(channel).infer(TASK, [("DICOM", [b"x"])], ["ANSWER"], 2.5)
+    RawInfer(channel).infer(TASK, [bytes_tensor("DICOM", [b"x"])], ["ANSWER"], 2.5)
     assert channel.kwargs == {"timeout": 2.5, "wait_for_ready": False}
 
 
