@@ -18,6 +18,7 @@ from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 from abdoserve.deploy.isolation import ShmIsolation
 from abdoserve.loadtests.phantom import build_study
 from abdoserve_client import AbdoServeClient
+from abdoserve_client.errors import AbdoServeError
 from abdoserve_client.shared_memory import SHM_KEY_METADATA, SharedMemoryRegion
 
 pytestmark = pytest.mark.integration
@@ -38,9 +39,7 @@ def region() -> Iterator[SharedMemoryRegion]:
 
 
 @pytest.fixture(scope="module")
-def url(
-    region: SharedMemoryRegion, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def url(region: SharedMemoryRegion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from abdoserve.export.repository import build_repository
 
     folder = tmp_path_factory.mktemp("shared-memory")
@@ -105,9 +104,7 @@ def test_a_region_the_server_forgot_is_registered_again(
     with sender(url, region) as client:
         first = client.bone_density_ct(study).study_values
         with grpcclient.InferenceServerClient(url) as triton:  # as a restarted server would
-            triton.unregister_system_shared_memory(
-                region.name, headers={SHM_KEY_METADATA: SHM_KEY}
-            )
+            triton.unregister_system_shared_memory(region.name, headers={SHM_KEY_METADATA: SHM_KEY})
         assert registered(url) == []
         np.testing.assert_array_equal(client.bone_density_ct(study).study_values, first)
         assert registered(url) == [region.name]
@@ -136,9 +133,11 @@ def test_references_outside_the_region_are_refused_and_the_server_stays_ready(
 def test_a_region_is_registered_only_with_the_key(url: str, region: SharedMemoryRegion) -> None:
     with grpcclient.InferenceServerClient(url) as triton, pytest.raises(InferenceServerException):
         triton.register_system_shared_memory(region.name, region.key, region.size)
-    with pytest.raises(Exception, match="restricted"):
-        with AbdoServeClient(url, shared_memory=region, shm_key="wrong", retries=0) as client:
-            client.bone_density_ct(build_study(TASK, seed=26).instances)
+    with (
+        AbdoServeClient(url, shared_memory=region, shm_key="wrong", retries=0) as client,
+        pytest.raises(AbdoServeError, match="restricted"),
+    ):
+        client.bone_density_ct(build_study(TASK, seed=26).instances)
 
 
 def test_the_region_file_is_the_senders_own(region: SharedMemoryRegion) -> None:
