@@ -25,6 +25,7 @@ from abdoserve.deploy.tuning_options import (
 )
 from abdoserve.export.configs import Tuning
 from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
 
 ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
 SHM_KEY_VARIABLE = "ABDOSERVE_SHM_KEY"
@@ -41,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"served model repository (default {DEFAULT_REPOSITORY})",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the repository first")
+    parser.add_argument(
+        "--cpu-runtime",
+        choices=tuple(CPU_RUNTIMES),
+        default=DEFAULT_CPU_RUNTIME,
+        help="the networks' runtime when the repository is built: onnxruntime (FP32, "
+        "default), onnxruntime-int8, openvino, openvino-int8 (see `abdoserve "
+        "build-repository --help`; INT8 answers carry their measured deviation); another "
+        "than the default gets a folder of its own under build/",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -158,20 +168,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare_repository(args: argparse.Namespace) -> None:
-    """Build the repository for the replicas' tuning unless it is built; a tuning other
-    than the defaults gets a folder of its own under build/ unless --repository names one
-    (which may hold some of the tasks: those it holds are served)."""
+    """Build the repository for the replicas' tuning and the CPU runtime unless it is
+    built; a tuning or runtime other than the defaults gets a folder of its own under
+    build/ unless --repository names one (which may hold some of the tasks: those it
+    holds are served)."""
     from abdoserve.export.repository import build_repository, built_tasks, is_built
 
     tuning = replica_tuning(args, args.replicas)
     tasks = tuple(TASKS)
-    if args.repository == DEFAULT_REPOSITORY and tuning != Tuning():
-        args.repository = BUILD_DIR / f"model_repository-{repository_tag(tuning)}"
-    elif args.repository != DEFAULT_REPOSITORY:
+    if args.repository == DEFAULT_REPOSITORY:
+        args.repository = default_repository(tuning, args.cpu_runtime)
+    else:
         tasks = built_tasks(args.repository) or tasks
-    if args.rebuild or not is_built(args.repository, tasks, tuning=tuning):
+    runtime = args.cpu_runtime
+    if args.rebuild or not is_built(args.repository, tasks, tuning=tuning, cpu_runtime=runtime):
         print(f"building the model repository at {args.repository} ...", flush=True)
-        build_repository(args.repository, tasks, tuning=tuning)
+        build_repository(args.repository, tasks, tuning=tuning, cpu_runtime=runtime)
+
+
+def default_repository(tuning: Tuning, cpu_runtime: str) -> Path:
+    """build/model_repository for the defaults, else a folder named after what differs,
+    so that builds coexist (`model_repository-pre1-...`, `model_repository-openvino`)."""
+    parts = [repository_tag(tuning)] if tuning != Tuning() else []
+    if cpu_runtime != DEFAULT_CPU_RUNTIME:
+        parts.append(cpu_runtime)
+    return BUILD_DIR / "-".join(["model_repository", *parts])
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "build" / "model_repository"
 
@@ -41,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "onnxruntime / tensorrt (TensorRT plans are built on the GPU host)",
     )
     parser.add_argument(
+        "--cpu-runtime",
+        choices=tuple(CPU_RUNTIMES),
+        default=DEFAULT_CPU_RUNTIME,
+        help="the python _net's runtime: onnxruntime (FP32, default), onnxruntime-int8 "
+        "(static QDQ, per-channel weights), openvino (FP32) or openvino-int8 (NNCF). INT8 "
+        "is an opt-in: its deviation from the FP32 network, measured on held-out phantom "
+        "studies, goes into BUILD.json and every answer's provenance",
+    )
+    parser.add_argument(
         "--spec-overrides",
         action="append",
         default=[],
@@ -61,7 +71,8 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abdoserve.export.repository import build_repository
+    from abdoserve.export.errors import ExportError
+    from abdoserve.export.repository import BUILD_RECORD, build_repository
 
     checkpoints = {
         task: Path(path) for task, path in _pairs(args.checkpoint, "--checkpoint").items()
@@ -70,18 +81,40 @@ def run(args: argparse.Namespace) -> int:
         task: json.loads(Path(path).read_text())
         for task, path in _pairs(args.spec_overrides, "--spec-overrides").items()
     }
-    results = build_repository(
-        args.out,
-        args.tasks or tuple(TASKS),
-        checkpoints=checkpoints,
-        overrides=overrides,
-        net_runtime=args.net_runtime,
-    )
+    try:
+        results = build_repository(
+            args.out,
+            args.tasks or tuple(TASKS),
+            checkpoints=checkpoints,
+            overrides=overrides,
+            net_runtime=args.net_runtime,
+            cpu_runtime=args.cpu_runtime,
+        )
+    except ExportError as error:
+        print(f"error: {error}")
+        return 2
+    record = json.loads((args.out / BUILD_RECORD).read_text())
     for task, result in results.items():
         print(
             f"{task:<22} params={result.parameters:>9,}  "
             f"GFLOPs/sample={result.flops_per_sample / 1e9:.3f}  "
             f"parity={result.parity.relative_error:.1e}  weights={result.provenance.source}"
         )
+        print(runtime_line(record[task]["runtime"]))
     print(f"model repository ready at {args.out}")
     return 0
+
+
+def runtime_line(runtime: dict[str, Any]) -> str:
+    """The runtime, and its measured deviation where the build measured one."""
+    line = f"{'':<22} runtime={runtime['name']} ({runtime['precision']})"
+    deviation = runtime.get("deviation")
+    if deviation is None:
+        return line
+    line += (
+        f"  vs {deviation['reference']}: max |diff| {deviation['max_abs']:.3g}, "
+        f"mean {deviation['mean_abs']:.3g} on {deviation['held_out_studies']} held-out studies"
+    )
+    if "agreement_of" in deviation:
+        line += f", {deviation['agreement_of']} agreement {deviation['study_agreement']:.0%}"
+    return line

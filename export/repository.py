@@ -4,7 +4,9 @@ The committed `model_repository/` holds the default configs and the shared Pytho
 model sources; weights are never committed. A build renders every config from the
 (possibly overridden) task specs, exports each network to ONNX with its parity
 check, writes the weights' provenance into the configs' parameters (and from there
-into every response), and copies the Python models into place.
+into every response), and copies the Python models into place. A CPU runtime other
+than ONNX Runtime FP32 (`export.cpu_runtime`) adds its model file and its measured
+deviation from PyTorch, which the configs' parameters carry into every answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+from abdoserve.export.calibration import CalibrationPlan
 from abdoserve.export.configs import Tuning, model_names, render_task, to_text
+from abdoserve.export.cpu_runtime import RuntimeBuild, build_cpu_runtime
 from abdoserve.export.errors import ExportError
 from abdoserve.export.gpu_net import (
     GpuRuntime,
@@ -29,6 +33,13 @@ from abdoserve.export.gpu_net import (
 from abdoserve.export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
 from abdoserve.export.weights import load_network
 from abdoserve.preprocessing.tasks import TASKS, get_task
+from abdoserve.serving.cpu_runtimes import (
+    CPU_RUNTIMES,
+    DEFAULT_CPU_RUNTIME,
+    PRECISION_PARAMETER,
+    RUNTIME_PARAMETER,
+    CpuRuntime,
+)
 from abdoserve.serving.warmup import WARMUP_FOLDER, write_warmup
 
 logger = logging.getLogger(__name__)
@@ -38,7 +49,13 @@ PYTHON_MODELS = SOURCE_REPOSITORY / "_python_models"
 ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
 BUILD_RECORD = "BUILD.json"
 DEFAULT_TUNING = Tuning()
+DEFAULT_CALIBRATION = CalibrationPlan()
 NetRuntime = Literal["python", "onnxruntime", "tensorrt"]
+# What the answers name for a GPU server's `_net` (the TensorRT plan is built with --fp16).
+GPU_RUNTIME_PARAMETERS = {
+    "onnxruntime": {RUNTIME_PARAMETER: "onnxruntime-backend", PRECISION_PARAMETER: "fp32"},
+    "tensorrt": {RUNTIME_PARAMETER: "tensorrt", PRECISION_PARAMETER: "fp16"},
+}
 
 
 def build_repository(
@@ -49,19 +66,34 @@ def build_repository(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     tuning: Tuning = DEFAULT_TUNING,
     net_runtime: NetRuntime = "python",
+    cpu_runtime: str = DEFAULT_CPU_RUNTIME,
+    calibration: CalibrationPlan = DEFAULT_CALIBRATION,
 ) -> dict[str, ExportResult]:
     """Write a complete repository to `out` (replaced atomically when done).
 
-    `net_runtime` picks the `_net` model: "python" (ONNX Runtime inside the Python
+    `net_runtime` picks the `_net` model: "python" (a CPU runtime inside the Python
     backend, the embedded CPU server) or a GPU server's "onnxruntime" / "tensorrt".
+    `cpu_runtime` picks the Python `_net`'s runtime (`abdoserve.serving.cpu_runtimes`);
+    `calibration` how many phantom studies calibrate INT8 and measure the deviation.
     """
+    runtime = checked_cpu_runtime(net_runtime, cpu_runtime)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     results = {}
+    runtimes = {}
     for task in tasks:
         task_overrides = dict((overrides or {}).get(task, {}))
         checkpoint = (checkpoints or {}).get(task)
-        results[task] = build_task(staging, task, checkpoint, task_overrides, tuning)
+        results[task], runtimes[task] = build_task(
+            staging,
+            task,
+            checkpoint,
+            task_overrides,
+            tuning,
+            runtime=runtime,
+            gpu_runtime=None if net_runtime == "python" else net_runtime,
+            calibration=calibration,
+        )
         if net_runtime != "python":
             replace_net_for_gpu(
                 staging,
@@ -72,10 +104,12 @@ def build_repository(
                 runtime=net_runtime,
             )
     record: dict[str, Any] = {
-        task: _record(result, (overrides or {}).get(task)) for task, result in results.items()
+        task: _record(result, (overrides or {}).get(task), runtimes[task])
+        for task, result in results.items()
     }
     record["tuning"] = asdict(tuning)
     record["net_runtime"] = net_runtime
+    record["cpu_runtime"] = _built_cpu_runtime(net_runtime, cpu_runtime)
     (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -83,13 +117,38 @@ def build_repository(
     return results
 
 
+def checked_cpu_runtime(net_runtime: NetRuntime, cpu_runtime: str) -> CpuRuntime:
+    """The CPU runtime asked for; only the Python `_net` has one to choose."""
+    if cpu_runtime not in CPU_RUNTIMES:
+        raise ExportError(f"unknown CPU runtime {cpu_runtime!r}; known: {', '.join(CPU_RUNTIMES)}")
+    runtime = CPU_RUNTIMES[cpu_runtime]
+    if net_runtime != "python" and not runtime.is_default:
+        raise ExportError(
+            f"the CPU runtime {cpu_runtime} runs in the Python _net of the embedded CPU "
+            f"server; a {net_runtime} _net (GPU server) has none to choose"
+        )
+    return runtime
+
+
 def build_task(
-    root: Path, task: str, checkpoint: Path | None, overrides: Mapping[str, Any], tuning: Tuning
-) -> ExportResult:
+    root: Path,
+    task: str,
+    checkpoint: Path | None,
+    overrides: Mapping[str, Any],
+    tuning: Tuning,
+    *,
+    runtime: CpuRuntime = CPU_RUNTIMES[DEFAULT_CPU_RUNTIME],
+    gpu_runtime: NetRuntime | None = None,
+    calibration: CalibrationPlan = DEFAULT_CALIBRATION,
+) -> tuple[ExportResult, RuntimeBuild]:
     spec = get_task(task, overrides)
     _, _, net, _ = model_names(task)
     result = export_task(spec, root / net / "1", checkpoint)
-    configs = render_task(spec, tuning, result.provenance.to_parameters())
+    built = build_cpu_runtime(
+        spec, root / net / "1", runtime, checkpoint=checkpoint, plan=calibration, tuning=tuning
+    )
+    runs = GPU_RUNTIME_PARAMETERS[gpu_runtime] if gpu_runtime else built.parameters()
+    configs = render_task(spec, tuning, {**result.provenance.to_parameters(), **runs})
     for name, config in configs.items():
         # Every Python model checks tensors against the spec, the `_net` included.
         if overrides and config.backend == "python":
@@ -103,7 +162,7 @@ def build_task(
             shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
         if role == "preprocess":
             write_warmup_study(folder / "1", spec.name)
-    return result
+    return result, built
 
 
 def write_warmup_study(version_folder: Path, task: str) -> None:
@@ -133,7 +192,8 @@ def replace_net_for_gpu(
     if error > PARITY_TOLERANCE:
         raise ExportError(f"{task}: study-batched ONNX differs from PyTorch by {error:.2e}")
     (folder / "1" / "model.py").unlink()
-    config = gpu_net_config(spec, runtime, loaded.provenance.to_parameters(), tuning)
+    provenance = {**loaded.provenance.to_parameters(), **GPU_RUNTIME_PARAMETERS[runtime]}
+    config = gpu_net_config(spec, runtime, provenance, tuning)
     (folder / "config.pbtxt").write_text(to_text(config))
     if runtime == "tensorrt":
         script = folder / "build_engine.sh"
@@ -142,14 +202,22 @@ def replace_net_for_gpu(
     logger.info("%s: %s net, study-batched parity %.1e", task, runtime, error)
 
 
-def _record(result: ExportResult, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+def _record(
+    result: ExportResult, overrides: Mapping[str, Any] | None, runtime: RuntimeBuild
+) -> dict[str, Any]:
     return {
         **result.provenance.to_parameters(),
         "parameters": result.parameters,
         "flops_per_sample": result.flops_per_sample,
         "parity_relative_error": result.parity.relative_error,
         "overrides": dict(overrides or {}),
+        "runtime": runtime.record(),
     }
+
+
+def _built_cpu_runtime(net_runtime: NetRuntime, cpu_runtime: str) -> str | None:
+    """BUILD.json's `cpu_runtime`: the Python `_net`'s runtime; None on a GPU `_net`."""
+    return cpu_runtime if net_runtime == "python" else None
 
 
 def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
@@ -190,17 +258,22 @@ def is_built(
     tasks: Iterable[str] = tuple(TASKS),
     tuning: Tuning = DEFAULT_TUNING,
     net_runtime: NetRuntime = "python",
+    cpu_runtime: str = DEFAULT_CPU_RUNTIME,
 ) -> bool:
-    """Whether `out` holds a finished build of these tasks with this tuning and runtime."""
+    """Whether `out` holds a finished build of these tasks with this tuning and runtimes."""
     record = out / BUILD_RECORD
     if not record.is_file():
         return False
     built = json.loads(record.read_text())
     if built.get("tuning") != asdict(tuning) or built.get("net_runtime") != net_runtime:
         return False
+    if built.get("cpu_runtime") != _built_cpu_runtime(net_runtime, cpu_runtime):
+        return False  # also a build from before the CPU runtimes: its answers name none
+    model_file = CPU_RUNTIMES[cpu_runtime].model_file if net_runtime == "python" else "model.onnx"
     return all(
         task in built
         and (out / f"{task}_net" / "1" / "model.onnx").is_file()
+        and (out / f"{task}_net" / "1" / model_file).is_file()
         and (out / f"{task}_preprocess" / "1" / WARMUP_FOLDER).is_dir()
         for task in tasks
     )

@@ -1,7 +1,9 @@
-"""<task>_net on the embedded CPU server: ONNX Runtime inside the Python backend.
+"""<task>_net on the embedded CPU server: a CPU runtime inside the Python backend.
 
-Glue only. Every queued request's samples run as one ONNX Runtime batch (the
-dynamic batcher may hand several studies at once). Any client can call this model
+Glue only. The runtime (ONNX Runtime FP32 by default; OpenVINO, or INT8 where the
+hospital opted in) is the one the build recorded in this model's `runtime` parameter
+(`abdoserve.serving.cpu_runtimes`). Every queued request's samples run as one batch
+(the dynamic batcher may hand several studies at once). Any client can call this model
 directly, so each request's tensors are checked against the task spec first
 (`abdoserve.serving.validation`). On a GPU server this model's folder is replaced by
 a TensorRT plan or the ONNX Runtime backend; the ensemble and the other models stay
@@ -20,7 +22,12 @@ import triton_python_backend_utils as pb_utils
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving import validation
-from abdoserve.serving.onnx_runner import OnnxRunner
+from abdoserve.serving.cpu_runtimes import (
+    DEFAULT_CPU_RUNTIME,
+    RUNTIME_PARAMETER,
+    cpu_runtime,
+    open_runner,
+)
 
 
 class TritonPythonModel:
@@ -29,8 +36,10 @@ class TritonPythonModel:
         parameters = glue.model_parameters(json.loads(args["model_config"]))
         overrides = json.loads(parameters.get("spec_overrides") or "{}")
         self.spec = get_task(parameters["task"], overrides)
-        self.runner = OnnxRunner(
-            Path(args["model_repository"]) / args["model_version"] / "model.onnx",
+        runtime = cpu_runtime(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME))
+        self.runner = open_runner(
+            runtime,
+            Path(args["model_repository"]) / args["model_version"],
             intra_op_threads=int(parameters.get("intra_op_threads", "0")),
             max_samples=int(parameters.get("max_samples_per_run", "64")),
         )

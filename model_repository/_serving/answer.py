@@ -1,20 +1,28 @@
 """Per-sample network outputs -> the study-level answer a hospital system reads.
 
-The answer names the model, its version and the provenance of its weights, and
-answers from untrained reference weights carry a notice saying so: they must
-never look like a diagnosis.
+The answer names the model, its version, the provenance of its weights and the
+runtime and precision that ran the network (with, where the build measured it, the
+deviation from the FP32 PyTorch network: an INT8 answer always carries it). Answers
+from untrained reference weights carry a notice saying so: they must never look
+like a diagnosis.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from abdoserve.preprocessing.specs import Output, TaskSpec
+from abdoserve.serving.cpu_runtimes import (
+    DEVIATION_PARAMETER,
+    PRECISION_PARAMETER,
+    RUNTIME_PARAMETER,
+)
 
 UNTRAINED_NOTICE = (
     "UNTRAINED REFERENCE WEIGHTS: this output exercises the serving path and is not a "
@@ -31,6 +39,11 @@ class ModelIdentity:
     weights_source: str
     weights_sha256: str
     untrained: bool
+    runtime: str = "unknown"
+    precision: str = "unknown"
+    # vs FP32 PyTorch on held-out phantom studies, as the build measured it (None: not
+    # measured, i.e. the default ONNX Runtime FP32, held to PyTorch by the export's check)
+    deviation: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_parameters(
@@ -43,7 +56,26 @@ class ModelIdentity:
             weights_sha256=parameters.get("weights_sha256", ""),
             # Anything not explicitly marked trained is treated as untrained.
             untrained=parameters.get("weights_untrained", "true").lower() != "false",
+            runtime=parameters.get(RUNTIME_PARAMETER, "unknown"),
+            precision=parameters.get(PRECISION_PARAMETER, "unknown"),
+            deviation=_deviation(parameters.get(DEVIATION_PARAMETER, "")),
         )
+
+    def runtime_provenance(self) -> dict[str, Any]:
+        """What ran the network, as the answer names it."""
+        provenance: dict[str, Any] = {"name": self.runtime, "precision": self.precision}
+        if self.deviation is not None:
+            provenance["deviation"] = dict(self.deviation)
+        return provenance
+
+
+def _deviation(text: str) -> Mapping[str, Any] | None:
+    if not text:
+        return None
+    value = json.loads(text)  # written by the build; a broken one fails the model's load
+    if not isinstance(value, dict):
+        raise ValueError(f"{DEVIATION_PARAMETER} must be a JSON object")
+    return value
 
 
 def aggregate(output: Output, per_sample: np.ndarray) -> np.ndarray:
@@ -76,6 +108,7 @@ def study_answer(
             "weights_source": identity.weights_source,
             "weights_sha256": identity.weights_sha256,
             "untrained": identity.untrained,
+            "runtime": identity.runtime_provenance(),
         },
         "result": interpret(spec.output, study),
         "images": [

@@ -1,21 +1,20 @@
 """The ONNX Runtime runner of the served `_net` model and of the in-process benchmarks.
 
-One place builds the session and runs a batch of studies, so the benchmark measures
-exactly what the server runs: every study's samples joined into one batch, run in
-chunks of at most `max_samples` rows, then split back per study.
+It runs any `_net` ONNX graph: the exported FP32 `model.onnx` or its INT8 QDQ
+quantization (`model.int8.onnx`). The batching of studies is `StudyRunner`'s, so
+the benchmark measures exactly what the server runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from abdoserve.serving import batching
+from abdoserve.serving.study_runner import StudyRunner
 
 
-class OnnxRunner:
+class OnnxRunner(StudyRunner):
     """A CPU ONNX Runtime session over a `_net` graph (inputs `samples`[, `features`])."""
 
     def __init__(self, path: Path | str, *, intra_op_threads: int, max_samples: int) -> None:
@@ -36,16 +35,8 @@ class OnnxRunner:
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def run_studies(
-        self, samples: Sequence[np.ndarray], features: Sequence[np.ndarray] | None
-    ) -> list[np.ndarray]:
-        """One output array per study, in order; `features` only where the graph takes them."""
-        study_features = list(features) if self.with_features and features is not None else None
-        batch = batching.join(list(samples), study_features)
-        results = []
-        for rows in batching.chunks(batch.samples.shape[0], self.max_samples):
-            feeds = {"samples": batch.samples[rows]}
-            if batch.features is not None:
-                feeds["features"] = batch.features[rows]
-            results.append(self.session.run(["output"], feeds, self.run_options)[0])
-        return batching.split(np.concatenate(results, axis=0), batch.counts)
+    def run_rows(self, samples: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        feeds = {"samples": samples}
+        if features is not None:
+            feeds["features"] = features
+        return np.asarray(self.session.run(["output"], feeds, self.run_options)[0])

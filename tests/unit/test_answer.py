@@ -1,6 +1,9 @@
-"""Study answers: aggregation, stages, flags, labels, and the untrained notice."""
+"""Study answers: aggregation, stages, flags, labels, the untrained notice, and the
+runtime provenance (an INT8 answer carries its measured deviation)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -82,6 +85,7 @@ def test_study_answer_with_untrained_weights_carries_the_notice() -> None:
         "weights_source": "seeded",
         "weights_sha256": "",
         "untrained": True,
+        "runtime": {"name": "unknown", "precision": "unknown"},
     }
     assert answer["result"]["osteoporosis"] is True
     assert answer["images"] == [
@@ -109,3 +113,49 @@ def test_anything_not_marked_trained_is_untrained(flag: str, untrained: bool) ->
     identity = ModelIdentity.from_parameters("x", "1", {"weights_untrained": flag})
     assert identity.untrained is untrained
     assert ModelIdentity.from_parameters("x", "1", {}).weights_source == "unknown"
+
+
+DEVIATION = {
+    "reference": "PyTorch FP32",
+    "max_abs": 0.0123,
+    "mean_abs": 0.0045,
+    "agreement_of": "stage",
+    "study_agreement": 1.0,
+    "held_out_studies": 6,
+}
+
+
+def test_answer_names_the_runtime_and_an_int8_deviation() -> None:
+    identity = ModelIdentity.from_parameters(
+        "liver_fibrosis_ct",
+        "1",
+        {
+            "weights_untrained": "false",
+            "runtime": "openvino-int8",
+            "runtime_precision": "int8",
+            "runtime_deviation": json.dumps(DEVIATION),
+        },
+    )
+    spec = TASKS["liver_fibrosis_ct"]
+    _, answer = study_answer(spec, np.array([[1.2]], dtype=np.float32), [0], identity)
+    assert answer["model"]["runtime"] == {
+        "name": "openvino-int8",
+        "precision": "int8",
+        "deviation": DEVIATION,
+    }
+    json.dumps(answer)  # the answer travels as JSON
+
+
+def test_a_runtime_without_a_measured_deviation_names_only_itself() -> None:
+    identity = ModelIdentity.from_parameters(
+        "bone_density_ct", "1", {"runtime": "onnxruntime", "runtime_precision": "fp32"}
+    )
+    _, answer = study_answer(
+        TASKS["bone_density_ct"], np.array([[1.0]], dtype=np.float32), [0], identity
+    )
+    assert answer["model"]["runtime"] == {"name": "onnxruntime", "precision": "fp32"}
+
+
+def test_a_deviation_that_is_not_a_json_object_fails_the_load() -> None:
+    with pytest.raises(ValueError, match="runtime_deviation"):
+        ModelIdentity.from_parameters("x", "1", {"runtime_deviation": "[1, 2]"})
