@@ -64,6 +64,7 @@ class Breakdown:
     compute_ms: dict[str, float]
     server_cpu_ms: float | None  # None: the server's process is not local
     client_cpu_ms: float
+    form: str = "served"  # how the studies were sent (abdoserve.loadtests.bench.transports)
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +123,7 @@ def breakdown(
     round_trip_ms: float,
     encode_ms: float,
     client_cpu_s: float,
+    form: str = "served",
 ) -> Breakdown:
     delta = {name: after.models[name].minus(before.models[name]) for name in after.models}
     ensemble = delta[task]
@@ -146,13 +148,14 @@ def breakdown(
         },
         server_cpu_ms=server_cpu,
         client_cpu_ms=1e3 * client_cpu_s / studies,
+        form=form,
     )
 
 
 def format_breakdown(task: str, rows: list[Breakdown], in_process_cpu_ms: float) -> str:
     """One line per level: where a study's time went, and the CPU each side spent."""
     header = (
-        "conc  round-trip  encode  transfer  server |"
+        "form           conc  round-trip  encode  transfer  server |"
         "  pre q/c      net q/c      post q/c   | server-CPU  client-CPU  in-process-CPU (ms)"
     )
     lines = [f"{task}: where a study's time goes (ms per study)", header]
@@ -162,8 +165,9 @@ def format_breakdown(task: str, rows: list[Breakdown], in_process_cpu_ms: float)
         )
         server_cpu = "-" if row.server_cpu_ms is None else f"{row.server_cpu_ms:.1f}"
         lines.append(
-            f"{row.concurrency:>4}  {row.round_trip_ms:10.1f}  {row.encode_ms:6.1f}  "
-            f"{row.transfer_ms:8.1f}  {row.server_ms:6.1f} |  {stages} | {server_cpu:>10}  "
+            f"{row.form:<14} {row.concurrency:>4}  {row.round_trip_ms:10.1f}  "
+            f"{row.encode_ms:6.1f}  {row.transfer_ms:8.1f}  {row.server_ms:6.1f} |  {stages} | "
+            f"{server_cpu:>10}  "
             f"{row.client_cpu_ms:10.1f}  {in_process_cpu_ms:14.1f}"
         )
     return "\n".join(lines)

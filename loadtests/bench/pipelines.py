@@ -11,21 +11,22 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from abdoserve.export.configs import Tuning, model_names
+from abdoserve.loadtests.bench import transports
 from abdoserve.loadtests.bench.workload import Call, Study
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.serving import batching
 from abdoserve.serving.answer import ModelIdentity, study_answer
 from abdoserve.serving.onnx_runner import OnnxRunner
-from abdoserve_client.protocol import OUTPUT_NAMES, request_tensors
-from abdoserve_client.wire import MODEL_INFER, encode_infer_request, open_channel
+from abdoserve_client.shared_memory import SharedMemoryRegion
+from abdoserve_client.wire import MODEL_INFER, open_channel
 
 TORCH_THREADS = 2
 SERVED_TIMEOUT_S = 300.0
@@ -100,24 +101,39 @@ class TorchInProcess(InProcess):
         return np.concatenate(outputs, axis=0)
 
 
-def serialized_request(task: str, study: Study) -> bytes:
-    """One ModelInferRequest exactly as `AbdoServeClient` writes it (`abdoserve_client.wire`).
-
-    Encoded once per study, as perf_analyzer prepares its inputs: the load generator
-    shares the cores with the server, and the server's cost is what is measured here.
-    """
-    tensors = request_tensors(list(study.instances), study.clinical)
-    return encode_infer_request(task, tensors, OUTPUT_NAMES)
-
-
 class Served:
-    """Makes one gRPC caller (own channel) per worker thread; requests are built once."""
+    """Makes one gRPC caller (own channel) per worker thread, sending each study in `form`
+    (`abdoserve.loadtests.bench.transports`) to `model` (the task, or the null probe).
 
-    def __init__(self, url: str, task: str, pool: Sequence[Study]) -> None:
+    Inline requests are encoded once per study here, as perf_analyzer prepares its
+    inputs: the load generator shares the cores with the server, whose cost is what is
+    measured. Through shared memory each caller owns one slot of `region` and writes
+    every study into it before sending, the copy a real sender makes.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        pool: Sequence[Study],
+        form: str = transports.GRPC_PACKED,
+        *,
+        model: str | None = None,
+        region: SharedMemoryRegion | None = None,
+    ) -> None:
+        if form == transports.SHARED_MEMORY and region is None:
+            raise ValueError("the shared_memory form needs a region")
         self.url = url
         self.task = task
+        self.model = model or task
+        self.pool = pool
+        self.form = form
+        self.region = region
+        self.outputs = transports.outputs_of(self.model)
         started = time.perf_counter()
-        self.requests = [serialized_request(task, study) for study in pool]
+        self.requests = [
+            transports.inline_request(self.model, study, form, self.outputs) for study in pool
+        ]
         # The client's encode time per study (done once here, as perf_analyzer does).
         self.encode_ms = 1e3 * (time.perf_counter() - started) / max(len(pool), 1)
         self.channels: list[Any] = []
@@ -130,19 +146,32 @@ class Served:
             self.url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
         )
         with self.lock:
+            slot = len(self.channels)
             self.channels.append(channel)
         infer = channel.unary_unary(
             MODEL_INFER, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
+        request = self._request_maker(slot)
 
         def call(number: int) -> object:
-            request = self.requests[number % len(self.requests)]
-            response = infer(request, timeout=SERVED_TIMEOUT_S)
-            if {output.name for output in response.outputs} != set(OUTPUT_NAMES):
-                raise RuntimeError(f"{self.task}: the response lacks {OUTPUT_NAMES}")
+            response = infer(request(number), timeout=SERVED_TIMEOUT_S)
+            if {output.name for output in response.outputs} != set(self.outputs):
+                raise RuntimeError(f"{self.model}: the response lacks {self.outputs}")
             return response
 
         return call
+
+    def _request_maker(self, slot: int) -> Callable[[int], bytes]:
+        """Request number -> the bytes to send, for the caller that owns `slot`."""
+        region = self.region
+        if self.form != transports.SHARED_MEMORY or region is None:
+            return lambda number: self.requests[number % len(self.requests)]
+        if slot >= region.slots:
+            raise ValueError(f"{region.slots} slots in the region: fewer than the callers")
+        where = transports.Placement(region, slot * region.slot_bytes)
+        return lambda number: transports.placed_request(
+            self.model, self.pool[number % len(self.pool)], where, self.outputs
+        )
 
     def close(self) -> None:
         with self.lock:

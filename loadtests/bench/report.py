@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.bench.breakdown import Breakdown
+from abdoserve.loadtests.bench.split import Probe, splits
 from abdoserve.loadtests.bench.workload import PERCENTILES, Measurement
 
 THROUGHPUT_TARGET = 0.95  # served saturating throughput / in-process
@@ -20,6 +21,9 @@ LABELS = {
     "onnxruntime": "in-process onnxruntime",
     "pytorch": "in-process pytorch",
     "served": "served gRPC",
+    "grpc_bytes": "served gRPC, BYTES",
+    "shared_memory": "served shared memory",
+    "transport_probe": "null model (transport)",
 }
 
 
@@ -30,7 +34,13 @@ class TaskResult:
     onnxruntime: Measurement
     pytorch: Measurement
     served: tuple[Measurement, ...]
-    breakdown: tuple[Breakdown, ...] = ()  # per served level, where the statistics were read
+    breakdown: tuple[Breakdown, ...] = ()  # per form and level, where statistics were read
+    # the other forms' rows (`served` holds the client's default, packed gRPC)
+    others: dict[str, tuple[Measurement, ...]] = field(default_factory=dict)
+    probes: dict[str, Probe] = field(default_factory=dict)  # the null model, per form
+
+    def rows_of(self, form: str) -> tuple[Measurement, ...]:
+        return self.others.get(form) or self.served
 
     def ratios(self) -> dict[str, Any]:
         """The side-by-side ratios and whether the serving targets are met."""
@@ -61,6 +71,9 @@ class TaskResult:
             "served": [row.summary() for row in self.served],
             "ratios": self.ratios(),
             "breakdown": [part.summary() for part in self.breakdown],
+            **{form: [row.summary() for row in rows] for form, rows in self.others.items()},
+            "transport_probe": {form: probe.summary() for form, probe in self.probes.items()},
+            "split": [split.summary() for split in splits(self)],
         }
 
 
@@ -97,6 +110,7 @@ def format_task(result: TaskResult) -> str:
         f"studies, {local.requests} timed requests per row",
         HEADER,
         *(format_row(row) for row in (result.onnxruntime, result.pytorch, *result.served)),
+        *(format_row(row) for rows in result.others.values() for row in rows),
         f"served / in-process throughput: {ratios['served_over_in_process_throughput']:.2f} "
         f"at c={ratios['best_concurrency']} (target >= {THROUGHPUT_TARGET}: "
         f"{_verdict(ratios['throughput_target_met'])})",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -27,10 +26,13 @@ from typing import TYPE_CHECKING
 from abdoserve.deploy.embedded import BUILD_DIR
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.transports import FORMS, GRPC_PACKED, PROBE, SHARED_MEMORY
 
 if TYPE_CHECKING:
     from abdoserve.loadtests.bench.breakdown import Breakdown
     from abdoserve.loadtests.bench.report import SweepPoint, TaskResult
+    from abdoserve.loadtests.bench.served_target import Observed, Target
+    from abdoserve.loadtests.bench.split import Probe
     from abdoserve.loadtests.bench.workload import Measurement, Study
 
 DEFAULT_REPOSITORY = BUILD_DIR / "bench_repository"
@@ -67,6 +69,7 @@ class Plan:
     pool: int
     url: str | None
     repository: Path
+    forms: tuple[str, ...] = ("grpc_bytes", "served", "shared_memory")
 
     @property
     def built_tasks(self) -> tuple[str, ...]:
@@ -91,6 +94,14 @@ def int_list(text: str) -> tuple[int, ...]:
     if any(value < 1 for value in values):
         raise argparse.ArgumentTypeError("every value must be at least 1")
     return values
+
+
+def form_list(text: str) -> tuple[str, ...]:
+    forms = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [form for form in forms if form not in FORMS]
+    if unknown or not forms:
+        raise argparse.ArgumentTypeError(f"forms are {', '.join(FORMS)}")
+    return forms
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +139,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model repository to serve and read model.onnx from; (re)built there unless "
         f"it holds these tasks built with this tuning (default {DEFAULT_REPOSITORY})",
     )
+    parser.add_argument(
+        "--forms",
+        type=form_list,
+        default=FORMS,
+        help="how studies are sent, side by side: grpc_bytes (BYTES DICOM), served (packed "
+        "UINT8 over gRPC, the client's default), shared_memory (packed, in a shared-memory "
+        f"region); default {','.join(FORMS)}",
+    )
+    parser.add_argument(
+        "--shared-region",
+        help="with --url: the server's --shared-region (created by the sender before it "
+        "started), for the shared_memory form",
+    )
+    parser.add_argument(
+        "--shm-key-file",
+        type=Path,
+        help="with --url: the server's shared-memory key (else $ABDOSERVE_SHM_KEY)",
+    )
     parser.add_argument("--json", type=Path, help="write every raw number as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of the curves here")
     parser.add_argument(
@@ -155,6 +184,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         pool=args.pool or mode.pool,
         url=args.url,
         repository=args.repository,
+        forms=args.forms,
     )
 
 
@@ -164,6 +194,7 @@ def requested_tuning(args: argparse.Namespace) -> Tuning:
 
 def run(args: argparse.Namespace) -> int:
     from abdoserve.deploy.embedded import ServerError
+    from abdoserve.loadtests.bench.served_target import observer
 
     try:
         plan = make_plan(args)
@@ -171,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     try:
-        with serving(plan, requested_tuning(args), args.log_file, observer(args)) as target:
+        pools = study_pools(plan)
+        with serving(plan, requested_tuning(args), args.log_file, pools, observer(args)) as target:
             tuning = target.tuning
-            results, sweep = measure_all(plan, target)
+            results, sweep = measure_all(plan, target, pools)
     except KeyboardInterrupt:
         print("interrupted" + ("" if plan.url else "; the server it started has been stopped"))
         return 130
@@ -184,26 +216,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Target:
-    """The server measured: its gRPC url and tuning; its pid where it is local (server
-    CPU), and the admin key's metadata where known (statistics for the breakdown)."""
+def study_pools(plan: Plan) -> dict[str, list[Study]]:
+    from abdoserve.loadtests.bench.workload import study_pool
 
-    url: str
-    tuning: Tuning
-    server_pid: int | None = None
-    admin_headers: dict[str, str] | None = None
-
-
-def observer(args: argparse.Namespace) -> tuple[int | None, dict[str, str] | None]:
-    """For --url: the pid and admin headers the options give (None where not given)."""
-    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-
-    key = os.environ.get("ABDOSERVE_ADMIN_KEY")
-    if args.admin_key_file is not None:
-        key = args.admin_key_file.read_text().strip()
-    headers = None if not key else {GRPC_HEADER_PREFIX + ADMIN_HEADER: key}
-    return args.server_pid, headers
+    return {task: study_pool(task, plan.pool) for task in plan.tasks}
 
 
 @contextmanager
@@ -211,47 +227,44 @@ def serving(
     plan: Plan,
     tuning: Tuning,
     log_file: Path,
-    observed: tuple[int | None, dict[str, str] | None] = (None, None),
+    pools: dict[str, list[Study]],
+    observed: Observed | None = None,
 ) -> Iterator[Target]:
     """The server measured: a running one, or our own, stopped after."""
-    from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
     from abdoserve.export.repository import build_repository, is_built
     from abdoserve.loadtests.bench.pipelines import served_tuning
+    from abdoserve.loadtests.bench.served_target import Observed, own_server, running_server
+    from abdoserve.loadtests.bench.transports import slot_bytes
 
     if plan.url:
         tuning = served_tuning(plan.url, plan.tasks[0])
     if not is_built(plan.repository, plan.built_tasks, tuning):
         print(f"building {plan.repository} for {', '.join(plan.built_tasks)} ...", flush=True)
         build_repository(plan.repository, plan.built_tasks, tuning=tuning)
+    slot = slot_bytes(list(pools.values()))
     if plan.url:
-        print(f"benchmarking the server at {plan.url}: {describe(tuning)}", flush=True)
-        yield Target(plan.url, tuning, *observed)
+        with running_server(plan.url, tuning, observed or Observed(), slot) as target:
+            yield target
         return
-    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-
-    options = ServerOptions(repository=plan.repository, ports=free_ports(), log_file=log_file)
-    with EmbeddedServer(options) as server:
-        url = f"{options.host}:{server.ports.grpc}"
-        print(f"started tritonserver at {url}: {describe(tuning)}", flush=True)
-        assert server.process is not None
-        headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: options.admin_key}
-        yield Target(url, tuning, server.process.pid, headers)
+    with own_server(plan.repository, tuning, log_file, max(plan.concurrency), slot) as target:
+        yield target
 
 
-def describe(tuning: Tuning) -> str:
-    return ", ".join(f"{key}={value}" for key, value in asdict(tuning).items())
-
-
-def measure_all(plan: Plan, target: Target) -> tuple[list[TaskResult], list[SweepPoint]]:
+def measure_all(
+    plan: Plan, target: Target, pools: dict[str, list[Study]]
+) -> tuple[list[TaskResult], list[SweepPoint]]:
     from abdoserve.loadtests.bench.breakdown import format_breakdown
+    from abdoserve.loadtests.bench.split import format_split
 
     results = []
     for task in plan.tasks:
-        results.append(measure_task(plan, target, task))
+        results.append(measure_task(plan, target, task, pools[task]))
         print(format_task_table(results[-1]) + "\n", flush=True)
         if results[-1].breakdown:
             in_process_cpu = 1e3 * results[-1].onnxruntime.cpu_seconds / plan.requests
             print(format_breakdown(task, list(results[-1].breakdown), in_process_cpu) + "\n")
+        if results[-1].probes:
+            print(format_split(results[-1]) + "\n", flush=True)
     url, tuning = target.url, target.tuning
     sweep = [measure_sweep_point(plan, url, tuning, images) for images in plan.images]
     if sweep:
@@ -267,22 +280,46 @@ def format_task_table(result: TaskResult) -> str:
     return format_task(result)
 
 
-def measure_task(plan: Plan, target: Target, task: str) -> TaskResult:
-    from abdoserve.loadtests.bench.report import TaskResult
-    from abdoserve.loadtests.bench.workload import study_pool
+def usable_forms(plan: Plan, target: Target) -> tuple[str, ...]:
+    """The asked forms this server can take (shared memory needs a registered region)."""
+    forms = tuple(form for form in plan.forms if form != SHARED_MEMORY or target.region)
+    if SHARED_MEMORY in plan.forms and target.region is None:
+        print("shared_memory skipped: no shared region (--shared-region, --shm-key-file)")
+    return forms
 
-    pool = study_pool(task, plan.pool)
+
+def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> TaskResult:
+    from abdoserve.loadtests.bench.report import TaskResult
+
     tuning = target.tuning
     local = in_process(plan, tuning, task, pool, plan.requests, runtime="onnxruntime")
     torch = in_process(plan, tuning, task, pool, plan.requests, runtime="pytorch")
-    served, parts = observed_levels(target, task, pool, plan.concurrency, plan.requests)
-    return TaskResult(task, len(pool), local, torch, tuple(served), tuple(parts))
+    served: dict[str, list[Measurement]] = {}
+    parts: list[Breakdown] = []
+    probes: dict[str, Probe] = {}
+    for form in usable_forms(plan, target):
+        rows, form_parts = observed_levels(
+            target, task, pool, plan.concurrency, plan.requests, form=form
+        )
+        served[form] = rows
+        parts += form_parts
+        if target.probe:
+            probes[form] = measure_probe(target, task, pool, plan.requests, form)
+    default = served.get(GRPC_PACKED) or next(iter(served.values()))
+    others = {form: tuple(rows) for form, rows in served.items() if rows is not default}
+    return TaskResult(task, len(pool), local, torch, tuple(default), tuple(parts), others, probes)
 
 
 def observed_levels(
-    target: Target, task: str, pool: list[Study], levels: tuple[int, ...], requests: int
+    target: Target,
+    task: str,
+    pool: list[Study],
+    levels: tuple[int, ...],
+    requests: int,
+    *,
+    form: str = GRPC_PACKED,
 ) -> tuple[list[Measurement], list[Breakdown]]:
-    """`served_levels`, with the server's statistics and CPU read around each level."""
+    """Each level in `form`, with the server's statistics and CPU read around it."""
     from abdoserve.loadtests.bench.breakdown import breakdown, snapshot
     from abdoserve.loadtests.bench.pipelines import Served
     from abdoserve.loadtests.bench.workload import time_concurrent
@@ -290,12 +327,14 @@ def observed_levels(
     rows, parts = [], []
     headers = target.admin_headers
     for level in levels:
-        served = Served(target.url, task, pool)
+        served = Served(target.url, task, pool, form, region=target.region)
         try:
             before = (
                 None if headers is None else snapshot(target.url, task, headers, target.server_pid)
             )
-            row = time_concurrent(served.new_call, pool, requests, level, THREAD_WARMUP)
+            row = time_concurrent(
+                served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
+            )
             rows.append(row)
             if before is not None and headers is not None:
                 after = snapshot(target.url, task, headers, target.server_pid)
@@ -308,11 +347,32 @@ def observed_levels(
                         round_trip_ms=sum(row.latencies_ms) / len(row.latencies_ms),
                         encode_ms=served.encode_ms,
                         client_cpu_s=row.cpu_seconds,
+                        form=form,
                     )
                 )
         finally:
             served.close()
     return rows, parts
+
+
+def measure_probe(target: Target, task: str, pool: list[Study], requests: int, form: str) -> Probe:
+    """The null model on the same studies in the same form, one at a time: what moving
+    the bytes costs (time, and server CPU where the server is local)."""
+    from abdoserve.loadtests.bench.breakdown import server_cpu_seconds
+    from abdoserve.loadtests.bench.pipelines import Served
+    from abdoserve.loadtests.bench.split import Probe
+    from abdoserve.loadtests.bench.workload import time_concurrent
+
+    served = Served(target.url, task, pool, form, model=PROBE, region=target.region)
+    pid = target.server_pid
+    try:
+        before = None if pid is None else server_cpu_seconds(pid)
+        row = time_concurrent(served.new_call, pool, requests, 1, THREAD_WARMUP, pipeline=PROBE)
+        after = None if pid is None else server_cpu_seconds(pid)
+    finally:
+        served.close()
+    cpu = None if before is None or after is None else 1e3 * (after - before) / row.requests
+    return Probe(form, row, cpu)
 
 
 def measure_sweep_point(plan: Plan, url: str, tuning: Tuning, images: int) -> SweepPoint:

@@ -41,7 +41,9 @@ def study_pool(task: str, size: int, images: int | None = None) -> list[Study]:
 class Measurement:
     """One row: a pipeline at one concurrency, with every timed request's latency."""
 
-    pipeline: str  # "onnxruntime", "pytorch" or "served"
+    # "onnxruntime", "pytorch", or how it was served: "served" (packed gRPC), "grpc_bytes",
+    # "shared_memory", or "transport_probe" (the null model)
+    pipeline: str
     concurrency: int
     images_per_study: float
     wall_seconds: float
@@ -148,9 +150,12 @@ def time_concurrent(
     requests: int,
     concurrency: int,
     warmup: int,
+    *,
+    pipeline: str = "served",
 ) -> Measurement:
     """`concurrency` threads, each with its own caller, sending back to back until
-    `requests` timed requests are done; every thread warms up with `warmup` first."""
+    `requests` timed requests are done; every thread warms up with `warmup` first.
+    `pipeline` names the row: "served" (packed gRPC) or another form."""
     shared = _Shared(requests, concurrency)
     threads = [
         threading.Thread(target=_worker, args=(make_call, shared, warmup, index), daemon=True)
@@ -171,4 +176,4 @@ def time_concurrent(
     if shared.errors:
         raise shared.errors[0]
     rows = tuple(shared.latencies)
-    return Measurement("served", concurrency, images_per_study(pool), wall, cpu, rows)
+    return Measurement(pipeline, concurrency, images_per_study(pool), wall, cpu, rows)

@@ -1,0 +1,149 @@
+"""The server `abdoserve bench serving` measures, and what it may observe of it.
+
+Either the bench's own server (built into its repository with the null transport
+probe, started on free ports with a shared-memory region it created for the
+`shared_memory` form, and every key known), or a running one given by `--url`, observed
+as far as its options allow: its pid (server CPU), its admin key (statistics), its
+shared region and shared-memory key (the `shared_memory` form), and the probe if its
+repository holds one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from abdoserve.export.configs import Tuning
+from abdoserve_client.shared_memory import SHM_KEY_METADATA, SharedMemoryRegion
+
+SHM_KEY_VARIABLE = "ABDOSERVE_SHM_KEY"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server measured: its gRPC url and tuning; its pid where it is local (server
+    CPU); the admin key's metadata where known (statistics for the breakdown); the
+    sender's registered region where there is one; whether the probe is served."""
+
+    url: str
+    tuning: Tuning
+    server_pid: int | None = None
+    admin_headers: dict[str, str] | None = None
+    region: SharedMemoryRegion | None = None
+    probe: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the options say about a running server (--url)."""
+
+    server_pid: int | None = None
+    admin_headers: dict[str, str] | None = None
+    region_name: str | None = None
+    shm_key: str | None = None
+
+
+def observer(args: argparse.Namespace) -> Observed:
+    """For --url: the pid, admin headers and shared region the options give."""
+    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
+
+    key = _key(args.admin_key_file, "ABDOSERVE_ADMIN_KEY")
+    headers = None if not key else {GRPC_HEADER_PREFIX + ADMIN_HEADER: key}
+    shm_key = _key(getattr(args, "shm_key_file", None), SHM_KEY_VARIABLE)
+    return Observed(args.server_pid, headers, getattr(args, "shared_region", None), shm_key)
+
+
+def _key(path: Path | None, variable: str) -> str | None:
+    if path is not None:
+        return path.read_text().strip() or None
+    return os.environ.get(variable) or None
+
+
+def describe(tuning: Tuning) -> str:
+    return ", ".join(f"{key}={value}" for key, value in asdict(tuning).items())
+
+
+@contextmanager
+def own_server(
+    repository: Path, tuning: Tuning, log_file: Path, slots: int, slot_bytes: int
+) -> Iterator[Target]:
+    """Our server with the probe and a fresh shared region, stopped (and the region
+    removed) after."""
+    from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+    from abdoserve.deploy.isolation import ShmIsolation
+    from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
+    from abdoserve.loadtests.bench.transports import has_probe, install_probe
+
+    if not has_probe(repository):
+        install_probe(repository, tuning.preprocess_instances)
+    with ExitStack() as stack:
+        name = f"abdoserve-bench-{os.getpid()}"
+        region = SharedMemoryRegion.create(name, slot_bytes=slot_bytes, slots=slots)
+        stack.callback(region.close)
+        shm_key = os.urandom(16).hex()
+        options = ServerOptions(
+            repository=repository,
+            ports=free_ports(),
+            log_file=log_file,
+            shm=ShmIsolation(shared_region=name),
+            shm_key=shm_key,
+        )
+        server = stack.enter_context(EmbeddedServer(options))
+        url = f"{options.host}:{server.ports.grpc}"
+        print(f"started tritonserver at {url}: {describe(tuning)}", flush=True)
+        assert server.process is not None
+        stack.enter_context(registered(url, region, shm_key))
+        headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: options.admin_key}
+        yield Target(url, tuning, server.process.pid, headers, region, probe=True)
+
+
+@contextmanager
+def running_server(
+    url: str, tuning: Tuning, observed: Observed, slot_bytes: int
+) -> Iterator[Target]:
+    """A running server, observed as far as the options allow."""
+    print(f"benchmarking the server at {url}: {describe(tuning)}", flush=True)
+    with ExitStack() as stack:
+        region = None
+        if observed.region_name is not None and observed.shm_key is not None:
+            region = SharedMemoryRegion.open(observed.region_name, slot_bytes=slot_bytes)
+            stack.callback(region.close)
+            stack.enter_context(registered(url, region, observed.shm_key))
+        yield Target(
+            url,
+            tuning,
+            observed.server_pid,
+            observed.admin_headers,
+            region,
+            probe=serves_probe(url),
+        )
+
+
+@contextmanager
+def registered(url: str, region: SharedMemoryRegion, shm_key: str) -> Iterator[None]:
+    import tritonclient.grpc as grpcclient
+
+    headers = {SHM_KEY_METADATA: shm_key}
+    with grpcclient.InferenceServerClient(url) as client:
+        client.register_system_shared_memory(region.name, region.key, region.size, headers=headers)
+        try:
+            yield
+        finally:
+            client.unregister_system_shared_memory(region.name, headers=headers)
+
+
+def serves_probe(url: str) -> bool:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from abdoserve.loadtests.bench.transports import PROBE
+
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            return bool(client.is_model_ready(PROBE))
+        except InferenceServerException:
+            return False
