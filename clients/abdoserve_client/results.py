@@ -26,19 +26,29 @@ UNTRAINED_FALLBACK_NOTICE = (
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model answered and where its weights came from."""
+    """Which model answered, where its weights came from, and what ran the network.
+
+    `runtime` is the server's network runtime (`onnxruntime`, `onnxruntime-int8`,
+    `openvino`, `openvino-int8`, or a GPU server's), `precision` its arithmetic
+    (`fp32`, `int8`, `fp16`). `deviation` is what the server's build measured against
+    the FP32 network on held-out studies (`max_abs`, `mean_abs`, per-output values,
+    `study_agreement` of the class, stage or flag): every INT8 answer carries it.
+    """
 
     name: str
     version: str
     weights_source: str
     weights_sha256: str
     untrained: bool
+    runtime: str = "unknown"
+    precision: str = "unknown"
+    deviation: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_mapping(
         cls, values: Mapping[str, Any], name: str = "", version: str = ""
     ) -> ModelInfo:
-        """From an ANSWER's `model` object or a config's `weights_*` parameters."""
+        """From an ANSWER's `model` object or a config's `weights_*`/`runtime*` parameters."""
         untrained = values.get("untrained", values.get("weights_untrained", True))
         if isinstance(untrained, str):
             untrained = untrained.lower() != "false"
@@ -49,7 +59,35 @@ class ModelInfo:
             weights_sha256=str(values.get("weights_sha256", "")),
             # Anything not explicitly marked trained is treated as untrained.
             untrained=bool(untrained),
+            **_runtime_fields(values),
         )
+
+    @property
+    def quantized(self) -> bool:
+        """True when an INT8 network answered: read `deviation` before trusting decimals."""
+        return self.precision == "int8"
+
+
+def _runtime_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """An ANSWER's `runtime` object, or a config's `runtime`, `runtime_precision` and
+    `runtime_deviation` (JSON) parameters."""
+    runtime = values.get("runtime", "unknown")
+    if isinstance(runtime, Mapping):
+        deviation = runtime.get("deviation")
+        return {
+            "runtime": str(runtime.get("name", "unknown")),
+            "precision": str(runtime.get("precision", "unknown")),
+            "deviation": deviation if isinstance(deviation, Mapping) else None,
+        }
+    try:
+        deviation = json.loads(values.get("runtime_deviation") or "null")
+    except ValueError:
+        deviation = None
+    return {
+        "runtime": str(runtime),
+        "precision": str(values.get("runtime_precision", "unknown")),
+        "deviation": deviation if isinstance(deviation, Mapping) else None,
+    }
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,9 @@ def test_every_answer_names_its_runtime_and_int8_its_deviation(
     named = result.answer["model"]["runtime"]
     assert named["name"] == runtime
     assert named["precision"] == CPU_RUNTIMES[runtime].precision
+    # the client's typed result reads the same
+    assert (result.model.runtime, result.model.precision) == (runtime, named["precision"])
+    assert result.model.deviation == named.get("deviation")
     if CPU_RUNTIMES[runtime].is_default:
         assert "deviation" not in named  # held to PyTorch by the export's parity check
         return
