@@ -28,6 +28,7 @@ from abdoserve.deploy.supervisor import GuardLimits
 from abdoserve.deploy.tuning_options import TUNING_OPTIONS
 from abdoserve.loadtests.bench.serving import served_levels
 from abdoserve.loadtests.bench.workload import Measurement, study_pool
+from abdoserve.serving.cpu_runtimes import DEFAULT_CPU_RUNTIME
 
 TOPOLOGIES = ("one Triton, direct", "1 replica behind nginx", "{n} replicas behind nginx")
 
@@ -44,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    serving = argparse.Namespace(repository=args.repository, replicas=args.replicas, rebuild=False)
+    serving = argparse.Namespace(
+        repository=args.repository,
+        replicas=args.replicas,
+        rebuild=False,
+        cpu_runtime=DEFAULT_CPU_RUNTIME,
+    )
     vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
     prepare_repository(serving)  # sized for the larger topology; all three use it
     repository: Path = serving.repository

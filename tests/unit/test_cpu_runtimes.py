@@ -248,3 +248,19 @@ def test_the_runtime_reaches_the_configs_that_answer(tmp_path: Path) -> None:
     config = (default / "liver_mass_ct_postprocess" / "config.pbtxt").read_text()
     assert 'string_value: "onnxruntime"' in config and "runtime_deviation" not in config
     assert json.loads((default / "BUILD.json").read_text())["cpu_runtime"] == "onnxruntime"
+
+
+def test_serve_passes_the_runtime_through_and_gives_it_a_folder_of_its_own() -> None:
+    import argparse
+
+    from abdoserve.deploy import serve
+    from abdoserve.export.configs import Tuning
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert parser.parse_args([]).cpu_runtime == "onnxruntime"
+    assert parser.parse_args(["--cpu-runtime", "openvino-int8"]).cpu_runtime == "openvino-int8"
+    assert serve.default_repository(Tuning(), "onnxruntime") == serve.DEFAULT_REPOSITORY
+    assert serve.default_repository(Tuning(), "openvino").name == "model_repository-openvino"
+    tuned = serve.default_repository(Tuning(net_instances=1), "onnxruntime-int8").name
+    assert tuned.startswith("model_repository-pre2-net1") and tuned.endswith("-onnxruntime-int8")
