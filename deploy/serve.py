@@ -24,6 +24,7 @@ from abdoserve.deploy.tuning_options import (
     repository_tag,
 )
 from abdoserve.export.configs import Tuning
+from abdoserve.export.fused import PIPELINES, Pipeline
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
 
@@ -50,6 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default), onnxruntime-int8, openvino, openvino-int8 (see `abdoserve "
         "build-repository --help`; INT8 answers carry their measured deviation); another "
         "than the default gets a folder of its own under build/",
+    )
+    parser.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="ensemble",
+        help="how each task runs when the repository is built: ensemble (preprocess, net "
+        "and postprocess models, default) or fused (one Python model per task, the same "
+        "contract, two Python-backend hops fewer: see docs/benchmarks.md); fused gets a "
+        "folder of its own under build/",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
@@ -177,21 +187,24 @@ def prepare_repository(args: argparse.Namespace) -> None:
     tuning = replica_tuning(args, args.replicas)
     tasks = tuple(TASKS)
     if args.repository == DEFAULT_REPOSITORY:
-        args.repository = default_repository(tuning, args.cpu_runtime)
+        args.repository = default_repository(tuning, args.cpu_runtime, args.pipeline)
     else:
         tasks = built_tasks(args.repository) or tasks
-    runtime = args.cpu_runtime
-    if args.rebuild or not is_built(args.repository, tasks, tuning=tuning, cpu_runtime=runtime):
+    built = {"tuning": tuning, "cpu_runtime": args.cpu_runtime, "pipeline": args.pipeline}
+    if args.rebuild or not is_built(args.repository, tasks, **built):
         print(f"building the model repository at {args.repository} ...", flush=True)
-        build_repository(args.repository, tasks, tuning=tuning, cpu_runtime=runtime)
+        build_repository(args.repository, tasks, **built)
 
 
-def default_repository(tuning: Tuning, cpu_runtime: str) -> Path:
+def default_repository(tuning: Tuning, cpu_runtime: str, pipeline: Pipeline = "ensemble") -> Path:
     """build/model_repository for the defaults, else a folder named after what differs,
-    so that builds coexist (`model_repository-pre1-...`, `model_repository-openvino`)."""
+    so that builds coexist (`model_repository-pre1-...`, `model_repository-openvino`,
+    `model_repository-fused`)."""
     parts = [repository_tag(tuning)] if tuning != Tuning() else []
     if cpu_runtime != DEFAULT_CPU_RUNTIME:
         parts.append(cpu_runtime)
+    if pipeline != "ensemble":
+        parts.append(pipeline)
     return BUILD_DIR / "-".join(["model_repository", *parts])
 
 

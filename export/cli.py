@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from abdoserve.export.fused import PIPELINES
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
 
@@ -51,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "studies, goes into BUILD.json and every answer's provenance",
     )
     parser.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="ensemble",
+        help="ensemble: preprocess, net and postprocess models per task (default; the GPU "
+        "runtimes swap the net); fused: one Python model per task with the same inputs, "
+        "outputs and parameters, two Python-backend hops fewer (CPU runtimes only)",
+    )
+    parser.add_argument(
         "--spec-overrides",
         action="append",
         default=[],
@@ -89,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides,
             net_runtime=args.net_runtime,
             cpu_runtime=args.cpu_runtime,
+            pipeline=args.pipeline,
         )
     except ExportError as error:
         print(f"error: {error}")

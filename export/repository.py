@@ -11,6 +11,7 @@ deviation from PyTorch, which the configs' parameters carry into every answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -23,6 +24,7 @@ from abdoserve.export.calibration import CalibrationPlan
 from abdoserve.export.configs import Tuning, model_names, render_task, to_text
 from abdoserve.export.cpu_runtime import RuntimeBuild, build_cpu_runtime
 from abdoserve.export.errors import ExportError
+from abdoserve.export.fused import Pipeline, fuse_task
 from abdoserve.export.gpu_net import (
     GpuRuntime,
     engine_script,
@@ -68,6 +70,7 @@ def build_repository(
     net_runtime: NetRuntime = "python",
     cpu_runtime: str = DEFAULT_CPU_RUNTIME,
     calibration: CalibrationPlan = DEFAULT_CALIBRATION,
+    pipeline: Pipeline = "ensemble",
 ) -> dict[str, ExportResult]:
     """Write a complete repository to `out` (replaced atomically when done).
 
@@ -75,8 +78,12 @@ def build_repository(
     backend, the embedded CPU server) or a GPU server's "onnxruntime" / "tensorrt".
     `cpu_runtime` picks the Python `_net`'s runtime (`abdoserve.serving.cpu_runtimes`);
     `calibration` how many phantom studies calibrate INT8 and measure the deviation.
+    `pipeline`: "ensemble" (three composing models), or "fused" (one Python model per
+    task, the same contract; CPU runtimes only, see abdoserve.export.fused).
     """
     runtime = checked_cpu_runtime(net_runtime, cpu_runtime)
+    if pipeline == "fused" and net_runtime != "python":
+        raise ExportError("the fused pipeline runs a CPU runtime: not with a GPU --net-runtime")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     results = {}
@@ -103,10 +110,14 @@ def build_repository(
                 tuning=tuning,
                 runtime=net_runtime,
             )
+        if pipeline == "fused":
+            fuse_task(staging, task, PYTHON_MODELS)
     record: dict[str, Any] = {
         task: _record(result, (overrides or {}).get(task), runtimes[task])
         for task, result in results.items()
     }
+    record["pipeline"] = pipeline
+    record["sources"] = source_digest()
     record["tuning"] = asdict(tuning)
     record["net_runtime"] = net_runtime
     record["cpu_runtime"] = _built_cpu_runtime(net_runtime, cpu_runtime)
@@ -253,22 +264,39 @@ def built_tasks(out: Path) -> tuple[str, ...]:
     return tuple(name for name in json.loads(record.read_text()) if name in TASKS)
 
 
+def source_digest() -> str:
+    """A hash of what a build copies or renders from code: the Python models and the
+    config renderer. A build made before a change to either is rebuilt."""
+    digest = hashlib.sha256()
+    sources = [*sorted(PYTHON_MODELS.glob("*.py")), Path(__file__).with_name("configs.py")]
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def is_built(
     out: Path,
     tasks: Iterable[str] = tuple(TASKS),
     tuning: Tuning = DEFAULT_TUNING,
+    *,
     net_runtime: NetRuntime = "python",
     cpu_runtime: str = DEFAULT_CPU_RUNTIME,
+    pipeline: Pipeline = "ensemble",
 ) -> bool:
-    """Whether `out` holds a finished build of these tasks with this tuning and runtimes."""
+    """Whether `out` holds a finished build of these tasks with this tuning, runtimes and
+    pipeline, from the current sources (a build from older code is stale)."""
     record = out / BUILD_RECORD
     if not record.is_file():
         return False
     built = json.loads(record.read_text())
+    if built.get("pipeline", "ensemble") != pipeline or built.get("sources") != source_digest():
+        return False
     if built.get("tuning") != asdict(tuning) or built.get("net_runtime") != net_runtime:
         return False
     if built.get("cpu_runtime") != _built_cpu_runtime(net_runtime, cpu_runtime):
         return False  # also a build from before the CPU runtimes: its answers name none
+    if pipeline == "fused":
+        return all(task in built and (out / task / "1" / "model.py").is_file() for task in tasks)
     model_file = CPU_RUNTIMES[cpu_runtime].model_file if net_runtime == "python" else "model.onnx"
     return all(
         task in built

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         rebuild=False,
         cpu_runtime=DEFAULT_CPU_RUNTIME,
+        pipeline="ensemble",
     )
     vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
     prepare_repository(serving)  # sized for the larger topology; all three use it
