@@ -70,16 +70,23 @@ class Breakdown:
         return asdict(self)
 
 
-def model_names(task: str) -> list[str]:
-    return [task, *(f"{task}_{stage}" for stage in COMPOSING)]
+def stage_models(task: str, model: str | None = None) -> dict[str, str]:
+    """The models a served study passes through, by stage: the ensemble's three composing
+    models, or the fused pipeline model `model` as its one stage."""
+    if model is not None and model != task:
+        return {"pipeline": model}
+    return {stage: f"{task}_{stage}" for stage in COMPOSING}
 
 
-def read_counters(url: str, task: str, headers: dict[str, str]) -> dict[str, ModelCounters]:
+def read_counters(
+    url: str, task: str, headers: dict[str, str], model: str | None = None
+) -> dict[str, ModelCounters]:
     import tritonclient.grpc as grpcclient
 
     found = {}
+    names = [model or task, *stage_models(task, model).values()]
     with grpcclient.InferenceServerClient(url) as client:
-        for name in model_names(task):
+        for name in dict.fromkeys(names):
             stats = client.get_inference_statistics(name, headers=headers).model_stats
             inference = stats[0].inference_stats
             compute = (
@@ -109,9 +116,13 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
 
 
-def snapshot(url: str, task: str, headers: dict[str, str], server_pid: int | None) -> Snapshot:
+def snapshot(
+    url: str, task: str, headers: dict[str, str], server_pid: int | None, model: str | None = None
+) -> Snapshot:
+    """Counters of the public model (`model`: the fused one, else the ensemble `task`) and
+    of its stages, and the server's CPU so far."""
     cpu = None if server_pid is None else server_cpu_seconds(server_pid)
-    return Snapshot(read_counters(url, task, headers), cpu)
+    return Snapshot(read_counters(url, task, headers, model), cpu)
 
 
 def breakdown(
@@ -124,15 +135,16 @@ def breakdown(
     encode_ms: float,
     client_cpu_s: float,
     form: str = "served",
+    model: str | None = None,
 ) -> Breakdown:
     delta = {name: after.models[name].minus(before.models[name]) for name in after.models}
-    ensemble = delta[task]
+    ensemble = delta[model or task]
     server_ms = ensemble.per_request_ms(ensemble.request_ns)
     studies = max(ensemble.requests, 1)
     server_cpu = None
     if before.server_cpu_s is not None and after.server_cpu_s is not None:
         server_cpu = 1e3 * (after.server_cpu_s - before.server_cpu_s) / studies
-    stages = {stage: delta[f"{task}_{stage}"] for stage in COMPOSING}
+    stages = {stage: delta[name] for stage, name in stage_models(task, model).items()}
     return Breakdown(
         concurrency=concurrency,
         round_trip_ms=round_trip_ms,
@@ -158,11 +170,13 @@ def format_breakdown(task: str, rows: list[Breakdown], in_process_cpu_ms: float)
         "form           conc  round-trip  encode  transfer  server |"
         "  pre q/c      net q/c      post q/c   | server-CPU  client-CPU  in-process-CPU (ms)"
     )
-    lines = [f"{task}: where a study's time goes (ms per study)", header]
+    title = f"{task}: where a study's time goes (ms per study; fused: its one model in 'pre')"
+    lines = [title, header]
     for row in rows:
-        stages = "  ".join(
-            f"{row.queue_ms[stage]:5.1f}/{row.compute_ms[stage]:5.1f}" for stage in COMPOSING
-        )
+        # A fused row has one stage, the whole pipeline: shown in the first column.
+        shown = list(row.compute_ms) if "pipeline" in row.compute_ms else list(COMPOSING)
+        cells = [f"{row.queue_ms[stage]:5.1f}/{row.compute_ms[stage]:5.1f}" for stage in shown]
+        stages = "  ".join(cells + [f"{'-':>11}"] * (len(COMPOSING) - len(cells)))
         server_cpu = "-" if row.server_cpu_ms is None else f"{row.server_cpu_ms:.1f}"
         lines.append(
             f"{row.form:<14} {row.concurrency:>4}  {row.round_trip_ms:10.1f}  "

@@ -121,11 +121,12 @@ class Served:
         model: str | None = None,
         region: SharedMemoryRegion | None = None,
     ) -> None:
-        if form == transports.SHARED_MEMORY and region is None:
-            raise ValueError("the shared_memory form needs a region")
+        self.transport = transports.transport_of(form)
+        if self.transport == transports.SHARED_MEMORY and region is None:
+            raise ValueError(f"the {form} form needs a shared-memory region")
         self.url = url
         self.task = task
-        self.model = model or task
+        self.model = model or transports.model_of(form, task)
         self.pool = pool
         self.form = form
         self.region = region
@@ -164,7 +165,7 @@ class Served:
     def _request_maker(self, slot: int) -> Callable[[int], bytes]:
         """Request number -> the bytes to send, for the caller that owns `slot`."""
         region = self.region
-        if self.form != transports.SHARED_MEMORY or region is None:
+        if self.transport != transports.SHARED_MEMORY or region is None:
             return lambda number: self.requests[number % len(self.requests)]
         if slot >= region.slots:
             raise ValueError(f"{region.slots} slots in the region: fewer than the callers")

@@ -23,6 +23,8 @@ LABELS = {
     "served": "served gRPC",
     "grpc_bytes": "served gRPC, BYTES",
     "shared_memory": "served shared memory",
+    "fused": "fused gRPC",
+    "fused_shared_memory": "fused shared memory",
     "transport_probe": "null model (transport)",
 }
 
@@ -37,7 +39,7 @@ class TaskResult:
     breakdown: tuple[Breakdown, ...] = ()  # per form and level, where statistics were read
     # the other forms' rows (`served` holds the client's default, packed gRPC)
     others: dict[str, tuple[Measurement, ...]] = field(default_factory=dict)
-    probes: dict[str, Probe] = field(default_factory=dict)  # the null model, per form
+    probes: dict[str, Probe] = field(default_factory=dict)  # the null model, per transport
 
     def rows_of(self, form: str) -> tuple[Measurement, ...]:
         return self.others.get(form) or self.served

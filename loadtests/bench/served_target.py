@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.transports import FUSED_PREFIX, PROBE
 from abdoserve_client.shared_memory import SHM_KEY_METADATA, SharedMemoryRegion
 
 SHM_KEY_VARIABLE = "ABDOSERVE_SHM_KEY"
@@ -35,6 +36,7 @@ class Target:
     admin_headers: dict[str, str] | None = None
     region: SharedMemoryRegion | None = None
     probe: bool = False
+    fused: frozenset[str] = frozenset()  # tasks whose fused pipeline is served beside
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,23 @@ def describe(tuning: Tuning) -> str:
 
 @contextmanager
 def own_server(
-    repository: Path, tuning: Tuning, log_file: Path, slots: int, slot_bytes: int
+    repository: Path,
+    tasks: tuple[str, ...],
+    tuning: Tuning,
+    log_file: Path,
+    region_size: tuple[int, int],
 ) -> Iterator[Target]:
-    """Our server with the probe and a fresh shared region, stopped (and the region
-    removed) after."""
+    """Our server with the probe, each task's fused pipeline beside its ensemble and a
+    fresh shared region of (slots, slot bytes), stopped (and the region removed) after."""
     from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
     from abdoserve.deploy.isolation import ShmIsolation
     from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-    from abdoserve.loadtests.bench.transports import has_probe, install_probe
+    from abdoserve.loadtests.bench.transports import has_probe, install_fused, install_probe
 
     if not has_probe(repository):
         install_probe(repository, tuning.preprocess_instances)
+    install_fused(repository, tasks)
+    slots, slot_bytes = region_size
     with ExitStack() as stack:
         name = f"abdoserve-bench-{os.getpid()}"
         region = SharedMemoryRegion.create(name, slot_bytes=slot_bytes, slots=slots)
@@ -98,12 +106,14 @@ def own_server(
         assert server.process is not None
         stack.enter_context(registered(url, region, shm_key))
         headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: options.admin_key}
-        yield Target(url, tuning, server.process.pid, headers, region, probe=True)
+        yield Target(
+            url, tuning, server.process.pid, headers, region, probe=True, fused=frozenset(tasks)
+        )
 
 
 @contextmanager
 def running_server(
-    url: str, tuning: Tuning, observed: Observed, slot_bytes: int
+    url: str, tasks: tuple[str, ...], tuning: Tuning, observed: Observed, slot_bytes: int
 ) -> Iterator[Target]:
     """A running server, observed as far as the options allow."""
     print(f"benchmarking the server at {url}: {describe(tuning)}", flush=True)
@@ -119,7 +129,8 @@ def running_server(
             observed.server_pid,
             observed.admin_headers,
             region,
-            probe=serves_probe(url),
+            probe=serves(url, PROBE),
+            fused=frozenset(task for task in tasks if serves(url, FUSED_PREFIX + task)),
         )
 
 
@@ -136,14 +147,12 @@ def registered(url: str, region: SharedMemoryRegion, shm_key: str) -> Iterator[N
             client.unregister_system_shared_memory(region.name, headers=headers)
 
 
-def serves_probe(url: str) -> bool:
+def serves(url: str, model: str) -> bool:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from abdoserve.loadtests.bench.transports import PROBE
-
     with grpcclient.InferenceServerClient(url) as client:
         try:
-            return bool(client.is_model_ready(PROBE))
+            return bool(client.is_model_ready(model))
         except InferenceServerException:
             return False

@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING
 from abdoserve.deploy.embedded import BUILD_DIR
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.export.configs import Tuning
-from abdoserve.loadtests.bench.transports import FORMS, GRPC_PACKED, PROBE, SHARED_MEMORY
+from abdoserve.loadtests.bench.transports import (
+    FORMS,
+    FUSED,
+    FUSED_SHARED_MEMORY,
+    GRPC_PACKED,
+    PROBE,
+    SHARED_MEMORY,
+    model_of,
+    transport_of,
+)
 
 if TYPE_CHECKING:
     from abdoserve.loadtests.bench.breakdown import Breakdown
@@ -145,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=FORMS,
         help="how studies are sent, side by side: grpc_bytes (BYTES DICOM), served (packed "
         "UINT8 over gRPC, the client's default), shared_memory (packed, in a shared-memory "
-        f"region); default {','.join(FORMS)}",
+        "region), fused and fused_shared_memory (the same to the task's fused pipeline, "
+        f"--pipeline fused); default {','.join(FORMS)}",
     )
     parser.add_argument(
         "--shared-region",
@@ -243,10 +253,13 @@ def serving(
         build_repository(plan.repository, plan.built_tasks, tuning=tuning)
     slot = slot_bytes(list(pools.values()))
     if plan.url:
-        with running_server(plan.url, tuning, observed or Observed(), slot) as target:
+        observed = observed or Observed()
+        with running_server(plan.url, plan.tasks, tuning, observed, slot) as target:
             yield target
         return
-    with own_server(plan.repository, tuning, log_file, max(plan.concurrency), slot) as target:
+    # Two forms go through the region: a slot for each of their callers.
+    region = (2 * max(plan.concurrency), slot)
+    with own_server(plan.repository, plan.tasks, tuning, log_file, region) as target:
         yield target
 
 
@@ -280,12 +293,18 @@ def format_task_table(result: TaskResult) -> str:
     return format_task(result)
 
 
-def usable_forms(plan: Plan, target: Target) -> tuple[str, ...]:
-    """The asked forms this server can take (shared memory needs a registered region)."""
-    forms = tuple(form for form in plan.forms if form != SHARED_MEMORY or target.region)
-    if SHARED_MEMORY in plan.forms and target.region is None:
-        print("shared_memory skipped: no shared region (--shared-region, --shm-key-file)")
-    return forms
+def usable_forms(plan: Plan, target: Target, task: str) -> tuple[str, ...]:
+    """The asked forms this server can take: shared memory needs a registered region,
+    the fused forms the task's fused pipeline beside its ensemble."""
+    usable = []
+    for form in plan.forms:
+        if transport_of(form) == SHARED_MEMORY and target.region is None:
+            print(f"{form} skipped: no shared region (--shared-region, --shm-key-file)")
+        elif form in (FUSED, FUSED_SHARED_MEMORY) and task not in target.fused:
+            print(f"{form} skipped: the server has no model fused_{task}")
+        else:
+            usable.append(form)
+    return tuple(usable)
 
 
 def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> TaskResult:
@@ -297,14 +316,15 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
     served: dict[str, list[Measurement]] = {}
     parts: list[Breakdown] = []
     probes: dict[str, Probe] = {}
-    for form in usable_forms(plan, target):
+    for form in usable_forms(plan, target, task):
         rows, form_parts = observed_levels(
             target, task, pool, plan.concurrency, plan.requests, form=form
         )
         served[form] = rows
         parts += form_parts
-        if target.probe:
-            probes[form] = measure_probe(target, task, pool, plan.requests, form)
+        transport = transport_of(form)
+        if target.probe and transport not in probes:
+            probes[transport] = measure_probe(target, task, pool, plan.requests, transport)
     default = served.get(GRPC_PACKED) or next(iter(served.values()))
     others = {form: tuple(rows) for form, rows in served.items() if rows is not default}
     return TaskResult(task, len(pool), local, torch, tuple(default), tuple(parts), others, probes)
@@ -329,15 +349,18 @@ def observed_levels(
     for level in levels:
         served = Served(target.url, task, pool, form, region=target.region)
         try:
+            model = model_of(form, task)
             before = (
-                None if headers is None else snapshot(target.url, task, headers, target.server_pid)
+                None
+                if headers is None
+                else snapshot(target.url, task, headers, target.server_pid, model)
             )
             row = time_concurrent(
                 served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
             )
             rows.append(row)
             if before is not None and headers is not None:
-                after = snapshot(target.url, task, headers, target.server_pid)
+                after = snapshot(target.url, task, headers, target.server_pid, model)
                 parts.append(
                     breakdown(
                         task,
@@ -348,6 +371,7 @@ def observed_levels(
                         encode_ms=served.encode_ms,
                         client_cpu_s=row.cpu_seconds,
                         form=form,
+                        model=model,
                     )
                 )
         finally:

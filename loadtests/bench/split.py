@@ -109,9 +109,15 @@ class Split:
 
 
 def splits(result: TaskResult) -> list[Split]:
-    """Every form that has a probe, in the order measured."""
+    """Every measured form whose transport has a probe, in the order of `FORMS`."""
+    from abdoserve.loadtests.bench.transports import FORMS, GRPC_PACKED, transport_of
+
+    measured = [GRPC_PACKED, *result.others]
     found = []
-    for form, probe in result.probes.items():
+    for form in (form for form in FORMS if form in measured):
+        probe = result.probes.get(transport_of(form))
+        if probe is None:
+            continue
         rows = result.rows_of(form)
         first = min(rows, key=lambda row: row.concurrency)
         best = max(rows, key=lambda row: row.studies_per_second)

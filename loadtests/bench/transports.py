@@ -7,7 +7,10 @@ Forms, each measured side by side in one run:
 - `served`: DICOM_PACKED (UINT8) with DICOM_OFFSETS over gRPC: what `AbdoServeClient`
   sends to a server that takes it;
 - `shared_memory`: DICOM_PACKED in a slot of the sender's shared-memory region (the
-  opt-in of `serve --shared-region`), only a reference over gRPC.
+  opt-in of `serve --shared-region`), only a reference over gRPC;
+- `fused`, `fused_shared_memory`: `served` and `shared_memory` sent to the task's fused
+  pipeline model (`--pipeline fused`), which the bench installs beside the ensemble
+  as `fused_<task>`.
 
 `transport_probe` is a null Python model that reads a study out of its input as the
 preprocess model does and answers its size: the same bytes over the same transport with
@@ -33,7 +36,30 @@ from abdoserve_client.wire import SharedMemoryRef, WireTensor, bytes_tensor, enc
 PROBE = "transport_probe"
 PROBE_OUTPUTS = ("BYTES_SEEN",)
 GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY = "grpc_bytes", "served", "shared_memory"
-FORMS = (GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY)
+FUSED, FUSED_SHARED_MEMORY = "fused", "fused_shared_memory"
+FORMS = (GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY, FUSED, FUSED_SHARED_MEMORY)
+FUSED_PREFIX = "fused_"
+
+
+def transport_of(form: str) -> str:
+    """How a form moves the study: grpc_bytes, served (packed gRPC) or shared_memory."""
+    return {FUSED: GRPC_PACKED, FUSED_SHARED_MEMORY: SHARED_MEMORY}.get(form, form)
+
+
+def model_of(form: str, task: str) -> str:
+    """The model a form's studies go to: the ensemble, or the fused pipeline beside it."""
+    return FUSED_PREFIX + task if form in (FUSED, FUSED_SHARED_MEMORY) else task
+
+
+def install_fused(repository: Path, tasks: Sequence[str]) -> None:
+    """Write each task's fused pipeline beside its ensemble, as `fused_<task>`."""
+    from abdoserve.export.fused import fuse_task
+
+    for task in tasks:
+        if not (repository / (FUSED_PREFIX + task) / "config.pbtxt").is_file():
+            fuse_task(repository, task, PYTHON_MODELS, name=FUSED_PREFIX + task)
+
+
 SLOT_ALIGNMENT = 1 << 16
 
 
@@ -85,7 +111,7 @@ class Placement:
 
 def inline_request(model: str, study: Study, form: str, outputs: Sequence[str]) -> bytes:
     """A whole request, encoded once per study (as perf_analyzer prepares its inputs)."""
-    packed = form == GRPC_PACKED
+    packed = transport_of(form) != GRPC_BYTES
     return encode_infer_request(model, study_tensors(study, packed=packed), outputs)
 
 

@@ -29,12 +29,17 @@ ROW_LABELS = (
     "served gRPC, BYTES",
     "served gRPC",
     "served shared memory",
+    "fused gRPC",
+    "fused shared memory",
 )
 FORM_LABELS = {
     "grpc_bytes": "served gRPC, BYTES",
     "served": "served gRPC",
     "shared_memory": "served shared memory",
+    "fused": "fused gRPC",
+    "fused_shared_memory": "fused shared memory",
 }
+TRANSPORTS = {"fused": "served", "fused_shared_memory": "shared_memory"}
 COLUMNS = ("pipeline", "conc", "studies/s", "images/s", "p50 ms", "p95 ms", "p99 ms")
 
 
@@ -106,7 +111,12 @@ def check_breakdown(
     for part in parts:
         for key in ("round_trip_ms", "encode_ms", "server_ms", "server_cpu_ms", "client_cpu_ms"):
             assert part[key] > 0, key
-        assert set(part["compute_ms"]) == {"preprocess", "net", "postprocess"}
+        stages = (
+            {"pipeline"}
+            if part["form"].startswith("fused")
+            else {"preprocess", "net", "postprocess"}
+        )
+        assert set(part["compute_ms"]) == stages
         assert all(value > 0 for value in part["compute_ms"].values())
         inside = sum(part["compute_ms"].values()) + sum(part["queue_ms"].values())
         # Per-request means of separately updated counters (a batch's compute counts for
@@ -140,8 +150,10 @@ def test_quick_against_the_running_server(
     ]
     assert all(len(row) == len(COLUMNS) and float(row[2]) > 0 for row in rows)
     assert "served / in-process throughput:" in printed and "served p50 at c=1:" in printed
-    # The session's server has no shared region and no null model: those parts are skipped.
+    # The session's server has no shared region, no null model and no fused pipeline:
+    # those parts are skipped.
     assert "shared_memory skipped: no shared region" in printed
+    assert "fused skipped: the server has no model fused_liver_fibrosis_ct" in printed
     document = check_files(tmp_path)
     assert document["settings"]["url"] == grpc_url
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
@@ -149,16 +161,17 @@ def test_quick_against_the_running_server(
     check_task(document, "liver_fibrosis_ct", requests=10, forms=forms)
     check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms)
     assert document["tasks"]["liver_fibrosis_ct"]["split"] == []
-    assert "liver_fibrosis_ct: where a study's time goes (ms per study)" in printed
+    assert "liver_fibrosis_ct: where a study's time goes (ms per study" in printed
     assert document["images_sweep"] is None
 
 
 def check_split(result: dict[str, Any], forms: tuple[str, ...], requests: int) -> None:
     """The null model ran in every form, and each form's parts add up to its served time."""
-    for form in forms:
-        probe = result["transport_probe"][form]
+    for transport in {TRANSPORTS.get(form, form) for form in forms}:
+        probe = result["transport_probe"][transport]
         check_measurement(probe, "transport_probe", 1, requests)
-        assert probe["form"] == form and probe["server_cpu_ms"] > 0
+        assert probe["form"] == transport and probe["server_cpu_ms"] > 0
+    assert len(result["transport_probe"]) == len({TRANSPORTS.get(f, f) for f in forms})
     assert [split["form"] for split in result["split"]] == list(forms)
     for split in result["split"]:
         c1, saturation = split["c1"], split["saturation"]
@@ -194,9 +207,10 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert run_bench(argv + outputs(tmp_path)) == 0
     assert tritonservers() == before  # its own server stopped at the end
     printed = capsys.readouterr().out
-    forms = ("grpc_bytes", "served", "shared_memory")
+    forms = ("grpc_bytes", "served", "shared_memory", "fused", "fused_shared_memory")
+    shown = ("served", "grpc_bytes", "shared_memory", "fused", "fused_shared_memory")
     assert [row[0] for row in table_rows(printed, task)[2:]] == [
-        FORM_LABELS[form] for form in ("served", "grpc_bytes", "shared_memory") for _ in (1, 4)
+        FORM_LABELS[form] for form in shown for _ in (1, 4)
     ]
     assert "cost vs images per study: esophageal_cancer_ct" in printed
     assert f"{task}: work, transport and everything else" in printed
@@ -220,7 +234,7 @@ def test_ctrl_c_stops_its_server(
     before = tritonservers()
     during: set[int] = set()
 
-    def interrupted(plan: object, target: object) -> None:
+    def interrupted(plan: object, target: object, pools: object) -> None:
         during.update(tritonservers() - before)
         raise KeyboardInterrupt
 
