@@ -25,6 +25,7 @@ LABELS = {
     "shared_memory": "served shared memory",
     "fused": "fused gRPC",
     "fused_shared_memory": "fused shared memory",
+    "pytriton": "PyTriton, one callable",
     "transport_probe": "null model (transport)",
 }
 
@@ -63,7 +64,25 @@ class TaskResult:
             "latency_target_met": first.percentile_ms(50) <= limit,
             "pytorch_over_onnxruntime_time": local.studies_per_second
             / self.pytorch.studies_per_second,
+            **self.peer_ratios(),
         }
+
+    def peer_ratios(self) -> dict[str, Any]:
+        """Throughput over PyTriton's at each level, for the ensemble and the fused pipeline
+        (target: at least 1.0 at every level)."""
+        peer = {row.concurrency: row for row in self.others.get("pytriton", ())}
+        if not peer:
+            return {}
+        ratios: dict[str, Any] = {}
+        for form in ("served", "fused"):
+            rows = self.rows_of(form) if form == "served" or form in self.others else ()
+            ratios[f"{form}_over_pytriton"] = {
+                str(row.concurrency): row.studies_per_second
+                / peer[row.concurrency].studies_per_second
+                for row in rows
+                if row.concurrency in peer
+            }
+        return ratios
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -121,6 +140,16 @@ def format_task(result: TaskResult) -> str:
         f"{ratios['in_process_p50_ms']:.1f} + {LATENCY_SLACK_MS:g} = "
         f"{ratios['latency_limit_ms']:.1f} ms: {_verdict(ratios['latency_target_met'])})",
         f"pytorch / onnxruntime time per study: {ratios['pytorch_over_onnxruntime_time']:.2f}",
+        *(
+            f"{form} / PyTriton throughput by concurrency: "
+            + ", ".join(f"c={level} {value:.2f}" for level, value in by_level.items())
+            for form, by_level in (
+                (k.removesuffix("_over_pytriton"), v)
+                for k, v in ratios.items()
+                if k.endswith("_over_pytriton")
+            )
+            if by_level
+        ),
     ]
     return "\n".join(lines)
 

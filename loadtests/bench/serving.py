@@ -32,6 +32,7 @@ from abdoserve.loadtests.bench.transports import (
     FUSED_SHARED_MEMORY,
     GRPC_PACKED,
     PROBE,
+    PYTRITON,
     SHARED_MEMORY,
     model_of,
     transport_of,
@@ -155,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how studies are sent, side by side: grpc_bytes (BYTES DICOM), served (packed "
         "UINT8 over gRPC, the client's default), shared_memory (packed, in a shared-memory "
         "region), fused and fused_shared_memory (the same to the task's fused pipeline, "
-        f"--pipeline fused); default {','.join(FORMS)}",
+        "--pipeline fused), pytriton (packed gRPC to PyTriton serving the same pipeline as "
+        f"one callable, started by the bench); default {','.join(FORMS)}",
     )
     parser.add_argument(
         "--shared-region",
@@ -317,6 +319,9 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
     parts: list[Breakdown] = []
     probes: dict[str, Probe] = {}
     for form in usable_forms(plan, target, task):
+        if form == PYTRITON:
+            served[form] = peer_levels(plan, target, task, pool)
+            continue
         rows, form_parts = observed_levels(
             target, task, pool, plan.concurrency, plan.requests, form=form
         )
@@ -377,6 +382,21 @@ def observed_levels(
         finally:
             served.close()
     return rows, parts
+
+
+def peer_levels(plan: Plan, target: Target, task: str, pool: list[Study]) -> list[Measurement]:
+    """The same studies, packed over gRPC, to PyTriton serving the pipeline as one callable
+    (its own process, on the same `model.onnx`), at the same levels."""
+    from dataclasses import replace
+
+    from abdoserve.loadtests.bench.pytriton_peer import running_peer
+
+    net_folder = plan.repository / f"{task}_net" / "1"
+    log_file = plan.repository.parent / f"pytriton_{task}.log"
+    with running_peer(task, net_folder, log_file) as (url, pid):
+        peer = replace(target, url=url, server_pid=pid, admin_headers=None, region=None)
+        rows, _ = observed_levels(peer, task, pool, plan.concurrency, plan.requests, form=PYTRITON)
+    return rows
 
 
 def measure_probe(target: Target, task: str, pool: list[Study], requests: int, form: str) -> Probe:

@@ -110,11 +110,11 @@ class Split:
 
 def splits(result: TaskResult) -> list[Split]:
     """Every measured form whose transport has a probe, in the order of `FORMS`."""
-    from abdoserve.loadtests.bench.transports import FORMS, GRPC_PACKED, transport_of
+    from abdoserve.loadtests.bench.transports import FORMS, GRPC_PACKED, PYTRITON, transport_of
 
     measured = [GRPC_PACKED, *result.others]
     found = []
-    for form in (form for form in FORMS if form in measured):
+    for form in (form for form in FORMS if form in measured and form != PYTRITON):
         probe = result.probes.get(transport_of(form))
         if probe is None:
             continue

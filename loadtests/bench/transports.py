@@ -10,7 +10,9 @@ Forms, each measured side by side in one run:
   opt-in of `serve --shared-region`), only a reference over gRPC;
 - `fused`, `fused_shared_memory`: `served` and `shared_memory` sent to the task's fused
   pipeline model (`--pipeline fused`), which the bench installs beside the ensemble
-  as `fused_<task>`.
+  as `fused_<task>`;
+- `pytriton`: `served` sent to the peer, PyTriton serving the same pipeline as one
+  Python callable in a process of its own (`pytriton_peer.py`).
 
 `transport_probe` is a null Python model that reads a study out of its input as the
 preprocess model does and answers its size: the same bytes over the same transport with
@@ -37,18 +39,27 @@ PROBE = "transport_probe"
 PROBE_OUTPUTS = ("BYTES_SEEN",)
 GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY = "grpc_bytes", "served", "shared_memory"
 FUSED, FUSED_SHARED_MEMORY = "fused", "fused_shared_memory"
-FORMS = (GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY, FUSED, FUSED_SHARED_MEMORY)
+PYTRITON = "pytriton"  # the peer: PyTriton serving the pipeline as one callable
+FORMS = (GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY, FUSED, FUSED_SHARED_MEMORY, PYTRITON)
 FUSED_PREFIX = "fused_"
+PYTRITON_PREFIX = "pytriton_"
 
 
 def transport_of(form: str) -> str:
     """How a form moves the study: grpc_bytes, served (packed gRPC) or shared_memory."""
-    return {FUSED: GRPC_PACKED, FUSED_SHARED_MEMORY: SHARED_MEMORY}.get(form, form)
+    return {
+        FUSED: GRPC_PACKED,
+        FUSED_SHARED_MEMORY: SHARED_MEMORY,
+        PYTRITON: GRPC_PACKED,
+    }.get(form, form)
 
 
 def model_of(form: str, task: str) -> str:
-    """The model a form's studies go to: the ensemble, or the fused pipeline beside it."""
-    return FUSED_PREFIX + task if form in (FUSED, FUSED_SHARED_MEMORY) else task
+    """The model a form's studies go to: the ensemble, the fused pipeline beside it, or
+    the PyTriton peer's."""
+    if form in (FUSED, FUSED_SHARED_MEMORY):
+        return FUSED_PREFIX + task
+    return PYTRITON_PREFIX + task if form == PYTRITON else task
 
 
 def install_fused(repository: Path, tasks: Sequence[str]) -> None:

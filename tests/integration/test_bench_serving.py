@@ -31,6 +31,7 @@ ROW_LABELS = (
     "served shared memory",
     "fused gRPC",
     "fused shared memory",
+    "PyTriton, one callable",
 )
 FORM_LABELS = {
     "grpc_bytes": "served gRPC, BYTES",
@@ -38,6 +39,7 @@ FORM_LABELS = {
     "shared_memory": "served shared memory",
     "fused": "fused gRPC",
     "fused_shared_memory": "fused shared memory",
+    "pytriton": "PyTriton, one callable",
 }
 TRANSPORTS = {"fused": "served", "fused_shared_memory": "shared_memory"}
 COLUMNS = ("pipeline", "conc", "studies/s", "images/s", "p50 ms", "p95 ms", "p99 ms")
@@ -147,6 +149,8 @@ def test_quick_against_the_running_server(
         ("served gRPC", "4"),
         ("served gRPC, BYTES", "1"),
         ("served gRPC, BYTES", "4"),
+        ("PyTriton, one callable", "1"),
+        ("PyTriton, one callable", "4"),
     ]
     assert all(len(row) == len(COLUMNS) and float(row[2]) > 0 for row in rows)
     assert "served / in-process throughput:" in printed and "served p50 at c=1:" in printed
@@ -158,8 +162,11 @@ def test_quick_against_the_running_server(
     assert document["settings"]["url"] == grpc_url
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
     forms = ("grpc_bytes", "served")
-    check_task(document, "liver_fibrosis_ct", requests=10, forms=forms)
+    check_task(document, "liver_fibrosis_ct", requests=10, forms=(*forms, "pytriton"))
     check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms)
+    ratios = document["tasks"]["liver_fibrosis_ct"]["ratios"]
+    assert set(ratios["served_over_pytriton"]) == {"1", "4"}
+    assert all(value > 0 for value in ratios["served_over_pytriton"].values())
     assert document["tasks"]["liver_fibrosis_ct"]["split"] == []
     assert "liver_fibrosis_ct: where a study's time goes (ms per study" in printed
     assert document["images_sweep"] is None
@@ -208,7 +215,7 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert tritonservers() == before  # its own server stopped at the end
     printed = capsys.readouterr().out
     forms = ("grpc_bytes", "served", "shared_memory", "fused", "fused_shared_memory")
-    shown = ("served", "grpc_bytes", "shared_memory", "fused", "fused_shared_memory")
+    shown = ("served", "grpc_bytes", "shared_memory", "fused", "fused_shared_memory", "pytriton")
     assert [row[0] for row in table_rows(printed, task)[2:]] == [
         FORM_LABELS[form] for form in shown for _ in (1, 4)
     ]
@@ -216,8 +223,9 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert f"{task}: work, transport and everything else" in printed
     document = check_files(tmp_path)
     assert document["tuning"]["net_intra_op_threads"] == 1
-    check_task(document, task, requests=6, forms=forms)
+    check_task(document, task, requests=6, forms=(*forms, "pytriton"))
     check_breakdown(document["tasks"][task], (1, 4), forms)  # its own server: key, pid known
+    assert set(document["tasks"][task]["ratios"]["fused_over_pytriton"]) == {"1", "4"}
     check_split(document["tasks"][task], forms, requests=6)
     points = document["images_sweep"]["points"]
     assert [point["images"] for point in points] == [1, 2]

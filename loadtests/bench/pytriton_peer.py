@@ -1,0 +1,150 @@
+"""The peer the fused pipeline is compared with: PyTriton serving the same pipeline as
+one Python callable.
+
+Run as its own process by `abdoserve bench serving`, so that its callables do not share
+the load generator's interpreter:
+
+    python -m abdoserve.loadtests.bench.pytriton_peer TASK NET_FOLDER GRPC HTTP METRICS
+
+It binds `pytriton_<TASK>` with the inputs the bench sends (DICOM_PACKED, DICOM_OFFSETS,
+CLINICAL) and two callables (two model instances, as our models have), each doing what
+the fused model does: cut the packed study, `StudyPreparer`, the ONNX Runtime runner on
+the same `model.onnx`, `study_answer`. It prints a line when ready and serves until
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_PREFIX = "pytriton_"
+READY = "pytriton peer ready"
+INSTANCES = 2
+INTRA_OP_THREADS = 2
+
+
+def pipeline_callable(task: str, net_folder: Path) -> Callable[[list[Any]], list[dict[str, Any]]]:
+    """One instance's callable: each request's study through the whole pipeline."""
+    from abdoserve.preprocessing.study import StudyPreparer
+    from abdoserve.preprocessing.tasks import get_task
+    from abdoserve.serving.answer import ModelIdentity, study_answer
+    from abdoserve.serving.cpu_runtimes import DEFAULT_CPU_RUNTIME, cpu_runtime, open_runner
+    from abdoserve.serving.dicom_input import split_packed
+
+    spec = get_task(task)
+    prepare = StudyPreparer(spec)
+    runner = open_runner(
+        cpu_runtime(DEFAULT_CPU_RUNTIME),
+        net_folder,
+        intra_op_threads=INTRA_OP_THREADS,
+        max_samples=64,
+    )
+    identity = ModelIdentity.from_parameters(task, "1", {})
+
+    def answer(request: Any) -> dict[str, Any]:
+        instances = split_packed(
+            request["DICOM_PACKED"][0], request["DICOM_OFFSETS"][0], spec.limits
+        )
+        clinical = json.loads(request["CLINICAL"][0][0]) if "CLINICAL" in request else {}
+        prepared = prepare(instances, clinical)
+        features = [prepared.features] if spec.feature_width else None
+        output = runner.run_studies([prepared.samples], features)[0]
+        roles = dict(zip(prepared.roles, prepared.role_sources, strict=True))
+        study, result = study_answer(spec, output, prepared.sources.tolist(), identity, roles)
+        return {
+            "SCORES": output[None, ...].astype(np.float32),
+            "STUDY": study[None, ...],
+            "ANSWER": np.array([[json.dumps(result).encode()]], dtype=np.object_),
+        }
+
+    def infer(requests: list[Any]) -> list[dict[str, Any]]:
+        return [answer(request) for request in requests]
+
+    return infer
+
+
+def serve(task: str, net_folder: Path, ports: tuple[int, int, int]) -> None:
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    grpc, http, metrics = ports
+    config = TritonConfig(
+        grpc_address="127.0.0.1",
+        grpc_port=grpc,
+        http_address="127.0.0.1",
+        http_port=http,
+        metrics_port=metrics,
+    )
+    inputs = [
+        Tensor(name="DICOM_PACKED", dtype=np.uint8, shape=(-1,)),
+        Tensor(name="DICOM_OFFSETS", dtype=np.int64, shape=(-1,)),
+        Tensor(name="CLINICAL", dtype=np.bytes_, shape=(1,), optional=True),
+    ]
+    outputs = [
+        Tensor(name="SCORES", dtype=np.float32, shape=(-1, -1)),
+        Tensor(name="STUDY", dtype=np.float32, shape=(-1,)),
+        Tensor(name="ANSWER", dtype=np.bytes_, shape=(1,)),
+    ]
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=MODEL_PREFIX + task,
+            infer_func=[pipeline_callable(task, net_folder) for _ in range(INSTANCES)],
+            inputs=inputs,
+            outputs=outputs,
+            config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher()),
+        )
+        triton.run()
+        print(READY, flush=True)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
+def main(argv: list[str]) -> int:
+    task, net_folder, *ports = argv
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    grpc, http, metrics = (int(port) for port in ports)
+    serve(task, Path(net_folder), (grpc, http, metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+class PeerError(RuntimeError):
+    """The PyTriton peer did not come up."""
+
+
+@contextmanager
+def running_peer(task: str, net_folder: Path, log_file: Path) -> Iterator[tuple[str, int]]:
+    """The peer in its own process: (gRPC url, pid), stopped after."""
+    from abdoserve.deploy.embedded import free_ports
+
+    ports = free_ports()
+    command = [sys.executable, "-m", __name__, task, str(net_folder)]
+    command += [str(port) for port in (ports.grpc, ports.http, ports.metrics)]
+    with log_file.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith(READY):
+                    break
+            else:
+                raise PeerError(f"the PyTriton peer exited ({process.wait()}); see {log_file}")
+            yield f"127.0.0.1:{ports.grpc}", process.pid
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
