@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve_client import AbdoServeClient
+from abdoserve_client.wire import RawInfer, WireTensor, open_channel
 from tests.integration.triton_calls import OUTPUTS, infer
 
 pytestmark = pytest.mark.integration
@@ -123,4 +124,46 @@ def test_a_region_nobody_registered_is_refused_and_the_server_stays_ready(
         with pytest.raises(InferenceServerException) as refused:
             infer_packed(client, "bone_density_ct", inputs)
         assert "Unable to find shared memory region" in str(refused.value.message())
+        assert client.is_server_ready()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        # A shape that promises more bytes than the request carries.
+        (
+            lambda block, starts: [
+                WireTensor("DICOM_PACKED", "UINT8", (1, 1 << 30), [block]),
+                WireTensor("DICOM_OFFSETS", "INT64", (1, 1), [starts]),
+            ],
+            "byte size",
+        ),
+        # Offsets of the wrong type: refused by the config, before any model runs.
+        (
+            lambda block, starts: [
+                WireTensor("DICOM_PACKED", "UINT8", (1, len(block)), [block]),
+                WireTensor("DICOM_OFFSETS", "INT32", (1, 2), [starts]),
+            ],
+            "DICOM_OFFSETS",
+        ),
+    ],
+)
+def test_malformed_packed_tensors_are_refused_and_the_server_stays_ready(
+    grpc_url: str, tensors: object, message: str
+) -> None:
+    block = b"".join(build_study("bone_density_ct", seed=15).instances)
+    starts = np.zeros(1, dtype="<i8").tobytes()
+    assert callable(tensors)
+    channel = open_channel(
+        grpc_url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
+    )
+    raw = RawInfer(channel)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            raw.infer("bone_density_ct", tensors(block, starts), OUTPUTS, 60.0)
+    finally:
+        raw.close()
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in str(refused.value.message())
+    with grpcclient.InferenceServerClient(grpc_url) as client:
         assert client.is_server_ready()
