@@ -120,6 +120,7 @@ class Served:
         *,
         model: str | None = None,
         region: SharedMemoryRegion | None = None,
+        scores: bool = True,
     ) -> None:
         self.transport = transports.transport_of(form)
         if self.transport == transports.SHARED_MEMORY and region is None:
@@ -130,7 +131,7 @@ class Served:
         self.pool = pool
         self.form = form
         self.region = region
-        self.outputs = transports.outputs_of(self.model)
+        self.outputs = transports.outputs_of(self.model, scores)
         started = time.perf_counter()
         self.requests = [
             transports.inline_request(self.model, study, form, self.outputs) for study in pool

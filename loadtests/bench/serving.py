@@ -79,7 +79,8 @@ class Plan:
     pool: int
     url: str | None
     repository: Path
-    forms: tuple[str, ...] = ("grpc_bytes", "served", "shared_memory")
+    forms: tuple[str, ...] = FORMS
+    scores: bool = True  # whether served requests ask for the per-image SCORES
 
     @property
     def built_tasks(self) -> tuple[str, ...]:
@@ -160,6 +161,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"one callable, started by the bench); default {','.join(FORMS)}",
     )
     parser.add_argument(
+        "--without-scores",
+        action="store_true",
+        help="served requests ask for STUDY and ANSWER only, not the per-image SCORES "
+        "(a lever: run once with and once without)",
+    )
+    parser.add_argument(
         "--shared-region",
         help="with --url: the server's --shared-region (created by the sender before it "
         "started), for the shared_memory form",
@@ -197,6 +204,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         url=args.url,
         repository=args.repository,
         forms=args.forms,
+        scores=not args.without_scores,
     )
 
 
@@ -323,7 +331,7 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
             served[form] = peer_levels(plan, target, task, pool)
             continue
         rows, form_parts = observed_levels(
-            target, task, pool, plan.concurrency, plan.requests, form=form
+            target, task, pool, plan.concurrency, plan.requests, form=form, scores=plan.scores
         )
         served[form] = rows
         parts += form_parts
@@ -343,6 +351,7 @@ def observed_levels(
     requests: int,
     *,
     form: str = GRPC_PACKED,
+    scores: bool = True,
 ) -> tuple[list[Measurement], list[Breakdown]]:
     """Each level in `form`, with the server's statistics and CPU read around it."""
     from abdoserve.loadtests.bench.breakdown import breakdown, snapshot
@@ -352,7 +361,7 @@ def observed_levels(
     rows, parts = [], []
     headers = target.admin_headers
     for level in levels:
-        served = Served(target.url, task, pool, form, region=target.region)
+        served = Served(target.url, task, pool, form, region=target.region, scores=scores)
         try:
             model = model_of(form, task)
             before = (
@@ -395,7 +404,9 @@ def peer_levels(plan: Plan, target: Target, task: str, pool: list[Study]) -> lis
     log_file = plan.repository.parent / f"pytriton_{task}.log"
     with running_peer(task, net_folder, log_file) as (url, pid):
         peer = replace(target, url=url, server_pid=pid, admin_headers=None, region=None)
-        rows, _ = observed_levels(peer, task, pool, plan.concurrency, plan.requests, form=PYTRITON)
+        rows, _ = observed_levels(
+            peer, task, pool, plan.concurrency, plan.requests, form=PYTRITON, scores=plan.scores
+        )
     return rows
 
 

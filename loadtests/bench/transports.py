@@ -141,5 +141,12 @@ def placed_request(model: str, study: Study, where: Placement, outputs: Sequence
     return encode_infer_request(model, [placed, offsets, clinical], outputs)
 
 
-def outputs_of(model: str) -> tuple[str, ...]:
-    return PROBE_OUTPUTS if model == PROBE else OUTPUT_NAMES
+WITHOUT_SCORES = tuple(name for name in OUTPUT_NAMES if name != "SCORES")
+
+
+def outputs_of(model: str, scores: bool = True) -> tuple[str, ...]:
+    """What a request asks for: the probe's one output; else SCORES, STUDY and ANSWER, or
+    without the per-image SCORES (the ANSWER holds each image's values too)."""
+    if model == PROBE:
+        return PROBE_OUTPUTS
+    return OUTPUT_NAMES if scores else WITHOUT_SCORES

@@ -138,6 +138,7 @@ def test_quick_against_the_running_server(
     key_file.write_text(server.options.admin_key)
     assert server.process is not None
     argv = ["--quick", "--url", grpc_url, "--repository", str(built_repository)]
+    argv += ["--without-scores"]  # the lever: every response checked to lack SCORES
     argv += ["--admin-key-file", str(key_file), "--server-pid", str(server.process.pid)]
     assert run_bench(argv + outputs(tmp_path)) == 0
     printed = capsys.readouterr().out
@@ -160,6 +161,7 @@ def test_quick_against_the_running_server(
     assert "fused skipped: the server has no model fused_liver_fibrosis_ct" in printed
     document = check_files(tmp_path)
     assert document["settings"]["url"] == grpc_url
+    assert document["settings"]["scores"] is False
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
     forms = ("grpc_bytes", "served")
     check_task(document, "liver_fibrosis_ct", requests=10, forms=(*forms, "pytriton"))
