@@ -41,8 +41,8 @@ class StudyTensors:
 class CalibrationPlan:
     """Phantom studies per task: some calibrate INT8, others (disjoint) measure deviation.
 
-    The defaults keep a build of all five tasks within about a minute more on 2 cores
-    (docs/benchmarks.md); tests use fewer.
+    The defaults add 5-13 s to a build of all five tasks on 2 cores (docs/benchmarks.md);
+    tests use fewer.
     """
 
     calibration_studies: int = 8

@@ -9,6 +9,7 @@ machine hits all alike. Reported per runner: the median latency of one study, im
 per second one study per call and with every held-out study in one call (as the
 dynamic batcher joins queued studies), the speed ratios to ONNX Runtime FP32 and to
 PyTorch eager, and the deviation from PyTorch FP32 on those same studies.
+`--openvino-settings` adds OpenVINO FP32 under other settings than the served ones.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--held-out-studies", type=int, default=plan.held_out_studies, help="timed, measured (6)"
     )
+    parser.add_argument(
+        "--openvino-settings",
+        action="store_true",
+        help="also time OpenVINO FP32 under other settings than the served ones "
+        "(pinned, 1 thread, throughput hint, OpenVINO's defaults)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -104,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for task in args.tasks:
         print(f"{task}: building the runtimes ...", flush=True)
-        results[task] = bench_task(get_task(task), plan, tuning, args.rounds)
+        results[task] = bench_task(
+            get_task(task), plan, tuning, args.rounds, args.openvino_settings
+        )
         print(table(task, results[task]["runners"]), flush=True)
     if args.json:
         document = {"machine": machine(), "settings": settings(args), "tasks": results}
@@ -114,11 +123,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bench_task(
-    spec: TaskSpec, plan: CalibrationPlan, tuning: Tuning, rounds: int
+    spec: TaskSpec, plan: CalibrationPlan, tuning: Tuning, rounds: int, openvino_settings: bool
 ) -> dict[str, Any]:
     held_out = phantom_tensors(spec, plan.held_out_seeds())
     with tempfile.TemporaryDirectory(prefix=f"bench-runtimes-{spec.name}-") as folder:
         runners, builds = build_runners(spec, Path(folder), plan, tuning)
+        if openvino_settings:
+            runners |= openvino_variants(Path(folder), tuning)
         deviations = {
             name: measured(spec, name, runner, held_out, builds.get(name))
             for name, runner in runners.items()
@@ -155,6 +166,26 @@ def build_runners(
     return runners, builds
 
 
+def openvino_variants(folder: Path, tuning: Tuning) -> dict[str, StudyRunner]:
+    """OpenVINO FP32 under other settings than the served ones, for comparison."""
+    from abdoserve.serving.openvino_runner import OpenVinoRunner, compile_options
+
+    served = compile_options(tuning.net_intra_op_threads)
+    variants: dict[str, dict[str, object]] = {
+        "openvino pinned": {**served, "ENABLE_CPU_PINNING": True},
+        "openvino 1 thread": compile_options(1),
+        "openvino throughput": {**served, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2},
+        "openvino defaults": {},
+    }
+    path = folder / CPU_RUNTIMES["openvino"].model_file
+    return {
+        name: OpenVinoRunner(
+            path, intra_op_threads=0, max_samples=tuning.max_samples_per_run, options=options
+        )
+        for name, options in variants.items()
+    }
+
+
 def measured(
     spec: TaskSpec,
     name: str,
@@ -165,7 +196,7 @@ def measured(
     """The build's own report; measured here for the default, whose build measures none."""
     from abdoserve.export.reference import TorchReference
 
-    if build is None:  # PyTorch itself
+    if build is None:  # PyTorch itself, or other settings of a runtime measured already
         return None
     if build.deviation is not None:
         return build.deviation
@@ -241,7 +272,7 @@ def summarise(
 def table(task: str, rows: Sequence[dict[str, Any]]) -> str:
     header = (
         f"{task}\n"
-        f"{'runner':<18}{'study p50':>11}{'img/s':>9}{'batched':>9}{'vs ORT':>8}{'vs torch':>9}"
+        f"{'runner':<21}{'study p50':>11}{'img/s':>9}{'batched':>9}{'vs ORT':>8}{'vs torch':>9}"
         f"{'max|d|':>10}{'mean|d|':>10}{'agree':>7}{'build s':>9}"
     )
     lines = [header]
@@ -249,7 +280,7 @@ def table(task: str, rows: Sequence[dict[str, Any]]) -> str:
         deviation = row["deviation"] or {}
         agreement = deviation.get("study_agreement")
         lines.append(
-            f"{row['runner']:<18}{row['study_p50_ms']:>9.2f}ms{row['images_per_s']:>9.1f}"
+            f"{row['runner']:<21}{row['study_p50_ms']:>9.2f}ms{row['images_per_s']:>9.1f}"
             f"{row['batched_images_per_s']:>9.1f}{row['speedup_vs_onnxruntime']:>7.2f}x"
             f"{row['speedup_vs_pytorch']:>8.2f}x"
             f"{_number(deviation.get('max_abs')):>10}{_number(deviation.get('mean_abs')):>10}"
@@ -313,4 +344,5 @@ def _flags(args: argparse.Namespace) -> list[str]:
     flags = ["--tasks", *args.tasks, "--rounds", str(args.rounds), "--threads", str(args.threads)]
     flags += ["--calibration-studies", str(args.calibration_studies)]
     flags += ["--held-out-studies", str(args.held_out_studies)]
+    flags += ["--openvino-settings"] if args.openvino_settings else []
     return flags + (["--json", str(args.json)] if args.json else [])

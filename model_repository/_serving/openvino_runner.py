@@ -7,6 +7,7 @@ NNCF's INT8 quantization (`model.int8.xml`). The batching of studies is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,19 @@ def compile_options(intra_op_threads: int) -> dict[str, object]:
 class OpenVinoRunner(StudyRunner):
     """An OpenVINO CPU compiled model over a `_net` IR (inputs `samples`[, `features`])."""
 
-    def __init__(self, path: Path | str, *, intra_op_threads: int, max_samples: int) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        intra_op_threads: int,
+        max_samples: int,
+        options: Mapping[str, object] | None = None,
+    ) -> None:
+        """`options` replaces `compile_options` (the benchmark compares settings)."""
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(str(path), "CPU", compile_options(intra_op_threads))
+        chosen = compile_options(intra_op_threads) if options is None else dict(options)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", chosen)
         names = {name for port in self.compiled.inputs for name in port.get_names()}
         self.with_features = "features" in names
         self.max_samples = max_samples

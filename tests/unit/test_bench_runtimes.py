@@ -18,6 +18,7 @@ def test_bench_runtimes_reports_every_runner_with_its_deviation(
     out = tmp_path / "runtimes.json"
     arguments = ["bench", "runtimes", "--tasks", "liver_mass_ct", "--rounds", "1"]
     arguments += ["--calibration-studies", "1", "--held-out-studies", "1", "--json", str(out)]
+    arguments += ["--openvino-settings"]
     assert main(arguments) == 0
     document = json.loads(out.read_text())
     assert document["machine"]["cores"] >= 1
@@ -25,7 +26,9 @@ def test_bench_runtimes_reports_every_runner_with_its_deviation(
     assert document["settings"]["command"].startswith("abdoserve bench runtimes --tasks")
     task = document["tasks"]["liver_mass_ct"]
     rows = {row["runner"]: row for row in task["runners"]}
-    assert list(rows) == ["pytorch-eager", *CPU_RUNTIMES]
+    variants = ["openvino pinned", "openvino 1 thread", "openvino throughput", "openvino defaults"]
+    assert list(rows) == ["pytorch-eager", *CPU_RUNTIMES, *variants]
+    assert all(rows[name]["deviation"] is None for name in variants)  # same file as openvino
     assert rows["onnxruntime"]["speedup_vs_onnxruntime"] == 1.0
     assert rows["pytorch-eager"]["speedup_vs_pytorch"] == 1.0
     assert rows["pytorch-eager"]["deviation"] is None
