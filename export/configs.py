@@ -213,13 +213,15 @@ def clinical_input_names(spec: TaskSpec) -> list[str]:
 
 
 def _public_inputs(spec: TaskSpec, ragged: bool = False) -> list[mc.ModelInput]:
-    # A task without clinical inputs takes DICOM alone: a raw KServe v2 client need not
-    # send an empty CLINICAL. Absent, it reaches the preprocess model as None, meaning {}.
-    clinical_optional = not clinical_input_names(spec)
-    # The study comes in one of two forms (the preprocess model requires exactly one):
-    # DICOM, one BYTES element per instance, or every instance back to back in one
-    # UINT8 tensor with their INT64 start offsets, which moves as one block (and can sit
-    # in a client's shared-memory region).
+    # Every input is optional to Triton. The study comes in one of two forms (the intake
+    # requires exactly one). CLINICAL too: with optional inputs beside it, Triton 2.51's
+    # ensemble no longer refuses a request that lacks a required one (it answers "unexpected
+    # deadlock"), so the intake refuses a missing CLINICAL by name where the task reads
+    # clinical inputs; where it reads none, absent means {} (a raw KServe v2 client need
+    # not send an empty CLINICAL).
+    # The two forms: DICOM, one BYTES element per instance, or every instance back to
+    # back in one UINT8 tensor with their INT64 start offsets, which moves as one block
+    # (and can sit in a client's shared-memory region).
     return [
         mc.ModelInput(
             name="DICOM", data_type=BYTES, dims=[-1], allow_ragged_batch=ragged, optional=True
@@ -238,7 +240,7 @@ def _public_inputs(spec: TaskSpec, ragged: bool = False) -> list[mc.ModelInput]:
             allow_ragged_batch=ragged,
             optional=True,
         ),
-        mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1], optional=clinical_optional),
+        mc.ModelInput(name="CLINICAL", data_type=BYTES, dims=[1], optional=True),
     ]
 
 

@@ -19,6 +19,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 MODEL_PREFIX = "pytriton_"
 READY = "pytriton peer ready"
+START_TIMEOUT_S = 180.0
 INSTANCES = 2
 INTRA_OP_THREADS = 2
 
@@ -125,22 +127,19 @@ class PeerError(RuntimeError):
 
 @contextmanager
 def running_peer(task: str, net_folder: Path, log_file: Path) -> Iterator[tuple[str, int]]:
-    """The peer in its own process: (gRPC url, pid), stopped after."""
+    """The peer in its own process: (gRPC url, pid), stopped after. Everything it prints
+    goes to `log_file` (a pipe nobody reads would fill and stall its server)."""
     from abdoserve.deploy.embedded import free_ports
 
     ports = free_ports()
     command = [sys.executable, "-m", __name__, task, str(net_folder)]
     command += [str(port) for port in (ports.grpc, ports.http, ports.metrics)]
+    url = f"127.0.0.1:{ports.grpc}"
     with log_file.open("w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if line.startswith(READY):
-                    break
-            else:
-                raise PeerError(f"the PyTriton peer exited ({process.wait()}); see {log_file}")
-            yield f"127.0.0.1:{ports.grpc}", process.pid
+            wait_ready(process, url, MODEL_PREFIX + task, log_file)
+            yield url, process.pid
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -148,3 +147,23 @@ def running_peer(task: str, net_folder: Path, log_file: Path) -> Iterator[tuple[
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, model: str, log_file: Path) -> None:
+    """Until the peer's model is ready; PeerError (with the log's end) if it exits or
+    takes longer than `START_TIMEOUT_S`."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpcclient.InferenceServerClient(url) as client:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if client.is_model_ready(model):
+                    return
+            except InferenceServerException:
+                pass  # not listening yet
+            time.sleep(0.5)
+    state = "exited" if process.poll() is not None else f"not ready in {START_TIMEOUT_S:g} s"
+    tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+    raise PeerError(f"the PyTriton peer {state}; {log_file} ends:\n" + "\n".join(tail))

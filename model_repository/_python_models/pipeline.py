@@ -93,5 +93,5 @@ class TritonPythonModel:
         )
 
     def finalize(self) -> None:
-        self.intake = None  # type: ignore[assignment]
+        self.intake.release()
         self.runner = None  # type: ignore[assignment]

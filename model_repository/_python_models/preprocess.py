@@ -53,4 +53,4 @@ class TritonPythonModel:
         return glue.response(pb_utils, outputs)
 
     def finalize(self) -> None:
-        self.intake = None  # type: ignore[assignment]
+        self.intake.release()

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from abdoserve.preprocessing.errors import ClinicalInputError
+from abdoserve.preprocessing.errors import ClinicalInputError, MissingInputError
 from abdoserve.preprocessing.nesting import load_clinical_json
-from abdoserve.preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.specs import RoiCrop, TaskSpec
 from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.serving import dicom_input, validation
 from abdoserve.serving import triton_adapter as glue
@@ -57,10 +57,21 @@ class StudyIntake:
         self.metrics.prepared(prepared.stage_seconds, time.perf_counter() - started)
         return len(instances), prepared
 
+    def release(self) -> None:
+        """Drop the preparer at unload. The metrics stay: their families must not be
+        destroyed while Triton unloads the model (that raced in 2.51 and corrupted the
+        server's heap); they go with the stub process."""
+        self.prepare = None  # type: ignore[assignment]
+
     def clinical(self, request: Any) -> dict[str, Any]:
-        """The CLINICAL JSON object; absent (optional where the task takes none) means {}."""
+        """The CLINICAL JSON object; absent means {} where the task reads no clinical input,
+        and is refused by name where it reads some."""
         tensor = self.pb_utils.get_input_tensor_by_name(request, "CLINICAL")
         if tensor is None:
+            if self.spec.clinical_inputs or isinstance(self.spec.geometry, RoiCrop):
+                raise MissingInputError(
+                    "input tensor 'CLINICAL' is missing: this task reads clinical inputs"
+                )
             return {}
         clinical = glue.single_study(tensor.as_numpy(), "CLINICAL")
         validation.check_bytes_input(clinical, "CLINICAL")
