@@ -22,12 +22,7 @@ import triton_python_backend_utils as pb_utils
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving import validation
-from abdoserve.serving.cpu_runtimes import (
-    DEFAULT_CPU_RUNTIME,
-    RUNTIME_PARAMETER,
-    cpu_runtime,
-    open_runner,
-)
+from abdoserve.serving.cpu_runtimes import configured_runner
 
 
 class TritonPythonModel:
@@ -36,16 +31,8 @@ class TritonPythonModel:
         parameters = glue.model_parameters(json.loads(args["model_config"]))
         overrides = json.loads(parameters.get("spec_overrides") or "{}")
         self.spec = get_task(parameters["task"], overrides)
-        runtime = cpu_runtime(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME))
-        self.runner = open_runner(
-            runtime,
-            Path(args["model_repository"]) / args["model_version"],
-            intra_op_threads=int(parameters.get("intra_op_threads", "0")),
-            max_samples=int(parameters.get("max_samples_per_run", "64")),
-        )
-        if self.runner.with_features != bool(self.spec.feature_width):
-            # A graph that disagrees with the spec fails the load, not the first patient.
-            raise ValueError(f"{self.spec.name}: the ONNX graph's inputs disagree with the spec")
+        version_folder = Path(args["model_repository"]) / args["model_version"]
+        self.runner = configured_runner(self.spec, parameters, version_folder)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)

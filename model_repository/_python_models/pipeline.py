@@ -22,12 +22,7 @@ from abdoserve.preprocessing.study import PreparedStudy
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.answer import ModelIdentity, study_answer
-from abdoserve.serving.cpu_runtimes import (
-    DEFAULT_CPU_RUNTIME,
-    RUNTIME_PARAMETER,
-    cpu_runtime,
-    open_runner,
-)
+from abdoserve.serving.cpu_runtimes import configured_runner
 from abdoserve.serving.intake import StudyIntake
 
 
@@ -38,14 +33,7 @@ class TritonPythonModel:
         overrides = json.loads(parameters.get("spec_overrides") or "{}")
         self.spec = get_task(parameters["task"], overrides)
         version_folder = Path(args["model_repository"]) / args["model_version"]
-        self.runner = open_runner(
-            cpu_runtime(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME)),
-            version_folder,
-            intra_op_threads=int(parameters.get("intra_op_threads", "0")),
-            max_samples=int(parameters.get("max_samples_per_run", "64")),
-        )
-        if self.runner.with_features != bool(self.spec.feature_width):
-            raise ValueError(f"{self.spec.name}: the ONNX graph's inputs disagree with the spec")
+        self.runner = configured_runner(self.spec, parameters, version_folder)
         self.identity = ModelIdentity.from_parameters(
             self.spec.name, parameters.get("model_version", "1"), parameters
         )
@@ -83,14 +71,7 @@ class TritonPythonModel:
             )
         except Exception as error:
             return glue.error_response(pb_utils, error)
-        return glue.response(
-            pb_utils,
-            {
-                "SCORES": output[None, ...].astype(np.float32),
-                "STUDY": study[None, ...],
-                "ANSWER": glue.json_tensor(answer),
-            },
-        )
+        return glue.response(pb_utils, glue.answer_outputs(output, study, answer))
 
     def finalize(self) -> None:
         self.intake.release()

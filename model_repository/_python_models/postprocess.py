@@ -42,14 +42,7 @@ class TritonPythonModel:
             )
         except Exception as error:
             return glue.error_response(pb_utils, error)
-        return glue.response(
-            pb_utils,
-            {
-                "SCORES": output[None, ...].astype(np.float32),
-                "STUDY": study[None, ...],
-                "ANSWER": glue.json_tensor(answer),
-            },
-        )
+        return glue.response(pb_utils, glue.answer_outputs(output, study, answer))
 
     def read(self, request: Any) -> tuple[np.ndarray, np.ndarray, validation.StudyInfo]:
         """One study's OUTPUT, SAMPLE_SOURCE and STUDY_INFO, checked against each other."""

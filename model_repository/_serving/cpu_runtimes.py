@@ -9,10 +9,12 @@ Each runtime reads one file in the `_net` version folder, beside the exported
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.serving.study_runner import StudyRunner
 
 Engine = Literal["onnxruntime", "openvino"]
@@ -71,3 +73,19 @@ def open_runner(
     from abdoserve.serving.onnx_runner import OnnxRunner
 
     return OnnxRunner(path, intra_op_threads=intra_op_threads, max_samples=max_samples)
+
+
+def configured_runner(
+    spec: TaskSpec, parameters: Mapping[str, str], version_folder: Path
+) -> StudyRunner:
+    """The runner a `_net` or fused model's config parameters name (runtime, threads, rows
+    per run); a graph whose inputs disagree with the spec fails the load, not a patient."""
+    runner = open_runner(
+        cpu_runtime(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME)),
+        version_folder,
+        intra_op_threads=int(parameters.get("intra_op_threads", "0")),
+        max_samples=int(parameters.get("max_samples_per_run", "64")),
+    )
+    if runner.with_features != bool(spec.feature_width):
+        raise ValueError(f"{spec.name}: the ONNX graph's inputs disagree with the spec")
+    return runner

@@ -80,6 +80,17 @@ def json_tensor(value: Mapping[str, Any]) -> np.ndarray:
     return np.array([[json.dumps(value, separators=(",", ":")).encode()]], dtype=np.object_)
 
 
+def answer_outputs(
+    output: np.ndarray, study: np.ndarray, answer: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """A study's public outputs, batch axis first: per-sample SCORES, STUDY, ANSWER (JSON)."""
+    return {
+        "SCORES": output[None, ...].astype(np.float32),
+        "STUDY": study[None, ...],
+        "ANSWER": json_tensor(answer),
+    }
+
+
 def error_response(pb_utils: Any, error: Exception) -> Any:
     """A per-request error response carrying the error's gRPC code."""
     if isinstance(error, IntakeError):
