@@ -69,6 +69,16 @@ def table_rows(printed: str, task: str) -> list[list[str]]:
     return rows
 
 
+def peer_ran(printed: str, task: str) -> bool:
+    """Whether the PyTriton peer started (up to three tries). PyTriton 0.7's proxy model
+    can find its handshake socket refused at start-up under load: the bench then says so,
+    naming each try's log, and goes on without the peer's rows."""
+    if f"pytriton skipped for {task}: the peer did not start" not in printed:
+        return True
+    assert printed.count("pytriton: attempt") == 3 and ".log ends:" in printed
+    return False
+
+
 def check_measurement(row: dict[str, Any], pipeline: str, concurrency: int, requests: int) -> None:
     assert row["pipeline"] == pipeline and row["concurrency"] == concurrency
     assert row["requests"] == requests == len(row["latencies_ms"])
@@ -143,6 +153,7 @@ def test_quick_against_the_running_server(
     assert run_bench(argv + outputs(tmp_path)) == 0
     printed = capsys.readouterr().out
     rows = table_rows(printed, "liver_fibrosis_ct")
+    peer = peer_ran(printed, "liver_fibrosis_ct")
     assert [(row[0], row[1]) for row in rows] == [
         ("in-process onnxruntime", "1"),
         ("in-process pytorch", "1"),
@@ -150,9 +161,7 @@ def test_quick_against_the_running_server(
         ("served gRPC", "4"),
         ("served gRPC, BYTES", "1"),
         ("served gRPC, BYTES", "4"),
-        ("PyTriton, one callable", "1"),
-        ("PyTriton, one callable", "4"),
-    ]
+    ] + [("PyTriton, one callable", level) for level in ("1", "4") if peer]
     assert all(len(row) == len(COLUMNS) and float(row[2]) > 0 for row in rows)
     assert "served / in-process throughput:" in printed and "served p50 at c=1:" in printed
     # The session's server has no shared region, no null model and no fused pipeline:
@@ -164,11 +173,13 @@ def test_quick_against_the_running_server(
     assert document["settings"]["scores"] is False
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
     forms = ("grpc_bytes", "served")
-    check_task(document, "liver_fibrosis_ct", requests=10, forms=(*forms, "pytriton"))
+    compared = (*forms, "pytriton") if peer else forms
+    check_task(document, "liver_fibrosis_ct", requests=10, forms=compared)
     check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms)
     ratios = document["tasks"]["liver_fibrosis_ct"]["ratios"]
-    assert set(ratios["served_over_pytriton"]) == {"1", "4"}
-    assert all(value > 0 for value in ratios["served_over_pytriton"].values())
+    if peer:
+        assert set(ratios["served_over_pytriton"]) == {"1", "4"}
+        assert all(value > 0 for value in ratios["served_over_pytriton"].values())
     assert document["tasks"]["liver_fibrosis_ct"]["split"] == []
     assert "liver_fibrosis_ct: where a study's time goes (ms per study" in printed
     assert document["images_sweep"] is None
@@ -217,7 +228,9 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert tritonservers() == before  # its own server stopped at the end
     printed = capsys.readouterr().out
     forms = ("grpc_bytes", "served", "shared_memory", "fused", "fused_shared_memory")
-    shown = ("served", "grpc_bytes", "shared_memory", "fused", "fused_shared_memory", "pytriton")
+    peer = peer_ran(printed, task)
+    shown = ("served", "grpc_bytes", "shared_memory", "fused", "fused_shared_memory")
+    shown += ("pytriton",) if peer else ()
     assert [row[0] for row in table_rows(printed, task)[2:]] == [
         FORM_LABELS[form] for form in shown for _ in (1, 4)
     ]
@@ -225,9 +238,10 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert f"{task}: work, transport and everything else" in printed
     document = check_files(tmp_path)
     assert document["tuning"]["net_intra_op_threads"] == 1
-    check_task(document, task, requests=6, forms=(*forms, "pytriton"))
+    check_task(document, task, requests=6, forms=(*forms, "pytriton") if peer else forms)
     check_breakdown(document["tasks"][task], (1, 4), forms)  # its own server: key, pid known
-    assert set(document["tasks"][task]["ratios"]["fused_over_pytriton"]) == {"1", "4"}
+    if peer:
+        assert set(document["tasks"][task]["ratios"]["fused_over_pytriton"]) == {"1", "4"}
     check_split(document["tasks"][task], forms, requests=6)
     points = document["images_sweep"]["points"]
     assert [point["images"] for point in points] == [1, 2]
