@@ -196,6 +196,22 @@ def prepare_repository(args: argparse.Namespace) -> None:
         build_repository(args.repository, tasks, **built)
 
 
+def prepared_repository(repository: Path, replicas: int) -> Path:
+    """For the benches: the repository `serve --replicas N` would serve with every other
+    option at its default (built if it is not), and where it is."""
+    serving = argparse.Namespace(
+        repository=repository,
+        replicas=replicas,
+        rebuild=False,
+        cpu_runtime=DEFAULT_CPU_RUNTIME,
+        pipeline="ensemble",
+    )
+    vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
+    prepare_repository(serving)
+    path: Path = serving.repository
+    return path
+
+
 def default_repository(tuning: Tuning, cpu_runtime: str, pipeline: Pipeline = "ensemble") -> Path:
     """build/model_repository for the defaults, else a folder named after what differs,
     so that builds coexist (`model_repository-pre1-...`, `model_repository-openvino`,

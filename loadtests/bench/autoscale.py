@@ -29,12 +29,10 @@ from pathlib import Path
 from abdoserve.deploy.embedded import BUILD_DIR, PROJECT_ROOT, Ports, free_port
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepare_repository
+from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
-from abdoserve.deploy.tuning_options import TUNING_OPTIONS
 from abdoserve.loadtests.cli import SCENARIOS_DIR, execute
 from abdoserve.loadtests.profiles import step_users
-from abdoserve.serving.cpu_runtimes import DEFAULT_CPU_RUNTIME
 
 ADAPTER_RULES = PROJECT_ROOT / "deploy" / "k8s" / "prometheus-adapter" / "rules.yaml"
 HPA = PROJECT_ROOT / "deploy" / "k8s" / "base" / "horizontalpodautoscaler.yaml"
@@ -98,16 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    serving = argparse.Namespace(
-        repository=args.repository,
-        replicas=args.replicas,
-        rebuild=False,
-        cpu_runtime=DEFAULT_CPU_RUNTIME,
-        pipeline="ensemble",
-    )
-    vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
-    prepare_repository(serving)  # sized for the replicas, as `serve` does
-    args.repository = serving.repository
+    args.repository = prepared_repository(
+        args.repository, args.replicas
+    )  # sized for the replicas, as `serve` does
     options = ReplicaSetOptions(
         replicas=args.replicas,
         repository=args.repository,

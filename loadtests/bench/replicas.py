@@ -23,12 +23,10 @@ from abdoserve.deploy.embedded import (
     free_ports,
 )
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepare_repository
+from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
-from abdoserve.deploy.tuning_options import TUNING_OPTIONS
 from abdoserve.loadtests.bench.serving import served_levels
 from abdoserve.loadtests.bench.workload import Measurement, study_pool
-from abdoserve.serving.cpu_runtimes import DEFAULT_CPU_RUNTIME
 
 TOPOLOGIES = ("one Triton, direct", "1 replica behind nginx", "{n} replicas behind nginx")
 
@@ -45,16 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    serving = argparse.Namespace(
-        repository=args.repository,
-        replicas=args.replicas,
-        rebuild=False,
-        cpu_runtime=DEFAULT_CPU_RUNTIME,
-        pipeline="ensemble",
-    )
-    vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
-    prepare_repository(serving)  # sized for the larger topology; all three use it
-    repository: Path = serving.repository
+    repository = prepared_repository(
+        args.repository, args.replicas
+    )  # sized for the larger topology; all three use it
     pool = study_pool(args.task, 4)
     results: dict[str, list[Measurement]] = {}
     for name, topology in (

@@ -12,14 +12,12 @@ the same.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving import validation
 from abdoserve.serving.cpu_runtimes import configured_runner
@@ -27,10 +25,7 @@ from abdoserve.serving.cpu_runtimes import configured_runner
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        glue.route_logging(pb_utils)
-        parameters = glue.model_parameters(json.loads(args["model_config"]))
-        overrides = json.loads(parameters.get("spec_overrides") or "{}")
-        self.spec = get_task(parameters["task"], overrides)
+        parameters, self.spec = glue.model_spec(pb_utils, args)
         version_folder = Path(args["model_repository"]) / args["model_version"]
         self.runner = configured_runner(self.spec, parameters, version_folder)
 

@@ -9,13 +9,11 @@ directly, so its inputs are checked against the task spec first
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving import validation
 from abdoserve.serving.answer import ModelIdentity, study_answer
@@ -23,10 +21,7 @@ from abdoserve.serving.answer import ModelIdentity, study_answer
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        glue.route_logging(pb_utils)
-        parameters = glue.model_parameters(json.loads(args["model_config"]))
-        overrides = json.loads(parameters.get("spec_overrides") or "{}")
-        self.spec = get_task(parameters["task"], overrides)
+        parameters, self.spec = glue.model_spec(pb_utils, args)
         self.identity = ModelIdentity.from_parameters(
             self.spec.name, parameters.get("model_version", "1"), parameters
         )

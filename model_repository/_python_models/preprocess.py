@@ -9,24 +9,18 @@ tensor dtype and rank here, CLINICAL (the ROI included) by the intake.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.intake import StudyIntake
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        glue.route_logging(pb_utils)
-        parameters = glue.model_parameters(json.loads(args["model_config"]))
-        overrides = json.loads(parameters.get("spec_overrides") or "{}")
-        # An invalid spec or override fails the model load, not the first patient.
-        self.spec = get_task(parameters["task"], overrides)
+        _, self.spec = glue.model_spec(pb_utils, args)
         version_folder = Path(args["model_repository"]) / args["model_version"]
         self.intake = StudyIntake(pb_utils, self.spec, version_folder)
 

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from abdoserve.preprocessing.errors import IntakeError, MissingInputError, StatusCode
+from abdoserve.preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.tasks import get_task
 
 _LOG = logging.getLogger(__name__)
 
@@ -29,6 +31,16 @@ def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
     """`parameters { key: ... value: { string_value: ... } }` as a plain dict."""
     raw = model_config.get("parameters", {}) or {}
     return {key: str(value.get("string_value", "")) for key, value in raw.items()}
+
+
+def model_spec(pb_utils: Any, args: Mapping[str, Any]) -> tuple[dict[str, str], TaskSpec]:
+    """What every Python model starts with: its logging routed to Triton's log, its config
+    parameters, and its task's spec with the build's overrides (an invalid spec or override
+    fails the model load, not the first patient)."""
+    route_logging(pb_utils)
+    parameters = model_parameters(json.loads(args["model_config"]))
+    overrides = json.loads(parameters.get("spec_overrides") or "{}")
+    return parameters, get_task(parameters["task"], overrides)
 
 
 def require_input(pb_utils: Any, request: Any, name: str) -> np.ndarray:

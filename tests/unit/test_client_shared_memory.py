@@ -57,7 +57,7 @@ def test_slots_are_held_until_released_and_a_study_too_large_gets_none(
 def test_what_is_written_is_what_the_server_reads(region: SharedMemoryRegion) -> None:
     pieces = [b"abc", b"", b"defg"]
     with region.slot(7) as offset:
-        assert offset is not None
+        assert offset in (0, 64)  # one of the two slots
         assert region.write(offset, pieces) == 7
         assert region.read(offset, 7) == b"abcdefg"
 

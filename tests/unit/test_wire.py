@@ -14,14 +14,8 @@ from abdoserve_client.wire import SharedMemoryRef, WireTensor, _varint, encode_i
 OUTPUTS = ("SCORES", "STUDY", "ANSWER")
 
 
-def tritonclient_request(
-    task: str, dicom: list[bytes], clinical: bytes
-) -> service_pb2.ModelInferRequest:
-    inputs = []
-    for name, elements in (("DICOM", dicom), ("CLINICAL", [clinical])):
-        tensor = grpcclient.InferInput(name, [1, len(elements)], "BYTES")
-        tensor.set_data_from_numpy(np.array([elements], dtype=np.object_))
-        inputs.append(tensor)
+def request_of(task: str, inputs: list[grpcclient.InferInput]) -> service_pb2.ModelInferRequest:
+    """The ModelInferRequest tritonclient would send for `inputs`, asking for OUTPUTS."""
     outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
     return _get_inference_request(
         model_name=task,
@@ -36,6 +30,17 @@ def tritonclient_request(
         timeout=None,
         parameters=None,
     )
+
+
+def tritonclient_request(
+    task: str, dicom: list[bytes], clinical: bytes
+) -> service_pb2.ModelInferRequest:
+    inputs = []
+    for name, elements in (("DICOM", dicom), ("CLINICAL", [clinical])):
+        tensor = grpcclient.InferInput(name, [1, len(elements)], "BYTES")
+        tensor.set_data_from_numpy(np.array([elements], dtype=np.object_))
+        inputs.append(tensor)
+    return request_of(task, inputs)
 
 
 @pytest.mark.parametrize("sizes", [[1], [3, 0, 200], [70_000, 5, 129]])
@@ -85,20 +90,7 @@ def packed_request(
         tensor = grpcclient.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-    return _get_inference_request(
-        model_name="bone_density_ct",
-        inputs=inputs,
-        model_version="",
-        request_id="",
-        outputs=outputs,
-        sequence_id=0,
-        sequence_start=False,
-        sequence_end=False,
-        priority=0,
-        timeout=None,
-        parameters=None,
-    )
+    return request_of("bone_density_ct", inputs)
 
 
 @pytest.mark.parametrize("region", [None, "abdoserve-sender"])
