@@ -10,13 +10,18 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) system-packages
 
-# Debian's packages (root, as on CI): a real Prometheus for the metrics tests, and nginx
-# (nginx-light: HTTP/2 and gRPC proxying) for the guard in front of Triton.
+# Debian's packages (root, as on CI): a real Prometheus for the metrics tests, nginx
+# (nginx-light: HTTP/2 and gRPC proxying) for the guard in front of Triton, and the DICOM
+# gateway's real peers: Orthanc as the PACS, dcmtk (storescu, dsrdump) as the modality
+# and SR reader, dicom3tools (dciodvfy) as the IOD validator.
+SYSTEM_PACKAGES := prometheus nginx-light orthanc dcmtk dicom3tools
 system-packages:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
-		(command -v nginx >/dev/null || test -x /usr/sbin/nginx) || \
+		(command -v nginx >/dev/null || test -x /usr/sbin/nginx) && \
+		test -x /usr/sbin/Orthanc && command -v storescu >/dev/null && \
+		command -v dciodvfy >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		 apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null)
+		 apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null)
 
 # One resolve: the server depends on abdoserve-client, which comes from ./clients.
 $(STAMP): pyproject.toml clients/pyproject.toml
