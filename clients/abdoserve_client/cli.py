@@ -38,13 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "paths", nargs="+", type=Path, help="DICOM files or study folders (all files inside)"
     )
-    parser.add_argument(
-        "--url",
-        default="127.0.0.1:8001",
-        help="gRPC HOST:PORT (default %(default)s); several endpoints as HOST:PORT,HOST:PORT "
-        "or a DNS name with several addresses as dns:///NAME:PORT, balanced round robin, "
-        "a retry going to another endpoint",
-    )
     clinical = parser.add_argument_group("clinical inputs")
     clinical.add_argument("--age", type=float, help="age in years (liver_fibrosis_ct)")
     clinical.add_argument("--sex", help="M or F (liver_fibrosis_ct)")
@@ -55,7 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--roi", nargs=4, type=float, metavar=("R0", "C0", "R1", "C1"), help="mass ROI in pixels"
     )
     clinical.add_argument("--clinical-json", type=Path, help="JSON object of clinical inputs")
+    add_connection_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's address, deadline, retries and TLS: shared by every command that calls it."""
     call = parser.add_argument_group("connection")
+    call.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="gRPC HOST:PORT (default %(default)s); several endpoints as HOST:PORT,HOST:PORT "
+        "or a DNS name with several addresses as dns:///NAME:PORT, balanced round robin, "
+        "a retry going to another endpoint",
+    )
     call.add_argument(
         "--timeout",
         type=float,
@@ -74,7 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the name on the servers' certificates, where it is not the --url host "
         "(needed for a --url list of different hosts with --tls)",
     )
-    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`AbdoServeClient` keywords from `add_connection_arguments`' options (all but the url)."""
+    return {
+        "timeout_s": args.timeout,
+        "retries": args.retries,
+        "ssl": args.tls,
+        "root_certificates": args.root_cert,
+        "private_key": args.client_key,
+        "certificate_chain": args.client_cert,
+        "tls_server_name": args.tls_server_name,
+    }
 
 
 def clinical_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,16 +143,7 @@ def _infer(args: argparse.Namespace) -> int:
     clinical = clinical_inputs(args)
     files = expand_paths(args.paths)
     instances = load_instances(files)  # unreadable input fails before any connection
-    with AbdoServeClient(
-        args.url,
-        timeout_s=args.timeout,
-        retries=args.retries,
-        ssl=args.tls,
-        root_certificates=args.root_cert,
-        private_key=args.client_key,
-        certificate_chain=args.client_cert,
-        tls_server_name=args.tls_server_name,
-    ) as client:
+    with AbdoServeClient(args.url, **client_options(args)) as client:
         result = client.infer(args.task, instances, clinical)
         info = client.task_info(args.task)
     if args.json:

@@ -1,0 +1,192 @@
+"""The C-STORE SCP: CT and MR images in, written to the spool before the acknowledgement.
+
+An instance is acknowledged (status 0x0000) only once it is fsynced in the spool; a
+write that fails answers "out of resources" so the sender keeps it and sends again.
+An instance whose series no routing rule matches is refused politely: a failure
+status with a comment saying why, counted, and never stored or sent anywhere.
+Logs and status comments name UIDs and attribute keywords only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom import uid
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from abdoserve.deploy.gateway.metrics import GatewayMetrics
+from abdoserve.deploy.gateway.spool import Spool, SpoolError
+
+log = logging.getLogger("abdoserve.gateway")
+
+STORAGE_CLASSES = (
+    CTImageStorage,
+    MRImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+)
+
+# What the intake decodes (pydicom with pylibjpeg's openjpeg, libjpeg and rle, and
+# pyjpegls); a sender offering anything else is told so at association time.
+TRANSFER_SYNTAXES = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.RLELossless,
+)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # the sender keeps the instance and tries again
+CANNOT_UNDERSTAND = 0xC000  # not an instance we can take: the sender is told why
+
+
+class SeriesFilter(Protocol):
+    """Whether any routing rule could take an instance's series."""
+
+    def matching_rule(self, header: Dataset) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """Who the gateway is on the network, and who may send to it."""
+
+    ae_title: str = "ABDOSERVE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: Sequence[str] = ()  # empty: any calling AE title
+    max_associations: int = 8  # bounds the memory held by instances in flight
+    network_timeout_s: float = 60.0
+
+
+def refusal(status: int, comment: str) -> Dataset:
+    """A C-STORE failure status with its comment (at most 64 characters, a LO)."""
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment[:64]
+    return answer
+
+
+class StoreHandler:
+    """EVT_C_STORE: check, spool, then acknowledge."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        rules: SeriesFilter,
+        metrics: GatewayMetrics,
+        on_stored: Callable[[str], None] = lambda study_uid: None,
+    ) -> None:
+        self.spool = spool
+        self.rules = rules
+        self.metrics = metrics
+        self.on_stored = on_stored
+        self._unmatched_series: set[str] = set()
+
+    def __call__(self, event: Any) -> int | Dataset:
+        try:
+            header = event.dataset
+            header.file_meta = event.file_meta
+        except Exception:  # a data set pydicom cannot parse: the sender is told, we go on
+            log.warning("C-STORE refused: the data set could not be parsed")
+            return refusal(CANNOT_UNDERSTAND, "data set could not be parsed")
+        return self.store(header, event.encoded_dataset())
+
+    def store(self, header: Dataset, encoded: bytes) -> int | Dataset:
+        """Spool one instance (file meta included) unless it must be refused."""
+        if self.rules.matching_rule(header) is None:
+            return self._unmatched(header)
+        try:
+            self.spool.store_instance(
+                header.get("StudyInstanceUID"), header.get("SOPInstanceUID"), encoded
+            )
+        except SpoolError as error:
+            self.metrics.instances_refused.labels("invalid_uid").inc()
+            log.warning("C-STORE refused: %s", error)
+            return refusal(CANNOT_UNDERSTAND, str(error))
+        except OSError as error:
+            self.metrics.instances_refused.labels("spool_error").inc()
+            log.error("C-STORE not spooled (%s); the sender will retry", error.strerror)
+            return refusal(OUT_OF_RESOURCES, "spool write failed")
+        self.metrics.instances_received.inc()
+        self.on_stored(str(header.StudyInstanceUID))
+        return SUCCESS
+
+    def _unmatched(self, header: Dataset) -> Dataset:
+        self.metrics.instances_refused.labels("unmatched").inc()
+        series = str(header.get("SeriesInstanceUID", ""))
+        if series not in self._unmatched_series:  # one count and one line per series
+            self._unmatched_series.add(series)
+            self.metrics.series_unmatched.inc()
+            log.info("series %s matches no routing rule; refused, not stored", series or "-")
+        return refusal(CANNOT_UNDERSTAND, "no routing rule matches this series")
+
+
+def build_ae(settings: ScpSettings) -> AE:
+    """The application entity: storage and verification contexts, timeouts, limits."""
+    ae = AE(ae_title=settings.ae_title)
+    for storage in STORAGE_CLASSES:
+        ae.add_supported_context(storage, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification)
+    ae.require_calling_aet = list(settings.allowed_callers)
+    ae.maximum_associations = settings.max_associations
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.network_timeout_s
+    ae.dimse_timeout = settings.network_timeout_s
+    return ae
+
+
+class StorageServer:
+    """The listening SCP; `start()` returns at once, `stop()` closes the port."""
+
+    def __init__(self, settings: ScpSettings, handler: StoreHandler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.ae = build_ae(settings)
+        self._server: Any = None
+
+    def start(self) -> None:
+        handlers: list[Any] = [(evt.EVT_C_STORE, self.handler), (evt.EVT_REJECTED, _rejected)]
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "DICOM gateway %s listening on %s:%d",
+            self.settings.ae_title,
+            self.settings.host,
+            self.settings.port,
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+def _rejected(event: Any) -> None:
+    """A calling AE that is not allowed: said in the log, by AE title only."""
+    requestor = event.assoc.requestor
+    log.warning("association from AE %s refused", requestor.ae_title)
