@@ -20,7 +20,7 @@ REFUSAL_REASONS = (
     "not_authorised",  # the calling AE is not allowed
     "spool_error",  # the disk refused the write
 )
-FAILURE_REASONS = ("invalid_argument", "not_found", "gave_up", "server_error")
+FAILURE_REASONS = ("invalid_argument", "not_found", "gave_up", "report_error", "server_error")
 
 # From the last instance to the report stored: seconds to minutes (server down: hours).
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -56,6 +56,10 @@ class GatewayMetrics:
             "requests_needs_input_total",
             "Requests missing a clinical input or images (reported, never guessed)",
             ["task"],
+        )
+        self.study_errors = self._counter(
+            "study_errors_total",
+            "Studies left claimed by an unexpected error (resumed at the next start)",
         )
         self.inference_retries = self._counter(
             "inference_retries_total", "Server calls retried after UNAVAILABLE or a deadline"

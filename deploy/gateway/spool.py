@@ -158,7 +158,7 @@ class Spool:
 
     def record_outcome(self, study_uid: str, key: str, outcome: dict[str, Any]) -> Path:
         folder = self.results / study_uid
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{key}.outcome.json"
         _write_json(path, outcome)
         return path
@@ -166,7 +166,7 @@ class Spool:
     def write_result(self, study_uid: str, name: str, data: bytes) -> Path:
         """A result file (the SR, its JSON copy) kept under results/<study>/."""
         folder = self.results / study_uid
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         os.replace(self._write_durably(data), path)
         _fsync_folder(folder)
@@ -188,7 +188,7 @@ class Spool:
     def enqueue(self, destination: str, sop_uid: str, data: bytes, meta: dict[str, Any]) -> Path:
         """Queue a report for `destination`; the same report queued twice is one file."""
         folder = self.outbox / destination
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / f"{sop_uid}.json", meta)
         path = folder / f"{sop_uid}.dcm"
         os.replace(self._write_durably(data), path)

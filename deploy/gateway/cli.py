@@ -1,0 +1,117 @@
+"""`abdoserve gateway`: a DICOM C-STORE SCP in front of the server, SRs back to PACS."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from abdoserve_client.cli import add_connection_arguments, client_options
+
+log = logging.getLogger("abdoserve.gateway")
+
+EPILOG = """\
+Studies pushed with C-STORE are spooled before each instance is acknowledged; a study
+is complete when nothing of it arrived for --quiet-s. Each series is routed by the
+first rule of --rules that matches it (deploy/gateway/rules.example.yaml shows the
+format); unmatched series are refused and counted. Each answer becomes a DICOM
+Structured Report sent to every --destination, with a JSON copy under
+SPOOL/results/. Exit status: 0 stopped by a signal, 2 bad options or rules.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--rules", type=Path, required=True, help="routing rules, YAML or JSON")
+    parser.add_argument(
+        "--spool",
+        type=Path,
+        default=Path("build/gateway/spool"),
+        help="folder for received instances, results and the outbox (default %(default)s)",
+    )
+    dicom = parser.add_argument_group("DICOM")
+    dicom.add_argument("--ae-title", default="ABDOSERVE", help="our AE title (%(default)s)")
+    dicom.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
+    dicom.add_argument("--port", type=int, default=11112, help="DICOM port (%(default)s)")
+    dicom.add_argument(
+        "--allow-caller",
+        action="append",
+        default=[],
+        metavar="AE",
+        help="a calling AE title allowed to send (repeat; default: any)",
+    )
+    dicom.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        metavar="AE@HOST:PORT",
+        help="where the reports go with C-STORE (repeat for several)",
+    )
+    work = parser.add_argument_group("studies")
+    work.add_argument(
+        "--quiet-s",
+        type=float,
+        default=10.0,
+        help="a study is complete after this long without an instance (%(default)s)",
+    )
+    work.add_argument("--workers", type=int, default=2, help="studies in work at once")
+    work.add_argument(
+        "--give-up-after-s",
+        type=float,
+        default=24 * 3600.0,
+        help="how long a study waits for an unreachable server before it fails (%(default)s)",
+    )
+    work.add_argument(
+        "--keep-instances",
+        action="store_true",
+        help="keep answered studies' instances under SPOOL/done/ (default: removed)",
+    )
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--metrics-host", default="127.0.0.1", help="(%(default)s)")
+    metrics.add_argument("--metrics-port", type=int, default=8005, help="(%(default)s)")
+    add_connection_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from abdoserve.deploy.gateway.inference import RetrySettings
+    from abdoserve.deploy.gateway.routing import RulesError, load_rules
+    from abdoserve.deploy.gateway.scp import ScpSettings
+    from abdoserve.deploy.gateway.sender import Destination
+    from abdoserve.deploy.gateway.service import Gateway, GatewaySettings, client_infer
+    from abdoserve.deploy.serve import wait_for_signal
+
+    # highdicom says at INFO which modules it copies, per report: not for an operator's log
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    try:
+        rules = load_rules(args.rules)
+        destinations = [Destination.parse(text) for text in args.destination]
+    except (RulesError, ValueError, OSError) as error:
+        print(f"gateway: {error}")
+        return 2
+    if not destinations:
+        log.warning("no --destination: reports are kept under the spool's results/ only")
+    settings = GatewaySettings(
+        spool=args.spool,
+        scp=ScpSettings(args.ae_title, args.host, args.port, tuple(args.allow_caller)),
+        destinations=destinations,
+        quiet_s=args.quiet_s,
+        workers=args.workers,
+        retry=RetrySettings(give_up_after_s=args.give_up_after_s),
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        keep_instances=args.keep_instances,
+    )
+    gateway = Gateway(settings, rules, client_infer(args.url, client_options(args)))
+    gateway.start()
+    print(
+        f"gateway {args.ae_title} on {args.host}:{args.port}, server {args.url}, "
+        f"metrics http://{args.metrics_host}:{args.metrics_port}/metrics, spool {args.spool}",
+        flush=True,
+    )
+    try:
+        why = wait_for_signal()
+    finally:
+        gateway.stop()
+    print(f"gateway stopped ({why})", flush=True)
+    return 0

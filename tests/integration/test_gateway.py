@@ -1,0 +1,406 @@
+"""The DICOM gateway against real peers: dcmtk's storescu as the modality, Orthanc as
+the PACS, a real Triton server, and `abdoserve gateway` as its own process.
+
+Each study is pushed with storescu; the test waits for the SR in Orthanc (REST API),
+reads it back and compares it with what `abdoserve infer` answers for the same study.
+The faults (gateway SIGKILLed, Triton stopped, Orthanc down) must lose no study and
+end in the same SR.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.loadtests.phantom.common import write_study
+from abdoserve.loadtests.phantom.studies import build_study
+from tests.integration.dicom_peers import DcmtkError, Orthanc, start_orthanc, storescu
+from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
+TASKS = ("bone_density_ct", "liver_fibrosis_ct")
+RESULT_KEYS = {"bone_density_ct": "BMD", "liver_fibrosis_ct": "F_DLCT"}
+DISTINCTIVE_NAME = "Zyqxwv^Identifiable"
+DISTINCTIVE_ID = "PID-8472-QX"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from abdoserve.export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("gateway-tasks") / "model_repository"
+    build_repository(out, TASKS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    log_file = tmp_path_factory.mktemp("gateway-triton") / "triton.log"
+    options = ServerOptions(repository=repository, ports=free_ports(), log_file=log_file)
+    with EmbeddedServer(options) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    instance = start_orthanc(tmp_path_factory.mktemp("orthanc"), aet="ORTHANC")
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def orthanc(pacs: Orthanc) -> Iterator[Orthanc]:
+    """The module's Orthanc, running and empty at the start of each test."""
+    if not pacs.running:
+        pacs.start()
+    pacs.delete_all()
+    yield pacs
+
+
+def url(server: EmbeddedServer) -> str:
+    return f"{server.options.host}:{server.ports.grpc}"
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(
+        folder=tmp_path / "gateway",
+        rules=RULES,
+        grpc_url=url(triton),
+        destinations=[f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"],
+    )
+    with process:
+        yield process
+    assert DISTINCTIVE_NAME.split("^", maxsplit=1)[0] not in process.log_text()
+    assert DISTINCTIVE_ID not in process.log_text()
+
+
+def phantom(task: str, folder: Path, seed: int = 0, **options: Any) -> list[Path]:
+    """A phantom study's DICOM files, carrying a distinctive patient name and ID."""
+    study = build_study(task, seed=seed, **options)
+    paths = [path for path in write_study(study, folder) if path.suffix == ".dcm"]
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientName = DISTINCTIVE_NAME
+        dataset.PatientID = DISTINCTIVE_ID
+        dataset.save_as(path)
+    return paths
+
+
+def push(gateway: GatewayProcess, paths: list[Path]) -> subprocess.CompletedProcess[str]:
+    return storescu(paths, port=gateway.port, called_aet=AE_TITLE)
+
+
+def infer(task: str, folder: Path, server: EmbeddedServer) -> dict[str, Any]:
+    """What `abdoserve infer` answers for the study (clinical inputs from request.json)."""
+    command = [sys.executable, "-m", "abdoserve.deploy.cli", "infer", task, str(folder)]
+    done = subprocess.run(
+        [*command, "--json", "--url", url(server)], capture_output=True, text=True, check=True
+    )
+    answer: dict[str, Any] = json.loads(done.stdout)["answer"]
+    return answer
+
+
+def wait_for_report(orthanc: Orthanc, study_uid: str, timeout_s: float = 120) -> Dataset:
+    found = orthanc.wait_for_instances(
+        lambda items: len(items) >= 1, timeout_s, Modality="SR", StudyInstanceUID=study_uid
+    )
+    assert len(found) == 1, f"{len(found)} reports for one study"
+    return pydicom.dcmread(io.BytesIO(orthanc.instance_file(found[0]["ID"])))
+
+
+def numbers(item: Dataset) -> list[tuple[str, float]]:
+    """Every NUM content item of an SR, depth first: (concept meaning, value)."""
+    found: list[tuple[str, float]] = []
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "NUM" and "MeasuredValueSequence" in child:
+            meaning = str(child.ConceptNameCodeSequence[0].CodeMeaning)
+            found.append((meaning, float(child.MeasuredValueSequence[0].NumericValue)))
+        found += numbers(child)
+    return found
+
+
+def texts(item: Dataset) -> list[str]:
+    found = [
+        str(child.TextValue) for child in item.get("ContentSequence", []) if "TextValue" in child
+    ]
+    for child in item.get("ContentSequence", []):
+        found += texts(child)
+    return found
+
+
+def evidence(report: Dataset) -> set[str]:
+    """SOP Instance UIDs the report names as its evidence."""
+    return {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in report.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
+def sop_uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in paths}
+
+
+def study_uid(paths: list[Path]) -> str:
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def assert_report_answers(report: Dataset, answer: dict[str, Any], task: str) -> None:
+    """The SR's value is the served answer's, with the model and the untrained notice."""
+    expected = float(answer["result"][RESULT_KEYS[task]])
+    assert any(
+        abs(value - expected) <= 1e-6 * max(1.0, abs(expected)) for _, value in numbers(report)
+    ), f"{expected} not among the report's values {numbers(report)}"
+    notice = answer["notice"]
+    assert any(notice in text for text in texts(report))
+    values = " ".join(str(element.value) for element in report.iterall())
+    assert answer["model"]["weights_sha256"] in values
+    assert DISTINCTIVE_ID in str(report.PatientID)  # the SR belongs to the study's patient
+
+
+# The main path --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_pushed_study_comes_back_as_an_sr_equal_to_abdoserve_infer(
+    task: str, gateway: GatewayProcess, orthanc: Orthanc, triton: EmbeddedServer, tmp_path: Path
+) -> None:
+    paths = phantom(task, tmp_path / "study")
+    push(gateway, paths)
+    report = wait_for_report(orthanc, study_uid(paths))
+    assert_report_answers(report, infer(task, tmp_path / "study", triton), task)
+    assert evidence(report) == sop_uids(paths)
+    assert report.StudyInstanceUID == study_uid(paths)
+    assert gateway.metric("abdoserve_gateway_requests_answered_total", task=task) == 1
+    assert gateway.metric("abdoserve_gateway_reports_stored_total", destination="ORTHANC") == 1
+    assert (
+        gateway.metric("abdoserve_gateway_result_latency_seconds_count", destination="ORTHANC") == 1
+    )
+    copies = list((gateway.spool / "results" / study_uid(paths)).glob("*.json"))
+    result_copy = next(
+        json.loads(p.read_text()) for p in copies if not p.name.endswith("outcome.json")
+    )
+    assert DISTINCTIVE_ID not in json.dumps(result_copy)
+
+
+def test_the_report_passes_the_iod_validators(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    push(gateway, paths)
+    report_file = tmp_path / "report.dcm"
+    wait_for_report(orthanc, study_uid(paths)).save_as(report_file)
+    dump = subprocess.run(
+        ["dsrdump", str(report_file)], check=False, capture_output=True, text=True
+    )
+    assert dump.returncode == 0, dump.stderr
+    assert "UNTRAINED REFERENCE WEIGHTS" in dump.stdout
+    verify = subprocess.run(
+        ["dciodvfy", str(report_file)], check=False, capture_output=True, text=True
+    )
+    errors = [line for line in verify.stderr.splitlines() if line.startswith("Error")]
+    assert errors == []
+
+
+# Faults ---------------------------------------------------------------------------------
+
+
+def reference_report(gateway: GatewayProcess, orthanc: Orthanc, paths: list[Path]) -> Dataset:
+    """The SR of an undisturbed run, then Orthanc emptied for the disturbed one."""
+    push(gateway, paths)
+    report = wait_for_report(orthanc, study_uid(paths))
+    orthanc.delete_all()
+    for answered in (gateway.spool / "results").iterdir():  # the same study is new again
+        shutil.rmtree(answered)
+    return report
+
+
+def assert_same_report(report: Dataset, reference: Dataset) -> None:
+    assert report.SOPInstanceUID == reference.SOPInstanceUID
+    assert numbers(report) == numbers(reference)
+    assert evidence(report) == evidence(reference)
+
+
+def test_a_gateway_killed_mid_study_loses_nothing(
+    tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    destination = [f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+    with GatewayProcess(tmp_path / "reference", RULES, url(triton), destination) as calm:
+        reference = reference_report(calm, orthanc, paths)
+    # Half the study arrives, the gateway dies (SIGKILL), the rest arrives after the restart.
+    gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination, quiet_s=15)
+    gateway.start()
+    push(gateway, paths[:4])
+    gateway.kill()
+    assert len(list((gateway.spool / "incoming").glob("*/*.dcm"))) == 4  # acknowledged = kept
+    with gateway:  # started again: same ports, same spool
+        push(gateway, paths[4:])
+        assert_same_report(wait_for_report(orthanc, study_uid(paths)), reference)
+
+
+def test_a_gateway_killed_while_the_study_is_in_work_resumes_it(
+    tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    destination = [f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+    with GatewayProcess(tmp_path / "reference", RULES, url(triton), destination) as calm:
+        reference = reference_report(calm, orthanc, paths)
+    gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination)
+    triton.stop()  # the study is claimed and waits in the retry loop
+    try:
+        with gateway:
+            push(gateway, paths)
+            wait_until(
+                lambda: gateway.metric("abdoserve_gateway_inference_retries_total") > 0, "a retry"
+            )
+            assert list((gateway.spool / "claimed").iterdir())
+            gateway.kill()
+    finally:
+        triton.start()
+    with gateway:  # started again: the claimed study is resumed
+        assert_same_report(wait_for_report(orthanc, study_uid(paths)), reference)
+    assert not any(p.is_dir() for p in (gateway.spool / "claimed").iterdir())
+
+
+def test_triton_stopped_and_started_during_a_study_delays_the_report(
+    gateway: GatewayProcess, triton: EmbeddedServer, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    reference = reference_report(gateway, orthanc, paths)
+    triton.stop()
+    try:
+        push(gateway, paths)
+        wait_until(
+            lambda: gateway.metric("abdoserve_gateway_inference_retries_total") > 0,
+            "the gateway to retry the stopped server",
+        )
+        assert orthanc.sop_instance_uids("SR") == set()
+    finally:
+        triton.start()
+    assert_same_report(wait_for_report(orthanc, study_uid(paths)), reference)
+    assert (
+        gateway.metric(
+            "abdoserve_gateway_requests_failed_total", task="bone_density_ct", reason="gave_up"
+        )
+        == 0
+    )
+
+
+def test_a_pacs_that_is_down_delays_the_report_and_never_drops_it(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    reference = reference_report(gateway, orthanc, paths)
+    orthanc.stop()
+    try:
+        push(gateway, paths)
+        wait_until(
+            lambda: (
+                gateway.metric(
+                    "abdoserve_gateway_report_send_failures_total", destination="ORTHANC"
+                )
+                > 0
+            ),
+            "a failed send",
+        )
+        assert gateway.metric("abdoserve_gateway_outbox_reports", destination="ORTHANC") == 1
+    finally:
+        orthanc.start()
+    assert_same_report(wait_for_report(orthanc, study_uid(paths)), reference)
+    wait_until(
+        lambda: gateway.metric("abdoserve_gateway_outbox_reports", destination="ORTHANC") == 0,
+        "the outbox to empty",
+    )
+
+
+# Refusals -------------------------------------------------------------------------------
+
+
+def test_a_series_no_rule_matches_is_refused_politely_and_counted(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesDescription = "Scout localizer"
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        dataset.save_as(path)
+    with pytest.raises(DcmtkError) as refused:
+        push(gateway, paths)
+    assert refused.value.returncode == 0xC0  # storescu exits with the status' high byte
+    assert "Error: CannotUnderstand" in refused.value.stderr
+    assert gateway.metric("abdoserve_gateway_series_unmatched_total") == 1
+    assert gateway.metric("abdoserve_gateway_instances_refused_total", reason="unmatched") == 1
+    assert not list((gateway.spool / "incoming").glob("*/*.dcm"))
+    assert orthanc.instances() == []
+    push(gateway, phantom("bone_density_ct", tmp_path / "good", seed=1))  # still serving
+    wait_until(lambda: bool(orthanc.sop_instance_uids("SR")), "the next study's report")
+
+
+def test_a_study_without_a_clinical_input_needs_input_and_is_not_guessed(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("liver_fibrosis_ct", tmp_path / "study")
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        del dataset.PatientAge
+        dataset.save_as(path)
+    push(gateway, paths)
+    wait_until(
+        lambda: (
+            gateway.metric("abdoserve_gateway_requests_needs_input_total", task="liver_fibrosis_ct")
+            == 1
+        ),
+        "needs input",
+    )
+    outcomes = list((gateway.spool / "results" / study_uid(paths)).glob("*.outcome.json"))
+    outcome = json.loads(outcomes[0].read_text())
+    assert outcome["status"] == "needs_input"
+    assert outcome["missing"] == ["age"]
+    assert orthanc.sop_instance_uids("SR") == set()
+
+
+def test_a_study_the_server_refuses_goes_to_failed_with_the_reason(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    dataset = pydicom.dcmread(paths[2])
+    del dataset.PixelSpacing
+    dataset.save_as(paths[2])
+    push(gateway, paths)
+    wait_until(
+        lambda: (
+            gateway.metric(
+                "abdoserve_gateway_requests_failed_total",
+                task="bone_density_ct",
+                reason="invalid_argument",
+            )
+            == 1
+        ),
+        "the refusal",
+    )
+    reasons = list((gateway.spool / "failed" / study_uid(paths)).glob("*/reason.json"))
+    reason = json.loads(reasons[0].read_text())
+    assert reason["code"] == "INVALID_ARGUMENT"
+    assert "(0028,0030) Pixel Spacing" in reason["message"]
+    assert len(list(reasons[0].parent.glob("*.dcm"))) == len(paths)  # the study is kept
+    assert DISTINCTIVE_ID not in reasons[0].read_text()
+    assert orthanc.sop_instance_uids("SR") == set()
