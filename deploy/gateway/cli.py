@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep answered studies' instances under SPOOL/done/ (default: removed)",
     )
+    work.add_argument(
+        "--sr-image-library",
+        action="store_true",
+        help="describe every source image again in an SR image library (TID 1600); "
+        "optional, and 3-4x slower to write",
+    )
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--metrics-host", default="127.0.0.1", help="(%(default)s)")
     metrics.add_argument("--metrics-port", type=int, default=8005, help="(%(default)s)")
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         keep_instances=args.keep_instances,
+        image_library=args.sr_image_library,
     )
     gateway = Gateway(settings, rules, client_infer(args.url, client_options(args)))
     gateway.start()

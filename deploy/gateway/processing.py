@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class StudyProcessor:
         destinations: Sequence[Destination],
         *,
         keep_instances: bool = False,
+        image_library: bool = False,
     ) -> None:
         self.spool = spool
         self.rules = rules
@@ -88,6 +90,7 @@ class StudyProcessor:
         self.metrics = metrics
         self.destinations = tuple(destinations)
         self.keep_instances = keep_instances
+        self.image_library = image_library
 
     def process(self, study: ClaimedStudy) -> None:
         """Every request of the study to its outcome, then the instances released.
@@ -116,6 +119,7 @@ class StudyProcessor:
         try:
             data = [file.read_bytes() for file in job.files]
             result = self.infer(request.task, data, request.clinical)
+            answered_at = time.time()
         except (InvalidRequestError, TaskNotFoundError) as error:
             return self._failed(job, error.code, error.message)
         except GaveUp as error:
@@ -124,7 +128,7 @@ class StudyProcessor:
             return self._failed(job, error.code, error.message)
         sources = [headers.headers[sop] for sop in request.instances]
         try:
-            return self._answered(job, result.answer, sources)
+            return self._answered(job, result.answer, sources, answered_at)
         except ValueError as error:  # an answer that does not fit its images: kept, said
             return self._failed(job, "REPORT", f"no report could be written: {error}")
 
@@ -162,10 +166,12 @@ class StudyProcessor:
         return outcome
 
     def _answered(
-        self, job: Job, answer: Mapping[str, Any], sources: Sequence[Dataset]
+        self, job: Job, answer: Mapping[str, Any], sources: Sequence[Dataset], answered_at: float
     ) -> dict[str, Any]:
         study_uid, request = job.study.study_uid, job.request
-        context = ReportContext(task=request.task, rule=request.rule)
+        context = ReportContext(
+            task=request.task, rule=request.rule, image_library=self.image_library
+        )
         report = build_report(answer, sources, context)
         encoded = encode(report)
         copy = result_json(answer, report, context)
@@ -182,7 +188,19 @@ class StudyProcessor:
             self.spool.enqueue(destination.name, report_uid, encoded, meta)
         self.metrics.requests_answered.labels(request.task).inc()
         log.info("study %s: %s answered; report %s queued", study_uid, request.task, report_uid)
-        return {**job.summary(), "status": "answered", "report_uid": report_uid, "result": copy}
+        timings = {
+            "last_arrival": job.study.last_arrival,
+            "claimed": job.study.claimed_at,
+            "answered": answered_at,
+            "queued": time.time(),
+        }
+        return {
+            **job.summary(),
+            "status": "answered",
+            "report_uid": report_uid,
+            "result": copy,
+            "timings": timings,  # epoch seconds: where a study's latency went
+        }
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,10 @@ class ReportContext:
     instance_number: int = 1
     institution: str | None = None
     device_name: str = "AbdoServe"  # manufacturer, device observer, algorithm manufacturer
+    # TID 1600 describes every source image again (geometry and all): optional in TID 1500,
+    # and it makes a report 3-4x slower to build in highdicom (0.46 vs 0.13 s for 9 images).
+    # The evidence and each measurement's source images reference the instances either way.
+    image_library: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def build_report(
         imaging_measurements=groups,
         title=rc.REPORT_TITLE,
     )
-    library = _image_library(sources)
+    library = _image_library(sources) if context.image_library else None
     if library is not None:  # TID 1500 order: before the Imaging Measurements container
         content[0].ContentSequence.insert(len(content[0].ContentSequence) - 1, library)
     if notice is not None:

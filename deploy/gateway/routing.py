@@ -37,6 +37,7 @@ from abdoserve.deploy.gateway.rules_schema import (
 )
 from abdoserve.deploy.gateway.selection import (
     Picked,
+    frame_count,
     header_number,
     header_text,
     header_texts,
@@ -44,6 +45,7 @@ from abdoserve.deploy.gateway.selection import (
     pick_all,
     pick_evenly_spaced,
     pick_levels,
+    pick_multiframe,
     pick_phases,
     reference_instance,
     stack_of,
@@ -188,7 +190,18 @@ def _thickness(match: Match, ds: Dataset) -> bool:
     if match.slice_thickness is None:
         return True
     value = header_number(ds, "SliceThickness")
+    if value is None:  # an Enhanced CT/MR keeps it in its shared functional groups
+        value = shared_slice_thickness(ds)
     return value is not None and match.slice_thickness.holds(value)
+
+
+def shared_slice_thickness(ds: Dataset) -> float | None:
+    """(0018,0050) from the Shared Functional Groups' Pixel Measures, where present."""
+    try:
+        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        return float(measures.SliceThickness)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 _CHECKS: tuple[Callable[[Match, Dataset], bool], ...] = (
@@ -207,7 +220,9 @@ _CHECKS: tuple[Callable[[Match, Dataset], bool], ...] = (
 def _series_request(rule: Rule, series_uid: str, datasets: Sequence[Dataset]) -> RoutedRequest:
     stack = stack_of(datasets)
     select, images = rule.select, rule.task.images
-    if select.method == "all":
+    if any(frame_count(ds) > 1 for ds in datasets):
+        picked = pick_multiframe(datasets, images.min_images, images.max_images)
+    elif select.method == "all":
         picked = pick_all(stack, images.min_images, images.max_images, select.z_range)
     elif select.method == "evenly_spaced":
         picked = pick_evenly_spaced(stack, select.count, images.min_images, select.z_range)

@@ -375,3 +375,27 @@ def _median(values: Sequence[float]) -> float:
     if len(ordered) % 2:
         return ordered[middle]
     return (ordered[middle - 1] + ordered[middle]) / 2.0
+
+
+def frame_count(ds: Dataset) -> int:
+    """(0028,0008) Number of Frames; 1 where absent or unreadable."""
+    value = header_number(ds, "NumberOfFrames")
+    return int(value) if value is not None and value.is_integer() and value > 1 else 1
+
+
+def pick_multiframe(datasets: Sequence[Dataset], low: int, high: int) -> Picked:
+    """An Enhanced (multi-frame) series goes whole: an instance is what travels, and its
+    frames cannot be chosen without rewriting it. Too few or too many frames for the task
+    is a problem, never a cut."""
+    ordered = sorted(datasets, key=instance_key)
+    uids = tuple(uid for uid in (_uid(ds) for ds in ordered) if uid is not None)
+    frames = sum(frame_count(ds) for ds in ordered)
+    if frames < low:
+        return Picked((), f"needs {low} images, series has {frames} frames")
+    if frames > high:
+        return Picked(
+            (),
+            f"series has {frames} frames in {len(uids)} multi-frame instance(s), the task "
+            f"takes at most {high}: frames of an enhanced instance are not selected",
+        )
+    return Picked(uids)

@@ -53,6 +53,7 @@ class ClaimedStudy:
     study_uid: str
     folder: Path
     last_arrival: float  # seconds since the epoch
+    claimed_at: float = 0.0  # when a worker took it (the first claim, across restarts)
 
     def instance_files(self) -> list[Path]:
         return sorted(self.folder.glob("*.dcm"))
@@ -69,6 +70,9 @@ class Spool:
         self.results = root / "results"
         self.failed = root / "failed"
         self.outbox = root / "outbox"
+        # Patient data: only the gateway's user may list or read it (files are 0600).
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.chmod(0o700)
         for folder in (self.tmp, self.incoming, self.claimed, self.results, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
@@ -127,8 +131,10 @@ class Spool:
             target = self.claimed / f"{study_uid}.{time.time_ns()}"
             os.replace(source, target)
             _fsync_folder(self.claimed)
-        _write_json(target.parent / f"{target.name}.json", {"last_arrival": arrival})
-        return ClaimedStudy(study_uid, target, arrival)
+        claimed_at = time.time()
+        meta = {"last_arrival": arrival, "claimed_at": claimed_at}
+        _write_json(target.parent / f"{target.name}.json", meta)
+        return ClaimedStudy(study_uid, target, arrival, claimed_at)
 
     def claimed_studies(self) -> list[ClaimedStudy]:
         """Studies claimed before a restart and not finished: resumed first."""
@@ -137,7 +143,8 @@ class Spool:
             if folder.is_dir():
                 meta = _read_json(folder.parent / f"{folder.name}.json")
                 arrival = float(meta.get("last_arrival", _mtime(folder) or time.time()))
-                studies.append(ClaimedStudy(_study_of(folder), folder, arrival))
+                claimed_at = float(meta.get("claimed_at", arrival))
+                studies.append(ClaimedStudy(_study_of(folder), folder, arrival, claimed_at))
         return studies
 
     def release(self, study: ClaimedStudy, *, keep_folder: Path | None = None) -> None:

@@ -30,7 +30,10 @@ COMMON_KEYWORDS = (
     "SeriesInstanceUID",
     "SeriesNumber",
     "Modality",
+    "SeriesDescription",
     "BodyPartExamined",
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
     "MagneticFieldStrength",
     "FrameOfReferenceUID",
     "Rows",
@@ -58,7 +61,10 @@ def enhanced_multiframe(instances: Sequence[bytes], *, per_frame_lut: bool = Fal
     dataset = _header(first, len(slices))
     shifts = [PER_FRAME_SHIFT * number if per_frame_lut else 0 for number in range(len(slices))]
     shared = Dataset()
-    shared.PixelMeasuresSequence = [_item(PixelSpacing=first.PixelSpacing)]
+    measures = _item(PixelSpacing=first.PixelSpacing)
+    if "SliceThickness" in first:  # required there by the Enhanced CT/MR IODs
+        measures.SliceThickness = first.SliceThickness
+    shared.PixelMeasuresSequence = [measures]
     shared.PlaneOrientationSequence = [_item(ImageOrientationPatient=first.ImageOrientationPatient)]
     if not per_frame_lut:
         shared.PixelValueTransformationSequence = [_lut(first, 0)]

@@ -14,10 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from abdoserve.loadtests.phantom.common import write_study
-from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
-from abdoserve.loadtests.phantom.studies import build_study
-from tests.integration.dicom_peers import (
+from abdoserve.loadtests.dicom_peers import (
     Orthanc,
     echoscu,
     free_port,
@@ -25,6 +22,9 @@ from tests.integration.dicom_peers import (
     storescu,
     write_basic_text_sr,
 )
+from abdoserve.loadtests.phantom.common import write_study
+from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
+from abdoserve.loadtests.phantom.studies import build_study
 
 pytestmark = pytest.mark.integration
 

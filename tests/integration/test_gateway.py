@@ -23,9 +23,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, start_orthanc, storescu
 from abdoserve.loadtests.phantom.common import write_study
 from abdoserve.loadtests.phantom.studies import build_study
-from tests.integration.dicom_peers import DcmtkError, Orthanc, start_orthanc, storescu
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
 
 pytestmark = pytest.mark.integration

@@ -111,7 +111,9 @@ def make_answer(task: str, count: int, *, trained: bool = False, seed: int = 1) 
 
 
 def context(task: str) -> ReportContext:
-    return ReportContext(task=task, rule=f"{task}-rule", institution="Test Hospital")
+    return ReportContext(
+        task=task, rule=f"{task}-rule", institution="Test Hospital", image_library=True
+    )
 
 
 def save(report: pydicom.Dataset, folder: Path, name: str = "report.dcm") -> Path:
@@ -526,12 +528,15 @@ def test_an_enhanced_multiframe_source(thickness: bool, tmp_path: Path) -> None:
     """Enhanced CT keeps its geometry in functional groups and (this phantom) lacks some
     Type 2 study attributes: the report still builds, validates and references it. The
     image library describes it by its first frame, or leaves it out when highdicom cannot
-    describe it (the phantom's pixel measures have no slice thickness)."""
+    describe it (pixel measures without a slice thickness)."""
     study = build_study("bone_density_ct", seed=0)
     sources = headers([enhanced_multiframe(study.instances)])
     assert "PixelSpacing" not in sources[0] and "AccessionNumber" not in sources[0]
+    measures = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     if thickness:
-        sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness = 5
+        measures.SliceThickness = 5
+    elif "SliceThickness" in measures:
+        del measures.SliceThickness
     spec, model = TASKS["bone_density_ct"], identity("bone_density_ct", trained=False)
     outputs = np.linspace(0.6, 1.2, len(study.instances), dtype=np.float32)[:, None]
     _, answer = study_answer(spec, outputs, [0] * len(study.instances), model)
@@ -616,3 +621,21 @@ def test_private_codes_fit_their_value_representations() -> None:
             assert spec.output.labels[0] in rc.SCORES and spec.output.unit in rc.UNITS
         if spec.output.flag_name:
             assert spec.output.flag_name in rc.FLAGS
+
+
+@needs_dicom3tools
+def test_by_default_the_report_has_no_image_library_and_still_references_every_source(
+    phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
+) -> None:
+    sources = phantom_sources["bone_density_ct"]
+    answer = make_answer("bone_density_ct", len(sources))
+    lean = ReportContext(task="bone_density_ct", rule="bone_density_ct-rule")
+    path = save(build_report(answer, sources, lean), tmp_path)
+    assert_valid_but_study_id(path)
+    report = read_back(path)
+    assert not hd.sr.utils.find_content_items(
+        report.content[0], name=codes.DCM.ImageLibrary, recursive=True
+    )
+    sent = sorted(str(source.SOPInstanceUID) for source in sources)
+    assert sorted(str(item[2]) for item in report.get_evidence()) == sent
+    assert sorted(referenced_uids(study_group(report))) == sent

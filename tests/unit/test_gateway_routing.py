@@ -177,7 +177,8 @@ def test_example_fibrosis_mri_three_levels_and_field_strength(example: RuleSet) 
     request = route_one(example, series)
     assert request.task == "liver_fibrosis_mri"
     assert z_of(series, request.instances) == [20.0, -30.0, -80.0]  # cranial, middle, caudal
-    assert request.clinical == {"field_strength": 1.5, "hbv": "negative", "hcv": "negative"}
+    assert request.clinical == {"field_strength": 1.5}
+    assert request.missing == ("hbv", "hcv")  # no header holds them: never guessed
     assert json.loads(json.dumps(request.clinical)) == request.clinical
 
 
@@ -1024,3 +1025,34 @@ def test_a_file_that_cannot_be_read(tmp_path: Path) -> None:
 
 def test_rules_error_is_a_value_error() -> None:
     assert issubclass(RulesError, ValueError)
+
+
+def enhanced_series(task: str, **options: Any) -> Series:
+    """The phantom study as one Enhanced (multi-frame) instance."""
+    from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
+
+    data = enhanced_multiframe(build_study(task, seed=0, **options).instances)
+    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return {str(header.SeriesInstanceUID): [header]}
+
+
+def test_an_enhanced_series_goes_whole_through_the_example(example: RuleSet) -> None:
+    series = enhanced_series("bone_density_ct", slices=15)
+    (header,) = next(iter(series.values()))
+    request = route_one(example, series)  # matched on the shared groups' slice thickness
+    assert (request.task, request.problem) == ("bone_density_ct", None)
+    assert request.instances == (str(header.SOPInstanceUID),)
+
+
+def test_an_enhanced_instance_with_more_frames_than_the_task_takes_is_a_problem(
+    example: RuleSet,
+) -> None:
+    series = enhanced_series("bone_density_ct")
+    (header,) = next(iter(series.values()))
+    header.NumberOfFrames = 40
+    request = route_one(example, series)
+    assert request.instances == ()
+    assert request.problem == (
+        "series has 40 frames in 1 multi-frame instance(s), the task takes at most 32: "
+        "frames of an enhanced instance are not selected"
+    )

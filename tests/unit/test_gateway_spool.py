@@ -27,8 +27,11 @@ SOP = "1.2.826.0.1.3680043.8.498.1.1"
 
 
 def test_an_instance_is_on_disk_under_its_study_before_store_returns(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
+    spool = Spool(tmp_path / "spool")
     path = spool.store_instance(STUDY, SOP, b"DICM-bytes")
+    assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o700  # patient data: ours alone
+    assert path.stat().st_mode & 0o777 == 0o600
+    tmp_path = tmp_path / "spool"
     assert path == tmp_path / "incoming" / STUDY / f"{SOP}.dcm"
     assert path.read_bytes() == b"DICM-bytes"
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing half-written left behind

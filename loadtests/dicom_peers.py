@@ -1,4 +1,4 @@
-"""Real DICOM peers for the gateway's integration tests (helpers, not tests).
+"""Real DICOM peers for the gateway's tests and benchmark: a PACS and a modality.
 
 Debian's Orthanc is the PACS: `start_orthanc` runs one on free local ports with its
 storage in a given folder and only our own configuration file (so none of Debian's

@@ -1,0 +1,186 @@
+"""`abdoserve bench gateway`: from a study's last instance received to its SR stored in PACS.
+
+Real peers, as a hospital runs it: dcmtk's storescu pushes each phantom study into the
+gateway, Orthanc is the PACS, Triton answers. For each study the clock starts when
+storescu's last C-STORE is acknowledged (the instance is then spooled) and stops when
+Orthanc's REST API lists the SR. The gateway's own timings (outcome records) split it:
+the quiet period, inference, writing the SR, and delivery to Orthanc. Side by side, in
+the same run, the same studies go straight to the server through the client: what the
+gateway adds beyond its quiet period is the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_port, free_ports
+from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
+POLL_S = 0.01
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="bone_density_ct", help="task (bone_density_ct)")
+    parser.add_argument("--studies", type=int, default=50, help="studies, one at a time (50)")
+    parser.add_argument(
+        "--quiet-s", type=float, default=1.0, help="the gateway's quiet period (1.0)"
+    )
+    parser.add_argument("--url", help="a running server's gRPC address (default: start one)")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="abdoserve-bench-gateway-") as scratch:
+        folder = Path(scratch)
+        studies = write_studies(args.task, args.studies, folder / "studies")
+        with ExitStack() as stack:
+            url = args.url or stack.enter_context(own_server(args.repository, folder))
+            rows = measure(args, url, studies, folder, stack)
+    print(table(rows, args.quiet_s))
+    if args.json:
+        args.json.write_text(json.dumps(report(args, rows), indent=2) + "\n")
+        print(f"raw numbers: {args.json}")
+    return 0
+
+
+def write_studies(task: str, count: int, folder: Path) -> list[list[Path]]:
+    """`count` phantom studies of `task` (distinct seeds: distinct UIDs), as files."""
+    from abdoserve.loadtests.phantom.common import write_study
+    from abdoserve.loadtests.phantom.studies import build_study
+
+    studies = []
+    for seed in range(1, count + 1):
+        paths = write_study(build_study(task, seed=seed), folder / f"{seed:03d}")
+        studies.append([path for path in paths if path.suffix == ".dcm"])
+    return studies
+
+
+@contextmanager
+def own_server(repository: Path, folder: Path) -> Iterator[str]:
+    served = prepared_repository(repository, 1)
+    options = ServerOptions(repository=served, ports=free_ports(), log_file=folder / "triton.log")
+    with EmbeddedServer(options) as server:
+        yield f"{options.host}:{server.ports.grpc}"
+
+
+def measure(
+    args: argparse.Namespace, url: str, studies: list[list[Path]], folder: Path, stack: ExitStack
+) -> list[dict[str, float]]:
+    from abdoserve.deploy.gateway.routing import load_rules
+    from abdoserve.deploy.gateway.scp import ScpSettings
+    from abdoserve.deploy.gateway.sender import Destination
+    from abdoserve.deploy.gateway.service import Gateway, GatewaySettings, client_infer
+    from abdoserve.loadtests.dicom_peers import orthanc
+    from abdoserve_client.client import AbdoServeClient
+
+    pacs = stack.enter_context(orthanc(folder / "orthanc"))
+    settings = GatewaySettings(
+        spool=folder / "spool",
+        scp=ScpSettings(port=free_port()),
+        destinations=[Destination(pacs.aet, "127.0.0.1", pacs.dicom_port)],
+        quiet_s=args.quiet_s,
+        metrics_port=None,
+    )
+    gateway = stack.enter_context(
+        Gateway(settings, load_rules(RULES), client_infer(url, {"timeout_s": 60.0}))
+    )
+    client = stack.enter_context(AbdoServeClient(url, timeout_s=60.0))
+    rows = []
+    for number, paths in enumerate(studies, start=1):
+        rows.append(one_study(gateway, pacs, client, args.task, paths))
+        print(f"study {number}/{len(studies)}: {rows[-1]['total_s']:.3f} s", flush=True)
+    return rows
+
+
+def one_study(
+    gateway: Any, pacs: Any, client: Any, task: str, paths: Sequence[Path]
+) -> dict[str, float]:
+    """Push one study, wait for its SR; then the same study straight to the server."""
+    import pydicom
+
+    from abdoserve.loadtests.dicom_peers import storescu
+
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    storescu(list(paths), port=gateway.settings.scp.port, called_aet=gateway.settings.scp.ae_title)
+    acknowledged = time.time()
+    while not pacs.find_instances(Modality="SR", StudyInstanceUID=study_uid):
+        time.sleep(POLL_S)
+    stored = time.time()
+    timings = outcome_timings(gateway.spool.results / study_uid)
+    clinical = json.loads((paths[0].parent / "request.json").read_text())
+    started = time.perf_counter()
+    client.infer(task, list(paths), clinical)
+    direct = time.perf_counter() - started
+    return {
+        "total_s": stored - acknowledged,
+        "quiet_s": timings["claimed"] - timings["last_arrival"],
+        "inference_s": timings["answered"] - timings["claimed"],
+        "report_s": timings["queued"] - timings["answered"],
+        "delivery_s": stored - timings["queued"],
+        "direct_infer_s": direct,
+    }
+
+
+def outcome_timings(results: Path) -> dict[str, float]:
+    for path in results.glob("*.outcome.json"):
+        outcome = json.loads(path.read_text())
+        if outcome.get("status") == "answered":
+            timings: dict[str, float] = outcome["timings"]
+            return timings
+    raise AssertionError(f"no answered outcome in {results}")
+
+
+def quantiles(values: Sequence[float]) -> tuple[float, float]:
+    """(p50, p95) in ms."""
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return 1e3 * statistics.median(ordered), 1e3 * p95
+
+
+COLUMNS = (
+    ("total_s", "last instance -> SR stored in Orthanc"),
+    ("quiet_s", "  quiet period (configured)"),
+    ("inference_s", "  inference through the client"),
+    ("report_s", "  SR written, spooled, queued"),
+    ("delivery_s", "  C-STORE to Orthanc, seen by its REST API"),
+    ("direct_infer_s", "the same study, client straight to the server"),
+)
+
+
+def table(rows: list[dict[str, float]], quiet_s: float) -> str:
+    lines = [f"{'':48} {'p50 ms':>9} {'p95 ms':>9}"]
+    for key, label in COLUMNS:
+        p50, p95 = quantiles([row[key] for row in rows])
+        lines.append(f"{label:48} {p50:9.1f} {p95:9.1f}")
+    beyond = [row["total_s"] - row["quiet_s"] for row in rows]
+    direct = [row["direct_infer_s"] for row in rows]
+    p50, _ = quantiles(beyond)
+    d50, _ = quantiles(direct)
+    lines.append(
+        f"beyond the quiet period ({quiet_s:g} s), the gateway takes {p50:.1f} ms at p50: "
+        f"{p50 / d50:.2f}x the direct call ({d50:.1f} ms)"
+    )
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "task": args.task,
+        "studies": args.studies,
+        "quiet_s": args.quiet_s,
+        "quantiles_ms": {
+            key: dict(zip(("p50", "p95"), quantiles([row[key] for row in rows]), strict=True))
+            for key, _ in COLUMNS
+        },
+        "rows": rows,
+    }
