@@ -23,7 +23,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
-from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, start_orthanc, storescu
+from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, echoscu, start_orthanc, storescu
 from abdoserve.loadtests.phantom.common import write_study
 from abdoserve.loadtests.phantom.studies import build_study
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
@@ -172,7 +172,6 @@ def assert_report_answers(report: Dataset, answer: dict[str, Any], task: str) ->
     assert any(notice in text for text in texts(report))
     values = " ".join(str(element.value) for element in report.iterall())
     assert answer["model"]["weights_sha256"] in values
-    assert DISTINCTIVE_ID in str(report.PatientID)  # the SR belongs to the study's patient
 
 
 # The main path --------------------------------------------------------------------------
@@ -188,6 +187,7 @@ def test_a_pushed_study_comes_back_as_an_sr_equal_to_abdoserve_infer(
     assert_report_answers(report, infer(task, tmp_path / "study", triton), task)
     assert evidence(report) == sop_uids(paths)
     assert report.StudyInstanceUID == study_uid(paths)
+    assert report.PatientID == DISTINCTIVE_ID  # the SR belongs to the study's patient
     assert gateway.metric("abdoserve_gateway_requests_answered_total", task=task) == 1
     assert gateway.metric("abdoserve_gateway_reports_stored_total", destination="ORTHANC") == 1
     assert (
@@ -404,3 +404,81 @@ def test_a_study_the_server_refuses_goes_to_failed_with_the_reason(
     assert len(list(reasons[0].parent.glob("*.dcm"))) == len(paths)  # the study is kept
     assert DISTINCTIVE_ID not in reasons[0].read_text()
     assert orthanc.sop_instance_uids("SR") == set()
+
+
+# What else a modality sends, and what an intruder sends -------------------------------
+
+
+@pytest.mark.parametrize("syntax", ["JPEG2000Lossless", "RLELossless"])
+def test_a_compressed_study_is_answered_as_abdoserve_infer_answers_it(
+    syntax: str, gateway: GatewayProcess, orthanc: Orthanc, triton: EmbeddedServer, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study", transfer_syntax=syntax)
+    push(gateway, paths)
+    report = wait_for_report(orthanc, study_uid(paths))
+    assert_report_answers(
+        report, infer("bone_density_ct", tmp_path / "study", triton), "bone_density_ct"
+    )
+    assert evidence(report) == sop_uids(paths)
+
+
+def test_an_enhanced_ct_instance_is_routed_whole_and_answered(
+    gateway: GatewayProcess, orthanc: Orthanc, triton: EmbeddedServer, tmp_path: Path
+) -> None:
+    from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
+
+    study = build_study("bone_density_ct", seed=3)
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    path = folder / "enhanced.dcm"
+    path.write_bytes(enhanced_multiframe(study.instances))
+    push(gateway, [path])
+    report = wait_for_report(orthanc, study_uid([path]))
+    assert_report_answers(report, infer("bone_density_ct", folder, triton), "bone_density_ct")
+    assert evidence(report) == sop_uids([path])
+
+
+def test_echo_answers_and_only_allowed_callers_may_send(
+    tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    allowed = ["--allow-caller", "MODALITY"]
+    with GatewayProcess(tmp_path / "gateway", RULES, url(triton), [], extra=allowed) as gateway:
+        echoscu(port=gateway.port, called_aet=AE_TITLE, calling_aet="MODALITY")
+        with pytest.raises(DcmtkError):
+            echoscu(port=gateway.port, called_aet=AE_TITLE, calling_aet="INTRUDER")
+        with pytest.raises(DcmtkError):
+            storescu(paths, port=gateway.port, called_aet=AE_TITLE, calling_aet="INTRUDER")
+        assert not list((gateway.spool / "incoming").glob("*/*.dcm"))
+        assert gateway.metric("abdoserve_gateway_instances_received_total") == 0
+
+
+def send_raw(gateway: GatewayProcess, dataset: Dataset) -> int:
+    """One C-STORE from pynetdicom, whatever the data set holds (an attacker's client)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", gateway.port, ae_title=AE_TITLE)
+    assert association.is_established
+    try:
+        status = association.send_c_store(dataset)
+    finally:
+        association.release()
+    return int(status.Status)
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID"])
+def test_a_uid_that_is_a_path_is_refused_and_nothing_leaves_the_spool(
+    keyword: str, gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    dataset = pydicom.dcmread(paths[0])
+    setattr(dataset, keyword, "../../../../escaped")
+    with pydicom.config.disable_value_validation():
+        assert send_raw(gateway, dataset) == 0xC000
+    assert gateway.metric("abdoserve_gateway_instances_refused_total", reason="invalid_uid") == 1
+    assert not [path for path in tmp_path.parent.rglob("*escaped*")]
+    push(gateway, paths)  # the gateway goes on serving
+    wait_for_report(orthanc, study_uid(paths))
