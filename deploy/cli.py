@@ -28,6 +28,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("bench", "autoscale"), "abdoserve.loadtests.bench.autoscale", "the HPA signal under a ramp"),
     (("bench", "replicas"), "abdoserve.loadtests.bench.replicas", "1 vs N replicas, and nginx"),
     (("bench", "gateway"), "abdoserve.loadtests.bench.gateway", "last instance to SR in PACS"),
+    (
+        ("bench", "interpreter"),
+        "abdoserve.loadtests.bench.interpreter",
+        "static vs shared libpython",
+    ),
     (("bench", "gpu"), "abdoserve.loadtests.bench.gpu_check", "the prepared GPU check"),
     (("bench", "runtimes"), "abdoserve.loadtests.bench.runtimes", "CPU runtimes: INT8, OpenVINO"),
     (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),

@@ -31,6 +31,7 @@ PROMETHEUS_DIR = Path(__file__).resolve().parent / "prometheus"
 RULE_FILES = (str(PROMETHEUS_DIR / "rules" / "*.yml"),)
 JOB = "abdoserve-triton"
 SUPERVISOR_JOB = "abdoserve-supervisor"
+GATEWAY_JOB = "abdoserve-gateway"
 
 
 class PrometheusError(RuntimeError):
@@ -50,6 +51,7 @@ def render_config(
     rule_files: Sequence[str] = RULE_FILES,
     target_labels: Mapping[str, Mapping[str, str]] | None = None,
     supervisor_targets: Sequence[str] = (),
+    gateway_targets: Sequence[str] = (),
 ) -> str:
     """The config as text: JSON, which is valid YAML, so no YAML library is needed.
     `target_labels` gives a target labels of its own (e.g. `pod` per local replica)."""
@@ -65,6 +67,9 @@ def render_config(
     if supervisor_targets:
         supervisors = {"targets": list(supervisor_targets)}
         jobs.append({"job_name": SUPERVISOR_JOB, "static_configs": [supervisors]})
+    if gateway_targets:
+        gateways = {"targets": list(gateway_targets)}
+        jobs.append({"job_name": GATEWAY_JOB, "static_configs": [gateways]})
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": list(rule_files),
@@ -92,13 +97,19 @@ class PrometheusServer:
         interval_s: float = 15.0,
         startup_timeout_s: float = 30.0,
         target_labels: Mapping[str, Mapping[str, str]] | None = None,
+        gateway_targets: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.data_dir = data_dir
         self.config = data_dir / "prometheus.yml"
         self.config.parent.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
-            render_config(targets, interval_s=interval_s, target_labels=target_labels)
+            render_config(
+                targets,
+                interval_s=interval_s,
+                target_labels=target_labels,
+                gateway_targets=gateway_targets,
+            )
         )
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None

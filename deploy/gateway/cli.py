@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="AE@HOST:PORT",
         help="where the reports go with C-STORE (repeat for several)",
     )
+    dicom.add_argument(
+        "--max-instance-mib",
+        type=float,
+        default=256.0,
+        help="refuse an instance larger than this (default %(default)s: the server's limit)",
+    )
     work = parser.add_argument_group("studies")
     work.add_argument(
         "--quiet-s",
@@ -99,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no --destination: reports are kept under the spool's results/ only")
     settings = GatewaySettings(
         spool=args.spool,
-        scp=ScpSettings(args.ae_title, args.host, args.port, tuple(args.allow_caller)),
+        scp=ScpSettings(
+            args.ae_title,
+            args.host,
+            args.port,
+            tuple(args.allow_caller),
+            max_instance_bytes=int(args.max_instance_mib * 1024 * 1024),
+        ),
         destinations=destinations,
         quiet_s=args.quiet_s,
         workers=args.workers,

@@ -19,6 +19,8 @@ REFUSAL_REASONS = (
     "unmatched",  # no routing rule matches its series
     "not_authorised",  # the calling AE is not allowed
     "spool_error",  # the disk refused the write
+    "too_large",  # over --max-instance-mib
+    "unparsable",  # not a data set pydicom can read
 )
 FAILURE_REASONS = ("invalid_argument", "not_found", "gave_up", "report_error", "server_error")
 

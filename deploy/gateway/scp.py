@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -78,7 +80,9 @@ class ScpSettings:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_callers: Sequence[str] = ()  # empty: any calling AE title
-    max_associations: int = 8  # bounds the memory held by instances in flight
+    max_associations: int = 8  # bounds the instances in flight (received to temporary files)
+    # The server refuses a request over 256 MiB: an instance that large can never be answered.
+    max_instance_bytes: int = 256 * 1024 * 1024
     network_timeout_s: float = 60.0
 
 
@@ -99,29 +103,38 @@ class StoreHandler:
         rules: SeriesFilter,
         metrics: GatewayMetrics,
         on_stored: Callable[[str], None] = lambda study_uid: None,
+        max_instance_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.spool = spool
+        self.max_instance_bytes = max_instance_bytes
         self.rules = rules
         self.metrics = metrics
         self.on_stored = on_stored
         self._unmatched_series: set[str] = set()
 
     def __call__(self, event: Any) -> int | Dataset:
+        received: Path = event.dataset_path  # chunked receive: on disk, never whole in memory
+        if received.stat().st_size > self.max_instance_bytes:
+            self.metrics.instances_refused.labels("too_large").inc()
+            log.warning("C-STORE refused: an instance over %d bytes", self.max_instance_bytes)
+            return refusal(
+                CANNOT_UNDERSTAND, f"instance larger than {self.max_instance_bytes} bytes"
+            )
         try:
-            header = event.dataset
-            header.file_meta = event.file_meta
+            header = pydicom.dcmread(received, stop_before_pixels=True)
         except Exception:  # a data set pydicom cannot parse: the sender is told, we go on
+            self.metrics.instances_refused.labels("unparsable").inc()
             log.warning("C-STORE refused: the data set could not be parsed")
             return refusal(CANNOT_UNDERSTAND, "data set could not be parsed")
-        return self.store(header, event.encoded_dataset())
+        return self.store(header, received)
 
-    def store(self, header: Dataset, encoded: bytes) -> int | Dataset:
-        """Spool one instance (file meta included) unless it must be refused."""
+    def store(self, header: Dataset, received: Path) -> int | Dataset:
+        """Spool one received instance (a DICOM file) unless it must be refused."""
         if self.rules.matching_rule(header) is None:
             return self._unmatched(header)
         try:
-            self.spool.store_instance(
-                header.get("StudyInstanceUID"), header.get("SOPInstanceUID"), encoded
+            self.spool.store_file(
+                header.get("StudyInstanceUID"), header.get("SOPInstanceUID"), received
             )
         except SpoolError as error:
             self.metrics.instances_refused.labels("invalid_uid").inc()
@@ -147,6 +160,9 @@ class StoreHandler:
 
 def build_ae(settings: ScpSettings) -> AE:
     """The application entity: storage and verification contexts, timeouts, limits."""
+    # Received data sets go to a temporary file as they arrive, not into memory: eight
+    # associations of large Enhanced instances would otherwise hold them all in RAM.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     for storage in STORAGE_CLASSES:
         ae.add_supported_context(storage, list(TRANSFER_SYNTAXES))

@@ -71,7 +71,10 @@ class Gateway:
             keep_instances=settings.keep_instances,
             image_library=settings.image_library,
         )
-        self.scp = StorageServer(settings.scp, StoreHandler(self.spool, rules, self.metrics))
+        handler = StoreHandler(
+            self.spool, rules, self.metrics, max_instance_bytes=settings.scp.max_instance_bytes
+        )
+        self.scp = StorageServer(settings.scp, handler)
         self.senders = [
             ReportSender(
                 d, self.spool, self.metrics, self.stopping, calling_ae=settings.scp.ae_title

@@ -32,6 +32,7 @@ from typing import Any
 # A DICOM UID: dot-separated decimal components, at most 64 characters (PS3.5 9.1).
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 MAX_UID_LENGTH = 64
+COPY_CHUNK = 4 * 1024 * 1024
 
 
 class SpoolError(ValueError):
@@ -85,7 +86,24 @@ class Spool:
         """Write one instance durably into its study's incoming folder; return its path."""
         study = check_uid(study_uid, "StudyInstanceUID")
         sop = check_uid(sop_uid, "SOPInstanceUID")
-        staged = self._write_durably(data)
+        return self._place(study, sop, self._write_durably(data))
+
+    def store_file(self, study_uid: str, sop_uid: str, received: Path) -> Path:
+        """`store_instance` for an instance received into a file (copied, then fsynced)."""
+        study = check_uid(study_uid, "StudyInstanceUID")
+        sop = check_uid(sop_uid, "SOPInstanceUID")
+        descriptor, name = _temporary(self.tmp)
+        try:
+            with open(received, "rb") as source, os.fdopen(descriptor, "wb") as target:
+                shutil.copyfileobj(source, target, COPY_CHUNK)
+                target.flush()
+                os.fsync(target.fileno())
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return self._place(study, sop, Path(name))
+
+    def _place(self, study: str, sop: str, staged: Path) -> Path:
         with self._lock:
             folder = self.incoming / study
             folder.mkdir(exist_ok=True)

@@ -82,7 +82,7 @@ def gateway(tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc) -> Iterato
         folder=tmp_path / "gateway",
         rules=RULES,
         grpc_url=url(triton),
-        destinations=[f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"],
+        destinations=pacs_destination(orthanc),
     )
     with process:
         yield process
@@ -232,6 +232,18 @@ def reference_report(gateway: GatewayProcess, orthanc: Orthanc, paths: list[Path
     return report
 
 
+def pacs_destination(orthanc: Orthanc) -> list[str]:
+    return [f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+
+
+def undisturbed_report(
+    folder: Path, triton: EmbeddedServer, orthanc: Orthanc, paths: list[Path]
+) -> Dataset:
+    """The SR a gateway of its own makes of the study, undisturbed."""
+    with GatewayProcess(folder, RULES, url(triton), pacs_destination(orthanc)) as calm:
+        return reference_report(calm, orthanc, paths)
+
+
 def assert_same_report(report: Dataset, reference: Dataset) -> None:
     assert report.SOPInstanceUID == reference.SOPInstanceUID
     assert numbers(report) == numbers(reference)
@@ -242,9 +254,8 @@ def test_a_gateway_killed_mid_study_loses_nothing(
     tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
 ) -> None:
     paths = phantom("bone_density_ct", tmp_path / "study")
-    destination = [f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
-    with GatewayProcess(tmp_path / "reference", RULES, url(triton), destination) as calm:
-        reference = reference_report(calm, orthanc, paths)
+    destination = pacs_destination(orthanc)
+    reference = undisturbed_report(tmp_path / "reference", triton, orthanc, paths)
     # Half the study arrives, the gateway dies (SIGKILL), the rest arrives after the restart.
     gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination, quiet_s=15)
     gateway.start()
@@ -260,9 +271,8 @@ def test_a_gateway_killed_while_the_study_is_in_work_resumes_it(
     tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
 ) -> None:
     paths = phantom("bone_density_ct", tmp_path / "study")
-    destination = [f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
-    with GatewayProcess(tmp_path / "reference", RULES, url(triton), destination) as calm:
-        reference = reference_report(calm, orthanc, paths)
+    destination = pacs_destination(orthanc)
+    reference = undisturbed_report(tmp_path / "reference", triton, orthanc, paths)
     gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination)
     triton.stop()  # the study is claimed and waits in the retry loop
     try:
@@ -482,3 +492,51 @@ def test_a_uid_that_is_a_path_is_refused_and_nothing_leaves_the_spool(
     assert not [path for path in tmp_path.parent.rglob("*escaped*")]
     push(gateway, paths)  # the gateway goes on serving
     wait_for_report(orthanc, study_uid(paths))
+
+
+def test_an_instance_over_the_size_limit_is_refused_before_it_is_spooled(
+    tmp_path: Path, triton: EmbeddedServer, orthanc: Orthanc
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    limit = ["--max-instance-mib", "0.25"]  # a 512 x 512 x 16-bit slice is 0.5 MiB
+    with GatewayProcess(tmp_path / "gateway", RULES, url(triton), [], extra=limit) as gateway:
+        with pytest.raises(DcmtkError) as refused:
+            push(gateway, paths)
+        assert refused.value.returncode == 0xC0
+        assert gateway.metric("abdoserve_gateway_instances_refused_total", reason="too_large") == 1
+        assert not list((gateway.spool / "incoming").glob("*/*.dcm"))
+
+
+def test_a_real_prometheus_scrapes_the_gateways_counts_and_no_identifier(
+    gateway: GatewayProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    from abdoserve.deploy.embedded import free_port
+    from abdoserve.deploy.prometheus_server import GATEWAY_JOB, PrometheusServer
+
+    target = f"127.0.0.1:{gateway.metrics_port}"
+    with PrometheusServer(
+        [],
+        port=free_port(),
+        data_dir=tmp_path / "prometheus",
+        interval_s=1,
+        gateway_targets=[target],
+    ) as prometheus:
+        paths = phantom("bone_density_ct", tmp_path / "study")
+        push(gateway, paths)
+        wait_for_report(orthanc, study_uid(paths))
+        answered = f'sum(abdoserve_gateway_requests_answered_total{{job="{GATEWAY_JOB}"}})'
+        stored = f'sum(abdoserve_gateway_result_latency_seconds_count{{job="{GATEWAY_JOB}"}})'
+
+        def settled() -> bool:
+            values = [prometheus.query(expr) for expr in (answered, stored)]
+            return all(result and result[0].value == 1 for result in values)
+
+        wait_until(settled, "Prometheus to see one answered and one stored report")
+        received = prometheus.query(
+            f'sum(abdoserve_gateway_instances_received_total{{job="{GATEWAY_JOB}"}})'
+        )
+        assert received[0].value == len(paths)
+        everything = prometheus.query(f'{{job="{GATEWAY_JOB}"}}')
+        labels = " ".join(str(sample.labels) for sample in everything)
+        assert DISTINCTIVE_ID not in labels and "Zyqxwv" not in labels
+        assert study_uid(paths) not in labels  # UIDs go to logs, never to labels

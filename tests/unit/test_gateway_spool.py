@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -192,3 +193,68 @@ def test_which_store_statuses_count_as_stored_and_which_are_final() -> None:
     assert not stored(status(0xA700)) and not stored(Dataset()) and not stored(None)
     assert permanent(0xA900) and permanent(0xC000) and permanent(0x0122)
     assert not permanent(0xA700) and not permanent(0xA702)
+
+
+class OneRule:
+    """Takes every series whose description is not "Scout" (a stand-in for a RuleSet)."""
+
+    def matching_rule(self, header: Dataset) -> str | None:
+        return None if header.get("SeriesDescription") == "Scout" else "rule"
+
+
+class Received:
+    """What pynetdicom hands the handler under chunked receive: a file on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.dataset_path = path
+
+
+@pytest.fixture
+def received(tmp_path: Path) -> Path:
+    from abdoserve.loadtests.phantom.studies import build_study
+
+    path = tmp_path / "received.dcm"
+    path.write_bytes(build_study("bone_density_ct", seed=0, slices=1).instances[0])
+    return path
+
+
+def handler(tmp_path: Path, **options: Any) -> Any:
+    from abdoserve.deploy.gateway.scp import StoreHandler
+
+    return StoreHandler(Spool(tmp_path / "spool"), OneRule(), GatewayMetrics(), **options)
+
+
+def refused(metrics: GatewayMetrics, reason: str) -> float | None:
+    name = "abdoserve_gateway_instances_refused_total"
+    return metrics.registry.get_sample_value(name, {"reason": reason})
+
+
+def test_the_handler_spools_a_received_file_and_acknowledges(
+    tmp_path: Path, received: Path
+) -> None:
+    store = handler(tmp_path)
+    assert store(Received(received)) == 0x0000
+    (spooled,) = (tmp_path / "spool" / "incoming").glob("*/*.dcm")
+    assert spooled.read_bytes() == received.read_bytes()
+
+
+def test_the_handler_refuses_what_it_must_and_stores_nothing(
+    tmp_path: Path, received: Path
+) -> None:
+    store = handler(tmp_path, max_instance_bytes=1000)
+    answer = store(Received(received))
+    assert (answer.Status, answer.ErrorComment) == (0xC000, "instance larger than 1000 bytes")
+    assert refused(store.metrics, "too_large") == 1
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 10)
+    assert handler(tmp_path)(Received(junk)).ErrorComment == "data set could not be parsed"
+    scout = pydicom.dcmread(received)
+    scout.SeriesDescription = "Scout"
+    scout.save_as(received)
+    unmatched = handler(tmp_path)
+    assert unmatched(Received(received)).ErrorComment == "no routing rule matches this series"
+    assert unmatched(Received(received)).Status == 0xC000  # the same series: counted once
+    assert (
+        unmatched.metrics.registry.get_sample_value("abdoserve_gateway_series_unmatched_total") == 1
+    )
+    assert not list((tmp_path / "spool" / "incoming").glob("*/*.dcm"))

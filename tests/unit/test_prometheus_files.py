@@ -135,10 +135,26 @@ def recording_rules() -> set[str]:
     return {name for kind, name, _ in all_rules() if kind == "record"}
 
 
+def gateway_metrics() -> set[str]:
+    """Sample names of the DICOM gateway's families (its own /metrics)."""
+    from abdoserve.deploy.gateway.metrics import GatewayMetrics
+
+    names: set[str] = set()
+    for family in GatewayMetrics().registry.collect():
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(family.name)
+    return names
+
+
 def known_metrics() -> set[str]:
     return (
         our_metrics()
         | supervisor_metrics()
+        | gateway_metrics()
         | TRITON_METRICS
         | PROMETHEUS_METRICS
         | recording_rules()
