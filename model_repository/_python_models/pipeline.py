@@ -11,6 +11,7 @@ one network batch; a request the intake refuses answers alone.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,15 @@ class TritonPythonModel:
             self.spec.name, parameters.get("model_version", "1"), parameters
         )
         self.intake = StudyIntake(pb_utils, self.spec, version_folder)
+        self.model_name = str(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        started = time.perf_counter()
+        responses = self.respond_all(requests)
+        self.intake.metrics.executed(self.model_name, time.perf_counter() - started)
+        return responses
+
+    def respond_all(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         positions, studies = [], []
         for position, request in enumerate(requests):

@@ -9,6 +9,7 @@ tensor dtype and rank here, CLINICAL (the ROI included) by the intake.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,13 @@ class TritonPythonModel:
         _, self.spec = glue.model_spec(pb_utils, args)
         version_folder = Path(args["model_repository"]) / args["model_version"]
         self.intake = StudyIntake(pb_utils, self.spec, version_folder)
+        self.model_name = str(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return [self.handle(request) for request in requests]
+        started = time.perf_counter()
+        responses = [self.handle(request) for request in requests]
+        self.intake.metrics.executed(self.model_name, time.perf_counter() - started)
+        return responses
 
     def handle(self, request: Any) -> Any:
         try:

@@ -60,6 +60,22 @@ class IntakeMetrics:
         )
         self._bytes = received.Metric(labels={"task": task})
 
+        # Wall time inside a Python model's `execute`, per call: Triton's compute_infer for
+        # the model less this is what the Python backend itself costs around our code.
+        self._execute_family = family(
+            name="abdoserve_execute_duration_seconds",
+            description="Time inside the Python model's execute per call, by task and model",
+            kind=family.HISTOGRAM,
+        )
+        self._execute: dict[str, Any] = {}
+
+    def executed(self, model: str, seconds: float) -> None:
+        if model not in self._execute:
+            self._execute[model] = self._execute_family.Metric(
+                labels={"task": self.task, "model": model}, buckets=list(DURATION_BUCKETS)
+            )
+        self._execute[model].observe(seconds)
+
     def received(self, instances: int, size: int) -> None:
         self._images.observe(float(instances))
         self._bytes.increment(float(size))

@@ -4,6 +4,7 @@ exactly as the ensemble does, refuses bad studies alone, and keeps its intake me
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,3 +90,10 @@ def test_the_fused_model_keeps_the_intake_metrics(fused: EmbeddedServer) -> None
         text = reply.read().decode()
     assert 'abdoserve_images_per_request_count{task="bone_density_ct"}' in text
     assert 'nv_inference_request_success{model="bone_density_ct",version="1"}' in text
+    # the time inside execute, beside Triton's compute time for the same model
+    executed = re.search(
+        r"abdoserve_execute_duration_seconds_count"
+        r'\{model="bone_density_ct",task="bone_density_ct"\} (\S+)',
+        text,
+    )
+    assert executed is not None and float(executed.group(1)) >= 1

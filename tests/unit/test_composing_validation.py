@@ -359,6 +359,7 @@ def load_model(role: str, task: str, folder: Path, config: dict[str, Any] | None
             "model_config": json.dumps(config),
             "model_repository": str(folder),
             "model_version": "1",
+            "model_name": f"{task}_{role}",  # as Triton passes it
         }
     )
     return model

@@ -383,6 +383,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 "model_config": json.dumps(config),
                 "model_repository": str(repository),
                 "model_version": "1",
+                "model_name": f"{task}_preprocess",  # as Triton passes it
             }
         )
         loaded[task] = model
