@@ -18,7 +18,7 @@ The statistics API is an admin API (docs/security.md): the key is needed.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class ModelCounters:
 class Snapshot:
     models: dict[str, ModelCounters]
     server_cpu_s: float | None
+    # per model: (calls, seconds) inside its Python execute, from /metrics where read
+    executed: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Breakdown:
     server_cpu_ms: float | None  # None: the server's process is not local
     client_cpu_ms: float
     form: str = "served"  # how the studies were sent (abdoserve.loadtests.bench.transports)
+    # per Python stage: ms inside its execute per call (compute less this: the backend's)
+    execute_ms: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,12 +121,50 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def snapshot(
-    url: str, task: str, headers: dict[str, str], server_pid: int | None, model: str | None = None
+    url: str,
+    task: str,
+    headers: dict[str, str],
+    server_pid: int | None,
+    model: str | None = None,
+    *,
+    metrics_url: str | None = None,
 ) -> Snapshot:
     """Counters of the public model (`model`: the fused one, else the ensemble `task`) and
-    of its stages, and the server's CPU so far."""
+    of its stages, the server's CPU so far, and (with `metrics_url`) the time inside each
+    Python model's execute."""
     cpu = None if server_pid is None else server_cpu_seconds(server_pid)
-    return Snapshot(read_counters(url, task, headers, model), cpu)
+    executed = {} if metrics_url is None else read_executed(metrics_url)
+    return Snapshot(read_counters(url, task, headers, model), cpu, executed)
+
+
+def read_executed(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """(calls, seconds) inside execute per model: abdoserve_execute_duration_seconds."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=30) as reply:
+        text = reply.read().decode()
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "abdoserve_execute_duration_seconds":
+            continue
+        for sample in family.samples:
+            slot = {"_count": 0, "_sum": 1}.get(sample.name.removeprefix(family.name))
+            if slot is not None:
+                found.setdefault(sample.labels["model"], [0.0, 0.0])[slot] = sample.value
+    return {model: (calls, seconds) for model, (calls, seconds) in found.items()}
+
+
+def execute_ms(before: Snapshot, after: Snapshot, model: str) -> float | None:
+    """Mean ms inside `model`'s execute per call between two snapshots."""
+    if model not in after.executed:
+        return None
+    calls, seconds = after.executed[model]
+    earlier_calls, earlier_seconds = before.executed.get(model, (0.0, 0.0))
+    if calls <= earlier_calls:
+        return None
+    return 1e3 * (seconds - earlier_seconds) / (calls - earlier_calls)
 
 
 def breakdown(
@@ -161,6 +203,11 @@ def breakdown(
         server_cpu_ms=server_cpu,
         client_cpu_ms=1e3 * client_cpu_s / studies,
         form=form,
+        execute_ms={
+            stage: value
+            for stage, name in stage_models(task, model).items()
+            if (value := execute_ms(before, after, name)) is not None
+        },
     )
 
 
@@ -178,10 +225,12 @@ def format_breakdown(task: str, rows: list[Breakdown], in_process_cpu_ms: float)
         cells = [f"{row.queue_ms[stage]:5.1f}/{row.compute_ms[stage]:5.1f}" for stage in shown]
         stages = "  ".join(cells + [f"{'-':>11}"] * (len(COMPOSING) - len(cells)))
         server_cpu = "-" if row.server_cpu_ms is None else f"{row.server_cpu_ms:.1f}"
+        inside = ", ".join(f"{stage} {ms:.1f}" for stage, ms in row.execute_ms.items())
         lines.append(
             f"{row.form:<14} {row.concurrency:>4}  {row.round_trip_ms:10.1f}  "
             f"{row.encode_ms:6.1f}  {row.transfer_ms:8.1f}  {row.server_ms:6.1f} |  {stages} | "
             f"{server_cpu:>10}  "
             f"{row.client_cpu_ms:10.1f}  {in_process_cpu_ms:14.1f}"
+            + (f" | in execute: {inside}" if inside else "")
         )
     return "\n".join(lines)

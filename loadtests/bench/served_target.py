@@ -37,6 +37,8 @@ class Target:
     region: SharedMemoryRegion | None = None
     probe: bool = False
     fused: frozenset[str] = frozenset()  # tasks whose fused pipeline is served beside
+    # Triton's /metrics: the time inside each Python model's execute (None: not read)
+    metrics_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Observed:
     admin_headers: dict[str, str] | None = None
     region_name: str | None = None
     shm_key: str | None = None
+    metrics_url: str | None = None
 
 
 def observer(args: argparse.Namespace) -> Observed:
@@ -56,7 +59,8 @@ def observer(args: argparse.Namespace) -> Observed:
     key = _key(args.admin_key_file, "ABDOSERVE_ADMIN_KEY")
     headers = None if not key else {GRPC_HEADER_PREFIX + ADMIN_HEADER: key}
     shm_key = _key(getattr(args, "shm_key_file", None), SHM_KEY_VARIABLE)
-    return Observed(args.server_pid, headers, getattr(args, "shared_region", None), shm_key)
+    region = getattr(args, "shared_region", None)
+    return Observed(args.server_pid, headers, region, shm_key, getattr(args, "metrics_url", None))
 
 
 def _key(path: Path | None, variable: str) -> str | None:
@@ -107,7 +111,14 @@ def own_server(
         stack.enter_context(registered(url, region, shm_key))
         headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: options.admin_key}
         yield Target(
-            url, tuning, server.process.pid, headers, region, probe=True, fused=frozenset(tasks)
+            url,
+            tuning,
+            server.process.pid,
+            headers,
+            region,
+            probe=True,
+            fused=frozenset(tasks),
+            metrics_url=f"http://{options.host}:{server.ports.metrics}/metrics",
         )
 
 
@@ -131,6 +142,7 @@ def running_server(
             region,
             probe=serves(url, PROBE),
             fused=frozenset(task for task in tasks if serves(url, FUSED_PREFIX + task)),
+            metrics_url=observed.metrics_url,
         )
 
 

@@ -139,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --url: its tritonserver's pid, for the server's CPU per study (local only)",
     )
     parser.add_argument(
+        "--metrics-url",
+        help="with --url: its Triton /metrics URL, for the time inside each Python model's "
+        "execute beside Triton's compute time",
+    )
+    parser.add_argument(
         "--admin-key-file",
         type=Path,
         help="with --url: the admin key, for the statistics behind the time breakdown "
@@ -370,14 +375,28 @@ def observed_levels(
             before = (
                 None
                 if headers is None
-                else snapshot(target.url, task, headers, target.server_pid, model)
+                else snapshot(
+                    target.url,
+                    task,
+                    headers,
+                    target.server_pid,
+                    model,
+                    metrics_url=target.metrics_url,
+                )
             )
             row = time_concurrent(
                 served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
             )
             rows.append(row)
             if before is not None and headers is not None:
-                after = snapshot(target.url, task, headers, target.server_pid, model)
+                after = snapshot(
+                    target.url,
+                    task,
+                    headers,
+                    target.server_pid,
+                    model,
+                    metrics_url=target.metrics_url,
+                )
                 parts.append(
                     breakdown(
                         task,
