@@ -257,7 +257,7 @@ def test_a_gateway_killed_mid_study_loses_nothing(
     destination = pacs_destination(orthanc)
     reference = undisturbed_report(tmp_path / "reference", triton, orthanc, paths)
     # Half the study arrives, the gateway dies (SIGKILL), the rest arrives after the restart.
-    gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination, quiet_s=15)
+    gateway = GatewayProcess(tmp_path / "killed", RULES, url(triton), destination, quiet_s=20)
     gateway.start()
     push(gateway, paths[:4])
     gateway.kill()
