@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256.0,
         help="refuse an instance larger than this (default %(default)s: the server's limit)",
     )
+    dicom.add_argument(
+        "--min-free-mib",
+        type=float,
+        default=1024.0,
+        help="refuse instances (A700: the sender retries) below this much free space in the "
+        "spool (default %(default)s)",
+    )
     work = parser.add_argument_group("studies")
     work.add_argument(
         "--quiet-s",
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             args.port,
             tuple(args.allow_caller),
             max_instance_bytes=int(args.max_instance_mib * 1024 * 1024),
+            min_free_bytes=int(args.min_free_mib * 1024 * 1024),
         ),
         destinations=destinations,
         quiet_s=args.quiet_s,

@@ -20,6 +20,7 @@ REFUSAL_REASONS = (
     "not_authorised",  # the calling AE is not allowed
     "spool_error",  # the disk refused the write
     "too_large",  # over --max-instance-mib
+    "disk_full",  # under --min-free-mib free in the spool (A700: the sender retries)
     "unparsable",  # not a data set pydicom can read
 )
 FAILURE_REASONS = ("invalid_argument", "not_found", "gave_up", "report_error", "server_error")

@@ -10,7 +10,7 @@ Logs and status comments name UIDs and attribute keywords only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,6 +83,8 @@ class ScpSettings:
     max_associations: int = 8  # bounds the instances in flight (received to temporary files)
     # The server refuses a request over 256 MiB: an instance that large can never be answered.
     max_instance_bytes: int = 256 * 1024 * 1024
+    # Below this much free space in the spool, instances are refused (A700, retried).
+    min_free_bytes: int = 1024 * 1024 * 1024
     network_timeout_s: float = 60.0
 
 
@@ -102,14 +104,15 @@ class StoreHandler:
         spool: Spool,
         rules: SeriesFilter,
         metrics: GatewayMetrics,
-        on_stored: Callable[[str], None] = lambda study_uid: None,
+        *,
         max_instance_bytes: int = 256 * 1024 * 1024,
+        min_free_bytes: int = 1024 * 1024 * 1024,
     ) -> None:
         self.spool = spool
         self.max_instance_bytes = max_instance_bytes
+        self.min_free_bytes = min_free_bytes
         self.rules = rules
         self.metrics = metrics
-        self.on_stored = on_stored
         self._unmatched_series: set[str] = set()
 
     def __call__(self, event: Any) -> int | Dataset:
@@ -132,6 +135,12 @@ class StoreHandler:
         """Spool one received instance (a DICOM file) unless it must be refused."""
         if self.rules.matching_rule(header) is None:
             return self._unmatched(header)
+        if self.spool.free_bytes() < self.min_free_bytes:
+            # Refused as out of resources: the sender keeps the instance and tries again
+            # later, instead of the gateway acknowledging what it might not write.
+            self.metrics.instances_refused.labels("disk_full").inc()
+            log.error("C-STORE refused: under %d bytes free in the spool", self.min_free_bytes)
+            return refusal(OUT_OF_RESOURCES, "spool disk nearly full")
         try:
             self.spool.store_file(
                 header.get("StudyInstanceUID"), header.get("SOPInstanceUID"), received
@@ -145,7 +154,6 @@ class StoreHandler:
             log.error("C-STORE not spooled (%s); the sender will retry", error.strerror)
             return refusal(OUT_OF_RESOURCES, "spool write failed")
         self.metrics.instances_received.inc()
-        self.on_stored(str(header.StudyInstanceUID))
         return SUCCESS
 
     def _unmatched(self, header: Dataset) -> Dataset:

@@ -72,7 +72,11 @@ class Gateway:
             image_library=settings.image_library,
         )
         handler = StoreHandler(
-            self.spool, rules, self.metrics, max_instance_bytes=settings.scp.max_instance_bytes
+            self.spool,
+            rules,
+            self.metrics,
+            max_instance_bytes=settings.scp.max_instance_bytes,
+            min_free_bytes=settings.scp.min_free_bytes,
         )
         self.scp = StorageServer(settings.scp, handler)
         self.senders = [

@@ -124,6 +124,10 @@ class Spool:
             raise
         return Path(name)
 
+    def free_bytes(self) -> int:
+        """Free space on the spool's filesystem, for the unprivileged user."""
+        return shutil.disk_usage(self.root).free
+
     # Claims --------------------------------------------------------------------------
 
     def quiet_studies(self, quiet_s: float, now: float | None = None) -> list[str]:

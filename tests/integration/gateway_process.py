@@ -72,6 +72,9 @@ class GatewayProcess:
             self.grpc_url,
             "--timeout",
             "10",
+            # the tests' studies are small: a CI disk with little free space still takes them
+            "--min-free-mib",
+            "64",
         ]
         for destination in self.destinations:
             command += ["--destination", destination]

@@ -258,3 +258,14 @@ def test_the_handler_refuses_what_it_must_and_stores_nothing(
         unmatched.metrics.registry.get_sample_value("abdoserve_gateway_series_unmatched_total") == 1
     )
     assert not list((tmp_path / "spool" / "incoming").glob("*/*.dcm"))
+
+
+def test_a_nearly_full_spool_refuses_as_out_of_resources_so_the_sender_retries(
+    tmp_path: Path, received: Path
+) -> None:
+    store = handler(tmp_path, min_free_bytes=2**62)  # more than any disk has free
+    answer = store(Received(received))
+    assert (answer.Status, answer.ErrorComment) == (0xA700, "spool disk nearly full")
+    assert refused(store.metrics, "disk_full") == 1
+    assert not list((tmp_path / "spool" / "incoming").glob("*/*.dcm"))
+    assert handler(tmp_path, min_free_bytes=0)(Received(received)) == 0x0000
