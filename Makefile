@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck unit clean system-packages configs
+.PHONY: install serve check test lint typecheck clean system-packages configs
 
 install: $(STAMP) system-packages
 
@@ -33,21 +33,31 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 serve: $(STAMP)
 	$(BIN)/abdoserve serve
 
-lint: install
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # mypy cannot follow the editable install's `abdoserve.*` import hook, so it checks a
 # tree of links with the installed names: build/typecheck/abdoserve/<package> -> folder.
 TYPECHECK_TREE := build/typecheck/abdoserve
-typecheck: install
+typecheck: $(STAMP)
 	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)
 	ln -s ../../../preprocessing ../../../export ../../../deploy ../../../loadtests $(TYPECHECK_TREE)/
 	ln -s ../../../model_repository/_serving $(TYPECHECK_TREE)/serving
 	$(BIN)/mypy
 
+# The one-minute loop: lint, types and the tiers that start no server and no external
+# program (tests/unit, tests/contract), spread over the cores.
+check: $(STAMP) lint typecheck
+	$(BIN)/pytest -n auto tests/unit tests/contract
+
+# The whole suite (CI): the fast tiers, then tests/tools (external programs, whole
+# builds) over the cores, then tests/integration one at a time (each starts real servers
+# on free ports, and some measure time or watch /dev/shm, which sharing the cores or the
+# host's /dev/shm with another test would spoil).
 test: install lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto tests/unit tests/contract tests/tools
+	$(BIN)/pytest tests/integration
 
 # Re-render the committed model_repository/*/config.pbtxt from the task specs
 # (the contract test compares them with a fresh rendering).

@@ -1,9 +1,9 @@
 """`abdoserve`: one console command, one subcommand per job.
 
 Each subcommand lives in the module that owns the job and exposes
-`add_arguments(parser)` and `run(args) -> int`. Those modules import heavy
-libraries (torch, onnxruntime) inside `run`, so building the parser stays cheap
-and `abdoserve infer` never imports torch.
+`add_arguments(parser)` and `run(args) -> int`. Only the module of the command being
+run is imported (tests/unit/test_cli.py pins it): `abdoserve --help` lists the others
+by their help text, so it and `abdoserve infer` never import torch.
 """
 
 from __future__ import annotations
@@ -40,13 +40,30 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_path(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command path that argv names ('bench', 'serving'), read before any import.
+
+    The top-level options (-v, -h) take no value, so the first words that are not
+    options name the command, and the word after a group names its subcommand.
+    """
+    words = [word for word in argv if not word.startswith("-")]
+    groups = {path[0] for path, _, _ in COMMANDS if len(path) == 2}
+    return tuple(words[:2]) if words and words[0] in groups else tuple(words[:1])
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole parser, where only the command argv names imports its module.
+
+    Every other command is listed with its help text alone, so `abdoserve --help` and
+    `abdoserve infer` never import torch, onnx or the benchmarks.
+    """
     parser = argparse.ArgumentParser(
         prog="abdoserve", description="Abdominal radiology models served through Triton."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    chosen = selected_path(argv)
     for path, module_name, help_text in COMMANDS:
         target = commands
         if len(path) == 2:
@@ -56,15 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                     dest="subcommand", required=True, metavar="SUBCOMMAND"
                 )
             target = groups[path[0]]
-        module = importlib.import_module(module_name)
         sub = target.add_parser(path[-1], help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        if path == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(words).parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,10 +1,37 @@
-"""Shared fixtures: the model repository is built once per test session."""
+"""Shared fixtures, and the test tiers, marked by directory.
+
+| directory            | marker        | what its tests may start                          |
+|----------------------|---------------|---------------------------------------------------|
+| `tests/unit/`        | `unit`        | nothing: pure Python in this process              |
+| `tests/contract/`    | `contract`    | nothing: configs vs ONNX graphs vs the client     |
+| `tests/tools/`       | `tools`       | external programs (kubectl, promtool, nginx -t,   |
+|                      |               | dcmtk, dicom3tools) or whole repository builds    |
+| `tests/integration/` | `integration` | real servers, gateways and peers on free ports    |
+
+`make check` runs the first two (a one-minute loop); `make test` runs all four.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "contract", "tools", "integration")
+
+
+def tier_of(path: Path) -> str:
+    """The tier a test file belongs to: the first directory under tests/."""
+    tier = path.resolve().relative_to(TESTS).parts[0]
+    if tier not in TIERS:
+        raise pytest.UsageError(f"{path}: tests live in one of tests/{{{','.join(TIERS)}}}/")
+    return tier
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(Path(item.path))))
 
 
 @pytest.fixture(scope="session")

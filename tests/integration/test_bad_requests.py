@@ -22,8 +22,6 @@ from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from tests.integration.triton_calls import infer, request_inputs
 
-pytestmark = pytest.mark.integration
-
 PATIENT_IDENTIFIERS = ("PHANTOM^ABDOMEN", "PHANTOM-")
 
 

@@ -19,8 +19,6 @@ from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.bench import serving as bench_serving
 
-pytestmark = pytest.mark.integration
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Longest first: "served gRPC" is a prefix of "served gRPC, BYTES".
 ROW_LABELS = (

@@ -35,8 +35,6 @@ from abdoserve_client.results import (
     StudyResult,
 )
 
-pytestmark = pytest.mark.integration
-
 SEED = 11
 
 

@@ -30,8 +30,6 @@ from abdoserve_client.errors import ServerUnavailableError
 from abdoserve_client.metrics import ClientMetrics
 from tests.pki import Pki, make_pki
 
-pytestmark = pytest.mark.integration
-
 TASK = "bone_density_ct"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 render_config = guard_module.render_config

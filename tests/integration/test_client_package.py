@@ -19,8 +19,6 @@ import pytest
 from abdoserve.loadtests.phantom import build_study, write_study
 from abdoserve_client import AbdoServeClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 CLIENT_SOURCE = Path(__file__).resolve().parents[2] / "clients"
 HEAVY_DISTRIBUTIONS = {
     "torch",

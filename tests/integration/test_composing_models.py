@@ -28,8 +28,6 @@ from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.validation import sample_count_range
 from tests.integration.triton_calls import OUTPUTS, infer
 
-pytestmark = pytest.mark.integration
-
 Tensors = dict[str, np.ndarray]
 SENDER_TEXT = "PHANTOM^ABDOMEN"  # sender-controlled text no refusal may echo
 PREPARED = ("SAMPLES", "SAMPLE_SOURCE", "STUDY_INFO", "FEATURES")

@@ -26,8 +26,6 @@ from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, cpu_runtime, open_runne
 from abdoserve_client import AbdoServeClient
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 # runtime -> the task it serves here: with and without clinical features on each engine
 SERVED = {
     "onnxruntime": "liver_fibrosis_ct",

@@ -26,8 +26,6 @@ from abdoserve.loadtests.phantom.common import write_study
 from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
 from abdoserve.loadtests.phantom.studies import build_study
 
-pytestmark = pytest.mark.integration
-
 TASK = "bone_density_ct"
 SLICES = 9  # bone_density_ct's phantom series
 WAIT_S = 30.0

@@ -20,8 +20,6 @@ from abdoserve.preprocessing.tasks import TASKS
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:

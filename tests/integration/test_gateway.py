@@ -28,8 +28,6 @@ from abdoserve.loadtests.phantom.common import write_study
 from abdoserve.loadtests.phantom.studies import build_study
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
 
-pytestmark = pytest.mark.integration
-
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
 TASKS = ("bone_density_ct", "liver_fibrosis_ct")
 RESULT_KEYS = {"bone_density_ct": "BMD", "liver_fibrosis_ct": "F_DLCT"}

@@ -19,8 +19,6 @@ from abdoserve.deploy.embedded import PROJECT_ROOT, free_port, server_environmen
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
 from tests.pki import Pki, make_pki
 
-pytestmark = pytest.mark.integration
-
 ENTRYPOINT = PROJECT_ROOT / "deploy" / "gpu" / "entrypoint.sh"
 KEY = "entrypoint-test-key"
 

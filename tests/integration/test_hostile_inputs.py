@@ -15,8 +15,6 @@ from abdoserve.loadtests.mutations import random_mutation
 from abdoserve.loadtests.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.loadtests.resources import peak_rss_mib
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 CASES = catalogue()
 PEAK_GROWTH_MIB = 300  # a refused 1 GiB bomb used to take 4.4 GB
 

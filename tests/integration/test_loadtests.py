@@ -16,8 +16,6 @@ from abdoserve.loadtests.phantom import TASK_NAMES
 from abdoserve.loadtests.slo import AGGREGATED, Budget, read_stats
 from abdoserve_client.client import AbdoServeClient
 
-pytestmark = pytest.mark.integration
-
 # locust must be gone this long after --run-time (start-up ~1 s, CSV settle ~1.2 s);
 # `execute` kills it and raises subprocess.TimeoutExpired otherwise.
 EXIT_MARGIN_S = 30.0

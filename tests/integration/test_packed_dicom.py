@@ -18,8 +18,6 @@ from abdoserve_client import AbdoServeClient
 from abdoserve_client.wire import RawInfer, WireTensor, open_channel
 from tests.integration.triton_calls import OUTPUTS, infer
 
-pytestmark = pytest.mark.integration
-
 
 def packed_inputs(
     instances: Sequence[bytes], clinical: object, offsets: Sequence[int] | None = None

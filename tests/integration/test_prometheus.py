@@ -18,9 +18,7 @@ from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.prometheus_server import JOB, PrometheusServer, binary
 from abdoserve.loadtests.phantom import build_study
 from tests.integration.triton_calls import infer
-from tests.unit.test_prometheus_files import TRITON_METRICS, all_rules, our_metrics
-
-pytestmark = pytest.mark.integration
+from tests.tools.test_prometheus_files import TRITON_METRICS, all_rules, our_metrics
 
 PATIENT_IDENTIFIERS = ("PHANTOM^ABDOMEN", "PHANTOM-")
 SETTLE_TIMEOUT_S = 20.0

@@ -21,8 +21,6 @@ from abdoserve.loadtests.phantom import build_study
 from abdoserve_client.client import AbdoServeClient
 from abdoserve_client.results import ScoreResult
 
-pytestmark = pytest.mark.integration
-
 EXAMPLE = Path(__file__).resolve().parents[2] / "clients" / "examples" / "kserve_http.py"
 SEED = 1
 

@@ -10,8 +10,6 @@ import pytest
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.loadtests.phantom import build_study, write_study
 
-pytestmark = pytest.mark.integration
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -31,8 +31,6 @@ from abdoserve.serving.answer import aggregate
 from abdoserve_client import AbdoServeClient
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 SERVED = ("bone_density_ct", "liver_fibrosis_ct")
 TUNING = Tuning(preprocess_instances=1, net_instances=1, net_intra_op_threads=1)
 WAIT_S = 300.0

@@ -38,7 +38,6 @@ from abdoserve_client.errors import AbdoServeError
 from tests.pki import Pki, make_pki
 
 pytestmark = [
-    pytest.mark.integration,
     # The identifier sent as a Modality on purpose (a CS value may not hold it).
     pytest.mark.filterwarnings("ignore:Invalid value for VR CS"),
 ]

@@ -27,8 +27,6 @@ from abdoserve.loadtests.resources import peak_rss_mib
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 TASK = "bone_density_ct"
 LARGE_TASK = "esophageal_cancer_ct"  # up to 128 slices: the largest studies
 TRIM_BYTES = 16 * 1024 * 1024  # below every grown region, above every idle one

@@ -13,8 +13,6 @@ from abdoserve.serving.answer import UNTRAINED_NOTICE, aggregate
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
 from tests.integration.triton_calls import infer
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def client(grpc_url: str) -> grpcclient.InferenceServerClient:

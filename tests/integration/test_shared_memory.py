@@ -21,8 +21,6 @@ from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 from abdoserve_client.shared_memory import SHM_KEY_METADATA, SharedMemoryRegion
 
-pytestmark = pytest.mark.integration
-
 TASK = "bone_density_ct"  # 9 CT slices: about 4.7 MB a study
 SLOT_BYTES = 6 * 1024 * 1024
 SLOTS = 2

@@ -15,8 +15,6 @@ import pytest
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import EmbeddedServer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 def test_a_short_soak_fails_nothing_and_grows_nothing(
     server: EmbeddedServer, grpc_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

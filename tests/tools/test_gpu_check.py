@@ -181,6 +181,7 @@ def test_the_export_contract_is_the_projects() -> None:
 
 
 def test_abdoserve_bench_gpu_is_the_script() -> None:
-    args = build_parser().parse_args(["bench", "gpu", "--dry", "--budget-s", "60"])
+    words = ["bench", "gpu", "--dry", "--budget-s", "60"]
+    args = build_parser(words).parse_args(words)
     assert args.run is gpu_check.run
     assert args.dry and args.budget_s == 60 and args.batch_sizes == (1, 8, 32)
