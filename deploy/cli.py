@@ -19,7 +19,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("serve",), "abdoserve.deploy.serve", "serve all models on the embedded Triton server"),
     (("infer",), "abdoserve_client.cli", "send a study to a running server and print the answer"),
     (("gateway",), "abdoserve.deploy.gateway.cli", "take studies over DICOM, send back SRs"),
-    (("phantom",), "abdoserve.loadtests.phantom.cli", "write a phantom DICOM study for a task"),
+    (("phantom",), "abdoserve.export.phantom.cli", "write a phantom DICOM study for a task"),
     (("build-repository",), "abdoserve.export.cli", "export the networks, build the repository"),
     (("configs",), "abdoserve.export.configs_cli", "re-render the committed model configs"),
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),

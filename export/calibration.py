@@ -1,6 +1,6 @@
 """DICOM-derived tensors from phantom studies: INT8 calibration and the held-out set.
 
-Both come from real DICOM instances (`abdoserve.loadtests.phantom`) through the
+Both come from real DICOM instances (`abdoserve.export.phantom`) through the
 served preprocessing (`StudyPreparer`), so the INT8 ranges and the measured
 deviation are those of tensors the network really receives. Calibration and
 held-out seeds never overlap, nor meet the warm-up study's (0) or the tests' and
@@ -65,7 +65,7 @@ class CalibrationPlan:
 
 def phantom_tensors(spec: TaskSpec, seeds: Sequence[int]) -> list[StudyTensors]:
     """Each seed's phantom study for the task, prepared as the served preprocess does."""
-    from abdoserve.loadtests.phantom import build_study
+    from abdoserve.export.phantom import build_study
 
     prepare = StudyPreparer(spec)
     tensors = []

@@ -178,7 +178,7 @@ def build_task(
 
 def write_warmup_study(version_folder: Path, task: str) -> None:
     """The phantom study the preprocess model decodes at load (see abdoserve.serving.warmup)."""
-    from abdoserve.loadtests.phantom import build_study
+    from abdoserve.export.phantom import build_study
 
     study = build_study(task, seed=0)
     write_warmup(version_folder, study.instances, study.clinical)

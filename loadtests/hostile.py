@@ -17,7 +17,7 @@ from pydicom import dcmread, uid
 from pydicom.filewriter import write_file_meta_info
 from tritonclient.utils import InferenceServerException
 
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve_client.errors import AbdoServeError, from_triton
 from abdoserve_client.protocol import OUTPUT_NAMES
 from abdoserve_client.wire import RawInfer, bytes_tensor, open_channel

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from abdoserve.loadtests.phantom import TASK_NAMES, build_study
+from abdoserve.export.phantom import TASK_NAMES, build_study
 
 BAD_PAYLOAD_PREFIX = "bad_payload/"
 

@@ -63,8 +63,8 @@ def prime(args: argparse.Namespace, rounds: int = 3) -> None:
     a high-water mark, not a leak, but reads as growth)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from abdoserve.export.phantom import TASK_NAMES
     from abdoserve.loadtests.payloads import payload_pool
-    from abdoserve.loadtests.phantom import TASK_NAMES
     from abdoserve_client import AbdoServeClient
 
     payloads = [item for kind in TASK_NAMES for item in payload_pool(kind, args.pool_size)]

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_studies(task: str, count: int, folder: Path) -> list[list[Path]]:
     """`count` phantom studies of `task` (distinct seeds: distinct UIDs), as files."""
-    from abdoserve.loadtests.phantom.common import write_study
-    from abdoserve.loadtests.phantom.studies import build_study
+    from abdoserve.export.phantom.common import write_study
+    from abdoserve.export.phantom.studies import build_study
 
     studies = []
     for seed in range(1, count + 1):

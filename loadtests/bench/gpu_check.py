@@ -676,7 +676,7 @@ _WORKER: dict[str, Any] = {}
 
 def phantom_mix(tasks: Sequence[str], dry: bool) -> list[PhantomItem]:
     """One phantom study per task (512x512 CT slices), as a hospital would send them."""
-    from abdoserve.loadtests.phantom import build_study
+    from abdoserve.export.phantom import build_study
 
     mix = []
     for number, task in enumerate(tasks):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pydicom
 
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 

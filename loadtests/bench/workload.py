@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 
 PERCENTILES = (50, 95, 99)
 Call = Callable[[int], object]  # request number -> one answered study

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.configs import Tuning
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from tests.integration.triton_calls import infer, request_inputs
 

@@ -14,8 +14,8 @@ import tritonclient.grpc as grpcclient
 
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import free_port
-from abdoserve.loadtests.phantom import TASK_NAMES, build_study, write_study
-from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
+from abdoserve.export.phantom import TASK_NAMES, build_study, write_study
+from abdoserve.export.phantom.enhanced import enhanced_multiframe
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving.answer import UNTRAINED_NOTICE
 from abdoserve_client.aio import AsyncAbdoServeClient

@@ -23,7 +23,7 @@ from abdoserve.deploy import guard as guard_module
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.guard import GuardOptions, NginxGuard, TlsFiles
-from abdoserve.loadtests.phantom import build_study, write_study
+from abdoserve.export.phantom import build_study, write_study
 from abdoserve_client.aio import AsyncAbdoServeClient
 from abdoserve_client.client import AbdoServeClient
 from abdoserve_client.errors import ServerUnavailableError

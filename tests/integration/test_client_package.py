@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abdoserve.loadtests.phantom import build_study, write_study
+from abdoserve.export.phantom import build_study, write_study
 from abdoserve_client import AbdoServeClient
 
 CLIENT_SOURCE = Path(__file__).resolve().parents[2] / "clients"

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.validation import sample_count_range

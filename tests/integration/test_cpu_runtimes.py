@@ -18,7 +18,7 @@ import pytest
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 from abdoserve.export.calibration import CalibrationPlan
 from abdoserve.export.configs import Tuning, model_names
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import aggregate

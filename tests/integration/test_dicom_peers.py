@@ -14,6 +14,9 @@ from typing import Any
 import pydicom
 import pytest
 
+from abdoserve.export.phantom.common import write_study
+from abdoserve.export.phantom.dicom_writer import TRANSFER_SYNTAXES
+from abdoserve.export.phantom.studies import build_study
 from abdoserve.loadtests.dicom_peers import (
     Orthanc,
     echoscu,
@@ -22,9 +25,6 @@ from abdoserve.loadtests.dicom_peers import (
     storescu,
     write_basic_text_sr,
 )
-from abdoserve.loadtests.phantom.common import write_study
-from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
-from abdoserve.loadtests.phantom.studies import build_study
 
 TASK = "bone_density_ct"
 SLICES = 9  # bone_density_ct's phantom series

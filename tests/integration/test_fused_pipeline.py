@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.export.phantom import build_study
 from abdoserve.export.repository import BUILD_RECORD, build_repository
-from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError

@@ -23,9 +23,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.export.phantom.common import write_study
+from abdoserve.export.phantom.studies import build_study
 from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, echoscu, start_orthanc, storescu
-from abdoserve.loadtests.phantom.common import write_study
-from abdoserve.loadtests.phantom.studies import build_study
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
@@ -433,7 +433,7 @@ def test_a_compressed_study_is_answered_as_abdoserve_infer_answers_it(
 def test_an_enhanced_ct_instance_is_routed_whole_and_answered(
     gateway: GatewayProcess, orthanc: Orthanc, triton: EmbeddedServer, tmp_path: Path
 ) -> None:
-    from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
+    from abdoserve.export.phantom.enhanced import enhanced_multiframe
 
     study = build_study("bone_density_ct", seed=3)
     folder = tmp_path / "enhanced"

@@ -10,9 +10,9 @@ import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer
+from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.loadtests.hostile import HostileRequest, catalogue, send
 from abdoserve.loadtests.mutations import random_mutation
-from abdoserve.loadtests.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.loadtests.resources import peak_rss_mib
 
 CASES = catalogue()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from abdoserve.export.phantom import TASK_NAMES
 from abdoserve.loadtests import cli
 from abdoserve.loadtests.payloads import BAD_PAYLOAD_PREFIX
-from abdoserve.loadtests.phantom import TASK_NAMES
 from abdoserve.loadtests.slo import AGGREGATED, Budget, read_stats
 from abdoserve_client.client import AbdoServeClient
 

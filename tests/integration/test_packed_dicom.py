@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.wire import RawInfer, WireTensor, open_channel

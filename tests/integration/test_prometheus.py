@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.prometheus_server import JOB, PrometheusServer, binary
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from tests.integration.triton_calls import infer
 from tests.tools.test_prometheus_files import TRITON_METRICS, all_rules, our_metrics
 

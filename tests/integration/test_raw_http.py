@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 
 from abdoserve.deploy.embedded import EmbeddedServer
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve_client.client import AbdoServeClient
 from abdoserve_client.results import ScoreResult
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from abdoserve.deploy.cli import main as abdoserve_main
-from abdoserve.loadtests.phantom import build_study, write_study
+from abdoserve.export.phantom import build_study, write_study
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

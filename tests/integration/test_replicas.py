@@ -24,8 +24,8 @@ from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import free_port
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.export.configs import Tuning
+from abdoserve.export.phantom import build_study
 from abdoserve.loadtests.bench.autoscale import adapter_query
-from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import aggregate
 from abdoserve_client import AbdoServeClient

@@ -32,7 +32,7 @@ from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.guard import GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX, SHM_HEADER
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 from tests.pki import Pki, make_pki
@@ -325,7 +325,7 @@ def server_failures(delta: dict[str, float]) -> float:
 HANG_UP_CLIENT = """
 import sys
 from abdoserve_client import AbdoServeClient
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 halves = [build_study("esophageal_cancer_ct", seed=s, slices=64, interval_mm=5.0) for s in (1, 2)]
 print("sending", flush=True)
 with AbdoServeClient(sys.argv[1], timeout_s=300, retries=0) as client:

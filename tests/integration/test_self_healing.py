@@ -22,7 +22,7 @@ from abdoserve.deploy.embedded import ServerOptions, free_port, free_ports
 from abdoserve.deploy.isolation import server_shm
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.export.configs import Tuning
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.loadtests.resources import peak_rss_mib
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError

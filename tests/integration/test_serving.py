@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from abdoserve.deploy.embedded import EmbeddedServer
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import UNTRAINED_NOTICE, aggregate
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error

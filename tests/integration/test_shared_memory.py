@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 from abdoserve.deploy.isolation import ShmIsolation
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 from abdoserve_client.shared_memory import SHM_KEY_METADATA, SharedMemoryRegion

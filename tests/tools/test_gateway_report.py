@@ -42,8 +42,8 @@ from abdoserve.deploy.gateway.report import (
     report_uid,
     result_json,
 )
-from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
-from abdoserve.loadtests.phantom.studies import build_study
+from abdoserve.export.phantom.enhanced import enhanced_multiframe
+from abdoserve.export.phantom.studies import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import UNTRAINED_NOTICE, ModelIdentity, study_answer
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from abdoserve.export.phantom import build_study
 from abdoserve.loadtests import hostile
-from abdoserve.loadtests.phantom import build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.errors import (
     CodestreamMismatchError,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from abdoserve.loadtests.phantom import build_study
+from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.clinical import feature_vector
 from abdoserve.preprocessing.errors import IntakeError, StatusCode
 from abdoserve.preprocessing.specs import TaskSpec

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.export.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.intensity import hounsfield
 from abdoserve.preprocessing.specs import IntakeLimits

@@ -12,8 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from abdoserve.loadtests.phantom import build_study
-from abdoserve.loadtests.phantom.enhanced import PER_FRAME_SHIFT, enhanced_multiframe
+from abdoserve.export.phantom import build_study
+from abdoserve.export.phantom.enhanced import PER_FRAME_SHIFT, enhanced_multiframe
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.errors import AttributeProblem, ModalityLutError
 from abdoserve.preprocessing.specs import IntakeLimits

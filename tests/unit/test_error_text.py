@@ -29,7 +29,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 
-from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.export.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.errors import IntakeError
 from abdoserve.preprocessing.nesting import load_clinical_json
 from abdoserve.preprocessing.study import StudyPreparer

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 
-from abdoserve.loadtests.phantom import PhantomStudy, build_study
+from abdoserve.export.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.decode import decode_instance
 from abdoserve.preprocessing.errors import (
     AttributeProblem,

@@ -16,9 +16,9 @@ from datetime import timedelta
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
+from abdoserve.export.phantom.enhanced import enhanced_multiframe
 from abdoserve.loadtests.mutations import MUTATIONS, Mutation
-from abdoserve.loadtests.phantom import TRANSFER_SYNTAXES, build_study
-from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
 from abdoserve.preprocessing.errors import IntakeError
 from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.preprocessing.tasks import get_task

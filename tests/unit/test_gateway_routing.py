@@ -31,7 +31,7 @@ from abdoserve.deploy.gateway.routing import (
     patient_age,
 )
 from abdoserve.deploy.gateway.selection import nearest_in_order
-from abdoserve.loadtests.phantom.studies import build_study
+from abdoserve.export.phantom.studies import build_study
 from abdoserve.preprocessing.specs import with_overrides
 from abdoserve.preprocessing.tasks import TASKS
 
@@ -1029,7 +1029,7 @@ def test_rules_error_is_a_value_error() -> None:
 
 def enhanced_series(task: str, **options: Any) -> Series:
     """The phantom study as one Enhanced (multi-frame) instance."""
-    from abdoserve.loadtests.phantom.enhanced import enhanced_multiframe
+    from abdoserve.export.phantom.enhanced import enhanced_multiframe
 
     data = enhanced_multiframe(build_study(task, seed=0, **options).instances)
     header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)

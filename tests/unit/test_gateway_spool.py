@@ -211,7 +211,7 @@ class Received:
 
 @pytest.fixture
 def received(tmp_path: Path) -> Path:
-    from abdoserve.loadtests.phantom.studies import build_study
+    from abdoserve.export.phantom.studies import build_study
 
     path = tmp_path / "received.dcm"
     path.write_bytes(build_study("bone_density_ct", seed=0, slices=1).instances[0])

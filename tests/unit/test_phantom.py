@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage, MRImageStorage
 
-from abdoserve.loadtests.phantom import (
+from abdoserve.export.phantom import (
     TASK_NAMES,
     TRANSFER_SYNTAXES,
     PhantomStudy,

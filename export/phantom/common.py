@@ -14,7 +14,7 @@ import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
 
-from abdoserve.loadtests.phantom.anatomy import (
+from abdoserve.export.phantom.anatomy import (
     AORTA_XY,
     OESOPHAGUS_LUMEN_MM,
     VERTEBRA_XY,
@@ -23,7 +23,7 @@ from abdoserve.loadtests.phantom.anatomy import (
     label_slice,
     oesophagus_centre,
 )
-from abdoserve.loadtests.phantom.dicom_writer import (
+from abdoserve.export.phantom.dicom_writer import (
     Patient,
     PixelFormat,
     SeriesInfo,
@@ -34,8 +34,8 @@ from abdoserve.loadtests.phantom.dicom_writer import (
     phantom_uid,
     resolve_transfer_syntax,
 )
-from abdoserve.loadtests.phantom.render import Region, regions, render, to_stored
-from abdoserve.loadtests.phantom.tissues import FloatArray, Label
+from abdoserve.export.phantom.render import Region, regions, render, to_stored
+from abdoserve.export.phantom.tissues import FloatArray, Label
 
 MAX_SEED = 10**12
 CT_GRID = PhantomGrid(rows=512, cols=512, spacing_mm=0.75)

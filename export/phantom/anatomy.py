@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from abdoserve.loadtests.phantom.tissues import MASS_PATTERNS, Label, MassClass
+from abdoserve.export.phantom.tissues import MASS_PATTERNS, Label, MassClass
 
 LabelMap = npt.NDArray[np.uint8]
 BoolArray = npt.NDArray[np.bool_]

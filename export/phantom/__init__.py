@@ -4,10 +4,10 @@ Use `build_study(task, seed=..., transfer_syntax=..., **options)` for a
 `PhantomStudy`, then `write_study(study, out_dir)` for its files.
 """
 
-from abdoserve.loadtests.phantom.common import PhantomStudy, write_study
-from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
-from abdoserve.loadtests.phantom.liver import liver_fibrosis_ct, liver_fibrosis_mri, liver_mass_ct
-from abdoserve.loadtests.phantom.studies import (
+from abdoserve.export.phantom.common import PhantomStudy, write_study
+from abdoserve.export.phantom.dicom_writer import TRANSFER_SYNTAXES
+from abdoserve.export.phantom.liver import liver_fibrosis_ct, liver_fibrosis_mri, liver_mass_ct
+from abdoserve.export.phantom.studies import (
     BUILDERS,
     bone_density_ct,
     build_study,

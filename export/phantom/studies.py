@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from abdoserve.loadtests.phantom.anatomy import (
+from abdoserve.export.phantom.anatomy import (
     L1_CENTRE_Z,
     NORMAL_OESOPHAGEAL_WALL_MM,
     VERTEBRA_PITCH_MM,
     SliceAnatomy,
 )
-from abdoserve.loadtests.phantom.common import (
+from abdoserve.export.phantom.common import (
     CT_CONTRAST,
     CT_GRID,
     DEFAULT_SYNTAX,
@@ -37,8 +37,8 @@ from abdoserve.loadtests.phantom.common import (
     render_all,
     series_info,
 )
-from abdoserve.loadtests.phantom.liver import liver_fibrosis_ct, liver_fibrosis_mri, liver_mass_ct
-from abdoserve.loadtests.phantom.tissues import ct_values
+from abdoserve.export.phantom.liver import liver_fibrosis_ct, liver_fibrosis_mri, liver_mass_ct
+from abdoserve.export.phantom.tissues import ct_values
 
 VERTEBRAE = ("L1", "L2", "L3", "L4", "L5")
 BONE_OFFSETS_MM = (-7.0, 0.0, 7.0)  # within a 27 mm body: never in a disc

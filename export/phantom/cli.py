@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from abdoserve.loadtests.phantom.common import write_study
-from abdoserve.loadtests.phantom.dicom_writer import TRANSFER_SYNTAXES
-from abdoserve.loadtests.phantom.studies import BUILDERS, build_study
+from abdoserve.export.phantom.common import write_study
+from abdoserve.export.phantom.dicom_writer import TRANSFER_SYNTAXES
+from abdoserve.export.phantom.studies import BUILDERS, build_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

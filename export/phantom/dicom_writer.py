@@ -16,7 +16,7 @@ import numpy.typing as npt
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from abdoserve.loadtests.phantom.anatomy import PhantomGrid
+from abdoserve.export.phantom.anatomy import PhantomGrid
 
 PATIENT_NAME = "PHANTOM^ABDOMEN"
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from abdoserve.loadtests.phantom.anatomy import FloatArray, LabelMap, PhantomGrid
-from abdoserve.loadtests.phantom.tissues import Label
+from abdoserve.export.phantom.anatomy import FloatArray, LabelMap, PhantomGrid
+from abdoserve.export.phantom.tissues import Label
 
 StoredArray = npt.NDArray[np.int16] | npt.NDArray[np.uint16]
 

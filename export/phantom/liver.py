@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
-from abdoserve.loadtests.phantom.anatomy import Mass, PhantomGrid, SliceAnatomy, label_slice
-from abdoserve.loadtests.phantom.common import (
+from abdoserve.export.phantom.anatomy import Mass, PhantomGrid, SliceAnatomy, label_slice
+from abdoserve.export.phantom.common import (
     ABDOMEN_WINDOW,
     CT_CONTRAST,
     CT_GRID,
@@ -32,15 +32,15 @@ from abdoserve.loadtests.phantom.common import (
     render_all,
     series_info,
 )
-from abdoserve.loadtests.phantom.dicom_writer import (
+from abdoserve.export.phantom.dicom_writer import (
     MRAcquisition,
     SeriesInfo,
     SliceInfo,
     StudyInfo,
     mr_dataset,
 )
-from abdoserve.loadtests.phantom.render import liver_texture
-from abdoserve.loadtests.phantom.tissues import (
+from abdoserve.export.phantom.render import liver_texture
+from abdoserve.export.phantom.tissues import (
     MASS_CLASSES,
     FloatArray,
     Label,
