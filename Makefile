@@ -62,7 +62,7 @@ MYPY_PACKAGES = $(shell $(BIN)/python -c 'import tomllib; \
 	print(" ".join("-p " + n for n in names if n.count(".") == 1))')
 typecheck: relink
 	$(BIN)/mypy $(MYPY_PACKAGES) -p abdoserve_client
-	$(BIN)/mypy clients/examples model_repository/_python_models
+	$(BIN)/mypy clients/examples
 
 # The one-minute loop: lint, types and the tiers that start no server and no external
 # program (tests/unit, tests/contract), spread over the cores.

@@ -32,9 +32,10 @@ from typing import IO
 
 from abdoserve.deploy.isolation import ShmIsolation, prepare_staging, wrap
 from abdoserve.deploy.model_control import ADMIN_HEADER, GUARD_HEADER, SHM_HEADER
+from abdoserve.export.locations import BUILD_DIR
 
+# The checkout this module sits in; only meaningful in a development checkout.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BUILD_DIR = PROJECT_ROOT / "build"
 STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -122,9 +123,6 @@ def server_environment() -> dict[str, str]:
         item for item in (str(libs), env.get("LD_LIBRARY_PATH", "")) if item
     )
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env["PYTHONPATH"] = os.pathsep.join(
-        item for item in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if item
-    )
     # One thread per numpy/OpenMP pool: the stubs share two cores with the server.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(variable, "1")

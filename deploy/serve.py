@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from abdoserve.deploy.embedded import BUILD_DIR, Ports, ServerError, ServerOptions
+from abdoserve.deploy.embedded import Ports, ServerError, ServerOptions
 from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
@@ -25,14 +25,13 @@ from abdoserve.deploy.tuning_options import (
 )
 from abdoserve.export.configs import Tuning
 from abdoserve.export.fused import PIPELINES, Pipeline
+from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
 
 ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
 SHM_KEY_VARIABLE = "ABDOSERVE_SHM_KEY"
 ENVELOPE_BYTES = 1024 * 1024  # the request's protobuf head and CLINICAL, beyond the DICOM
-
-DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

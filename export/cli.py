@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from abdoserve.export.fused import PIPELINES
+from abdoserve.export.locations import DEFAULT_REPOSITORY
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
-
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "build" / "model_repository"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
-        help=f"where to write the repository (default {DEFAULT_OUT})",
+        default=DEFAULT_REPOSITORY,
+        help=f"where to write the repository (default {DEFAULT_REPOSITORY})",
     )
     parser.add_argument(
         "--task",

@@ -32,6 +32,7 @@ from abdoserve.export.gpu_net import (
     gpu_net_config,
     study_batched_error,
 )
+from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
 from abdoserve.export.weights import load_network
 from abdoserve.preprocessing.tasks import TASKS, get_task
@@ -46,8 +47,6 @@ from abdoserve.serving.warmup import WARMUP_FOLDER, write_warmup
 
 logger = logging.getLogger(__name__)
 
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-PYTHON_MODELS = SOURCE_REPOSITORY / "_python_models"
 ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
 BUILD_RECORD = "BUILD.json"
 DEFAULT_TUNING = Tuning()
@@ -231,7 +230,7 @@ def _built_cpu_runtime(net_runtime: NetRuntime, cpu_runtime: str) -> str | None:
     return cpu_runtime if net_runtime == "python" else None
 
 
-def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
+def write_source_configs(root: Path) -> list[Path]:
     """Render the default configs into the committed repository (a developer command)."""
     written = []
     for spec in TASKS.values():
@@ -268,7 +267,8 @@ def source_digest() -> str:
     """A hash of what a build copies or renders from code: the Python models and the
     config renderer. A build made before a change to either is rebuilt."""
     digest = hashlib.sha256()
-    sources = [*sorted(PYTHON_MODELS.glob("*.py")), Path(__file__).with_name("configs.py")]
+    models = [path for path in sorted(PYTHON_MODELS.glob("*.py")) if path.name != "__init__.py"]
+    sources = [*models, Path(__file__).with_name("configs.py")]
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]

@@ -26,11 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from abdoserve.deploy.embedded import BUILD_DIR, PROJECT_ROOT, Ports, free_port
+from abdoserve.deploy.embedded import PROJECT_ROOT, Ports, free_port
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
+from abdoserve.deploy.serve import prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
+from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
 from abdoserve.loadtests.cli import SCENARIOS_DIR, execute
 from abdoserve.loadtests.profiles import step_users
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_port, free_ports
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
+from abdoserve.deploy.serve import prepared_repository
+from abdoserve.export.locations import DEFAULT_REPOSITORY
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
 POLL_S = 0.01

@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
+from abdoserve.deploy.serve import prepared_repository
+from abdoserve.export.locations import DEFAULT_REPOSITORY
 
 HOST_SOURCE = """\
 #include <Python.h>

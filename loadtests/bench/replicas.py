@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from abdoserve.deploy.embedded import (
-    BUILD_DIR,
     EmbeddedServer,
     Ports,
     ServerOptions,
@@ -23,8 +22,9 @@ from abdoserve.deploy.embedded import (
     free_ports,
 )
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
-from abdoserve.deploy.serve import DEFAULT_REPOSITORY, prepared_repository
+from abdoserve.deploy.serve import prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
+from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
 from abdoserve.loadtests.bench.serving import served_levels
 from abdoserve.loadtests.bench.workload import Measurement, study_pool
 

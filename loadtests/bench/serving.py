@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from abdoserve.deploy.embedded import BUILD_DIR
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.rounds import DEFAULT_ROUNDS, MIN_ROUNDS, interleaved
+from abdoserve.export.locations import BUILD_DIR
 from abdoserve.loadtests.bench.transports import (
     FORMS,
     FUSED,
@@ -40,7 +41,8 @@ from abdoserve.loadtests.bench.transports import (
 
 if TYPE_CHECKING:
     from abdoserve.loadtests.bench.breakdown import Breakdown
-    from abdoserve.loadtests.bench.report import SweepPoint, TaskResult
+    from abdoserve.loadtests.bench.pipelines import InProcess
+    from abdoserve.loadtests.bench.report import SweepPoint, TaskResult, TaskRounds
     from abdoserve.loadtests.bench.served_target import Observed, Target
     from abdoserve.loadtests.bench.split import Probe
     from abdoserve.loadtests.bench.workload import Measurement, Study
@@ -67,6 +69,8 @@ PHANTOM_MAX_IMAGES = 64  # the oesophageal phantom builds at most this many slic
 SWEEP_CONCURRENCY = (1, 16)
 SWEEP_BASE_IMAGES = 8  # sweep points of more images get proportionally fewer requests
 PEER_ATTEMPTS = 3  # starts of the PyTriton peer before its rows are skipped
+IN_PROCESS, SERVED_SIDE = "in process", "served"  # the two sides of every round
+RUNTIMES = ("onnxruntime", "pytorch")  # the in-process side, in this order
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Plan:
     repository: Path
     forms: tuple[str, ...] = FORMS
     scores: bool = True  # whether served requests ask for the per-image SCORES
+    rounds: int = DEFAULT_ROUNDS  # interleaved rounds of both sides per task
 
     @property
     def built_tasks(self) -> tuple[str, ...]:
@@ -108,6 +113,16 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def round_count(text: str) -> int:
+    try:
+        rounds = int(text)
+    except ValueError:
+        rounds = 0
+    if rounds < MIN_ROUNDS:
+        raise argparse.ArgumentTypeError(f"rounds must be a whole number >= {MIN_ROUNDS}")
+    return rounds
+
+
 def form_list(text: str) -> tuple[str, ...]:
     forms = tuple(item.strip() for item in text.split(",") if item.strip())
     unknown = [form for form in forms if form not in FORMS]
@@ -131,6 +146,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'none' skips it (default 1,4,16,64; --quick: none)",
     )
     parser.add_argument("--pool", type=int, help="distinct studies per task (default 4)")
+    parser.add_argument(
+        "--rounds",
+        type=round_count,
+        default=DEFAULT_ROUNDS,
+        help="interleaved rounds per task (in process, served, in process, ...); each "
+        "ratio is the median of the rounds, with their min-max (default %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="one task, c=1,4, 10 requests")
     parser.add_argument("--url", help="benchmark a running server at HOST:PORT (gRPC)")
     parser.add_argument(
@@ -211,6 +233,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         repository=args.repository,
         forms=args.forms,
         scores=not args.without_scores,
+        rounds=args.rounds,
     )
 
 
@@ -281,19 +304,11 @@ def serving(
 
 def measure_all(
     plan: Plan, target: Target, pools: dict[str, list[Study]]
-) -> tuple[list[TaskResult], list[SweepPoint]]:
-    from abdoserve.loadtests.bench.breakdown import format_breakdown
-    from abdoserve.loadtests.bench.split import format_split
-
+) -> tuple[list[TaskRounds], list[SweepPoint]]:
     results = []
     for task in plan.tasks:
         results.append(measure_task(plan, target, task, pools[task]))
-        print(format_task_table(results[-1]) + "\n", flush=True)
-        if results[-1].breakdown:
-            in_process_cpu = 1e3 * results[-1].onnxruntime.cpu_seconds / plan.requests
-            print(format_breakdown(task, list(results[-1].breakdown), in_process_cpu) + "\n")
-        if results[-1].probes:
-            print(format_split(results[-1]) + "\n", flush=True)
+        print_task(results[-1])
     url, tuning = target.url, target.tuning
     sweep = [measure_sweep_point(plan, url, tuning, images) for images in plan.images]
     if sweep:
@@ -303,10 +318,21 @@ def measure_all(
     return results, sweep
 
 
-def format_task_table(result: TaskResult) -> str:
+def print_task(result: TaskRounds) -> None:
+    """The task's table and ratios; the last round's breakdown; the split's medians."""
+    from abdoserve.loadtests.bench.breakdown import format_breakdown
     from abdoserve.loadtests.bench.report import format_task
+    from abdoserve.loadtests.bench.split import format_split
 
-    return format_task(result)
+    print(format_task(result) + "\n", flush=True)
+    last = result.last
+    if last.breakdown:
+        in_process_cpu = 1e3 * last.onnxruntime.cpu_seconds / last.onnxruntime.requests
+        rounds = len(result.rounds)
+        table = format_breakdown(result.task, list(last.breakdown), in_process_cpu)
+        print(f"round {rounds} of {rounds}: {table}\n", flush=True)
+    if last.probes:
+        print(format_split(result) + "\n", flush=True)
 
 
 def usable_forms(plan: Plan, target: Target, task: str) -> tuple[str, ...]:
@@ -323,32 +349,79 @@ def usable_forms(plan: Plan, target: Target, task: str) -> tuple[str, ...]:
     return tuple(usable)
 
 
-def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> TaskResult:
+def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> TaskRounds:
+    """Both sides in interleaved rounds (in process, served, in process, served, ...),
+    each round's ratios taken within it. The null model runs once (a transport's cost,
+    not a ratio); the PyTriton peer starts once and serves every round."""
+    from abdoserve.loadtests.bench.report import TaskRounds
+
+    forms = usable_forms(plan, target, task)
+    probes = measure_probes(plan, target, task, pool, forms)
+    pipelines = [in_process_pipeline(plan, target.tuning, task, pool, name) for name in RUNTIMES]
+    local: list[Measurement] = []
+    results: list[TaskResult] = []
+    with ExitStack() as stack:
+        peer = start_peer(stack, plan, target, task) if PYTRITON in forms else None
+        for number, side in interleaved(plan.rounds, (IN_PROCESS, SERVED_SIDE)):
+            print(f"{task}: round {number + 1} of {plan.rounds}, {side}", flush=True)
+            if side == IN_PROCESS:
+                local = [time_in_process(pipeline, plan.requests) for pipeline in pipelines]
+                continue
+            served, parts = served_round(plan, target, peer, task, pool, forms)
+            results.append(task_result(task, pool, local, served, parts, probes))
+    return TaskRounds(task, tuple(results))
+
+
+def measure_probes(
+    plan: Plan, target: Target, task: str, pool: list[Study], forms: tuple[str, ...]
+) -> dict[str, Probe]:
+    """The null model in each transport the forms use, where the server has it."""
+    if not target.probe:
+        return {}
+    transports = dict.fromkeys(transport_of(form) for form in forms if form != PYTRITON)
+    return {name: measure_probe(target, task, pool, plan.requests, name) for name in transports}
+
+
+def task_result(
+    task: str,
+    pool: list[Study],
+    local: list[Measurement],
+    served: dict[str, list[Measurement]],
+    parts: list[Breakdown],
+    probes: dict[str, Probe],
+) -> TaskResult:
+    """One round: the in-process rows and each form's, the client's default first."""
     from abdoserve.loadtests.bench.report import TaskResult
 
-    tuning = target.tuning
-    local = in_process(plan, tuning, task, pool, plan.requests, runtime="onnxruntime")
-    torch = in_process(plan, tuning, task, pool, plan.requests, runtime="pytorch")
+    default = served.get(GRPC_PACKED) or next(iter(served.values()))
+    others = {form: tuple(rows) for form, rows in served.items() if rows is not default}
+    onnxruntime, torch = local
+    return TaskResult(
+        task, len(pool), onnxruntime, torch, tuple(default), tuple(parts), others, probes
+    )
+
+
+def served_round(
+    plan: Plan,
+    target: Target,
+    peer: Target | None,
+    task: str,
+    pool: list[Study],
+    forms: tuple[str, ...],
+) -> tuple[dict[str, list[Measurement]], list[Breakdown]]:
+    """The served side of one round: every form at every level (the peer's where it runs)."""
     served: dict[str, list[Measurement]] = {}
     parts: list[Breakdown] = []
-    probes: dict[str, Probe] = {}
-    for form in usable_forms(plan, target, task):
-        if form == PYTRITON:
-            peer_rows = peer_levels(plan, target, task, pool)
-            if peer_rows:
-                served[form] = peer_rows
+    for form in forms:
+        server = peer if form == PYTRITON else target
+        if server is None:
             continue
         rows, form_parts = observed_levels(
-            target, task, pool, plan.concurrency, plan.requests, form=form, scores=plan.scores
+            server, task, pool, plan.concurrency, plan.requests, form=form, scores=plan.scores
         )
         served[form] = rows
         parts += form_parts
-        transport = transport_of(form)
-        if target.probe and transport not in probes:
-            probes[transport] = measure_probe(target, task, pool, plan.requests, transport)
-    default = served.get(GRPC_PACKED) or next(iter(served.values()))
-    others = {form: tuple(rows) for form, rows in served.items() if rows is not default}
-    return TaskResult(task, len(pool), local, torch, tuple(default), tuple(parts), others, probes)
+    return served, parts
 
 
 def observed_levels(
@@ -415,36 +488,25 @@ def observed_levels(
     return rows, parts
 
 
-def peer_levels(plan: Plan, target: Target, task: str, pool: list[Study]) -> list[Measurement]:
-    """The same studies, packed over gRPC, to PyTriton serving the pipeline as one callable
-    (its own process, on the same `model.onnx`), at the same levels."""
-    from dataclasses import replace
-
+def start_peer(stack: ExitStack, plan: Plan, target: Target, task: str) -> Target | None:
+    """PyTriton serving the same pipeline as one callable (its own process, on the same
+    `model.onnx`), held open by `stack`; None when it did not start."""
     from abdoserve.loadtests.bench.pytriton_peer import PeerError, running_peer
 
     net_folder = plan.repository / f"{task}_net" / "1"
     for attempt in range(1, PEER_ATTEMPTS + 1):
         log_file = plan.repository.parent / f"pytriton_{task}.{attempt}.log"
         try:
-            with running_peer(task, net_folder, log_file) as (url, pid):
-                peer = replace(target, url=url, server_pid=pid, admin_headers=None, region=None)
-                rows, _ = observed_levels(
-                    peer,
-                    task,
-                    pool,
-                    plan.concurrency,
-                    plan.requests,
-                    form=PYTRITON,
-                    scores=plan.scores,
-                )
-            return rows
+            url, pid = stack.enter_context(running_peer(task, net_folder, log_file))
         except PeerError as error:
             # PyTriton 0.7's proxy model sometimes finds its handshake socket refused at
             # start-up under load; a fresh peer usually starts. It is the peer, not us:
             # the bench goes on without its rows rather than fail.
             print(f"pytriton: attempt {attempt} of {PEER_ATTEMPTS} failed: {error}", flush=True)
+            continue
+        return replace(target, url=url, server_pid=pid, admin_headers=None, region=None)
     print(f"pytriton skipped for {task}: the peer did not start", flush=True)
-    return []
+    return None
 
 
 def measure_probe(target: Target, task: str, pool: list[Study], requests: int, form: str) -> Probe:
@@ -482,21 +544,31 @@ def in_process(
     plan: Plan, tuning: Tuning, task: str, pool: list[Study], requests: int, *, runtime: str
 ) -> Measurement:
     """(a) or (c): this process, sequential, after a short warm-up."""
+    return time_in_process(in_process_pipeline(plan, tuning, task, pool, runtime), requests)
+
+
+def in_process_pipeline(
+    plan: Plan, tuning: Tuning, task: str, pool: list[Study], runtime: str
+) -> InProcess:
+    """Our preprocessing, `runtime` (onnxruntime on the served `model.onnx`, or pytorch)
+    and the answer, as one callable."""
     from abdoserve.loadtests.bench.pipelines import OnnxInProcess, TorchInProcess
-    from abdoserve.loadtests.bench.workload import time_sequential
     from abdoserve.preprocessing.tasks import get_task
     from abdoserve.serving.answer import ModelIdentity
 
     spec = get_task(task)
     identity = ModelIdentity.from_parameters(task, "1", build_record(plan.repository, task))
-    pipeline: OnnxInProcess | TorchInProcess
     if runtime == "onnxruntime":
         onnx_path = plan.repository / f"{task}_net" / "1" / "model.onnx"
-        pipeline = OnnxInProcess(spec, pool, identity, tuning, onnx_path)
-    else:
-        pipeline = TorchInProcess(spec, pool, identity, tuning)
+        return OnnxInProcess(spec, pool, identity, tuning, onnx_path)
+    return TorchInProcess(spec, pool, identity, tuning)
+
+
+def time_in_process(pipeline: InProcess, requests: int) -> Measurement:
+    from abdoserve.loadtests.bench.workload import time_sequential
+
     warmup = min(SEQUENTIAL_WARMUP, requests)
-    return time_sequential(runtime, pipeline, pool, requests, warmup)
+    return time_sequential(pipeline.name, pipeline, pipeline.pool, requests, warmup)
 
 
 def build_record(repository: Path, task: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.export.configs import MAX_BATCH_SIZE, to_text
-from abdoserve.export.repository import PYTHON_MODELS
+from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.loadtests.bench.workload import Study
 from abdoserve_client.protocol import OUTPUT_NAMES, clinical_json, dicom_tensors
 from abdoserve_client.shared_memory import SharedMemoryRegion

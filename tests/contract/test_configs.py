@@ -10,9 +10,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.export.configs import model_names, render_task, to_text
-from abdoserve.export.repository import PYTHON_MODELS, SOURCE_REPOSITORY
+from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.preprocessing.tasks import TASKS
 
+# The committed configs, in this checkout.
+SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.DataType.TYPE_FP32}
 ALL_MODELS = [name for task in TASKS for name in model_names(task)]
 

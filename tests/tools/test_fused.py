@@ -11,7 +11,8 @@ import pytest
 from abdoserve.export import repository as builds
 from abdoserve.export.errors import ExportError
 from abdoserve.export.fused import fuse_task, read_config
-from abdoserve.export.repository import PYTHON_MODELS, build_repository, is_built
+from abdoserve.export.locations import PYTHON_MODELS
+from abdoserve.export.repository import build_repository, is_built
 
 TASK = "liver_fibrosis_ct"  # clinical inputs and features: every part of the contract
 
