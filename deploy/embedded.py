@@ -12,7 +12,6 @@ shared libraries live in `nvidia_pytriton.libs`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from abdoserve.deploy import processes
 from abdoserve.deploy.isolation import ShmIsolation, prepare_staging, wrap
 from abdoserve.deploy.model_control import ADMIN_HEADER, GUARD_HEADER, SHM_HEADER
 from abdoserve.export.locations import BUILD_DIR
@@ -82,6 +82,32 @@ class ServerOptions:
     # (and orphaned stubs) can be found and removed after a crash.
     shm_region_prefix: str | None = None
     exit_timeout_s: int = 30  # Triton waits this long for in-flight requests on exit
+    # Where the binary and its backends are: None, the nvidia-pytriton wheel's (and the
+    # environment it needs); a container names its own (the NGC image's /opt/tritonserver).
+    binary: Path | None = None
+    backends: Path | None = None
+    gpu_metrics: bool = False
+    # gRPC TLS served by Triton itself (the container, where no guard terminates TLS).
+    grpc_tls: GrpcTls | None = None
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """PEM files for Triton's own gRPC TLS; with `client_ca`, mutual TLS."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        args = [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={self.certificate}",
+            f"--grpc-server-key={self.key}",
+        ]
+        if self.client_ca is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.client_ca}"]
+        return args
 
 
 def triton_home() -> Path:
@@ -155,6 +181,56 @@ def free_ports() -> Ports:
     return Ports(grpc=free_port(), http=free_port(), metrics=free_port())
 
 
+def triton_command(options: ServerOptions) -> list[str]:
+    """The one `tritonserver` command line, for `abdoserve serve`, the tests, the bench
+    and the container (abdoserve.deploy.container): closed admin APIs, explicit model
+    control, our ports and the stubs' shared-memory prefix."""
+    binary = options.binary or triton_home() / "bin" / "tritonserver"
+    backends = options.backends or backend_directory()
+    return [
+        str(binary),
+        f"--model-repository={options.repository}",
+        f"--backend-directory={backends}",
+        f"--grpc-address={options.host}",
+        f"--grpc-port={options.ports.grpc}",
+        f"--http-address={options.host}",
+        f"--http-port={options.ports.http}",
+        f"--metrics-address={options.host}",
+        f"--metrics-port={options.ports.metrics}",
+        "--allow-metrics=true",
+        f"--allow-gpu-metrics={str(options.gpu_metrics).lower()}",
+        "--disable-auto-complete-config",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        f"--log-verbose={options.log_verbose}",
+        f"--exit-timeout-secs={options.exit_timeout_s}",
+        # No pool of spent gRPC requests: each kept its (up to request-sized) buffers.
+        "--grpc-infer-allocation-pool-size=0",
+        *control_args(options),
+        *([] if options.grpc_tls is None else options.grpc_tls.args()),
+        *options.extra_args,
+    ]
+
+
+def control_args(options: ServerOptions) -> list[str]:
+    """Explicit model control, the restricted APIs and the stubs' region prefix."""
+    admin = list(ADMIN_APIS)
+    restricted = []
+    if options.shm_key is None:
+        admin.append("shared-memory")
+    else:
+        restricted.append(f"shared-memory:{SHM_HEADER}={options.shm_key}")
+    restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={options.admin_key}")
+    if options.inference_key is not None:
+        restricted.append(f"inference:{GUARD_HEADER}={options.inference_key}")
+    args = ["--model-control-mode=explicit", "--load-model=*"]
+    for setting in restricted:
+        args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
+    if options.shm_region_prefix is not None:
+        args.append(f"--backend-config=python,shm-region-prefix-name={options.shm_region_prefix}")
+    return args
+
+
 class EmbeddedServer:
     """A running `tritonserver` process; use as a context manager."""
 
@@ -168,49 +244,7 @@ class EmbeddedServer:
         return self.options.ports
 
     def command(self) -> list[str]:
-        options = self.options
-        return [
-            str(triton_home() / "bin" / "tritonserver"),
-            f"--model-repository={options.repository}",
-            f"--backend-directory={backend_directory()}",
-            f"--grpc-address={options.host}",
-            f"--grpc-port={options.ports.grpc}",
-            f"--http-address={options.host}",
-            f"--http-port={options.ports.http}",
-            f"--metrics-address={options.host}",
-            f"--metrics-port={options.ports.metrics}",
-            "--allow-metrics=true",
-            "--allow-gpu-metrics=false",
-            "--disable-auto-complete-config",
-            "--exit-on-error=true",
-            "--strict-readiness=true",
-            f"--log-verbose={options.log_verbose}",
-            f"--exit-timeout-secs={options.exit_timeout_s}",
-            # No pool of spent gRPC requests: each kept its (up to request-sized) buffers.
-            "--grpc-infer-allocation-pool-size=0",
-            *self.control_args(),
-            *options.extra_args,
-        ]
-
-    def control_args(self) -> list[str]:
-        options = self.options
-        admin = list(ADMIN_APIS)
-        restricted = []
-        if options.shm_key is None:
-            admin.append("shared-memory")
-        else:
-            restricted.append(f"shared-memory:{SHM_HEADER}={options.shm_key}")
-        restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={options.admin_key}")
-        if options.inference_key is not None:
-            restricted.append(f"inference:{GUARD_HEADER}={options.inference_key}")
-        args = ["--model-control-mode=explicit", "--load-model=*"]
-        for setting in restricted:
-            args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
-        if options.shm_region_prefix is not None:
-            args.append(
-                f"--backend-config=python,shm-region-prefix-name={options.shm_region_prefix}"
-            )
-        return args
+        return triton_command(self.options)
 
     def start(self) -> EmbeddedServer:
         options = self.options
@@ -220,12 +254,13 @@ class EmbeddedServer:
         options.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = options.log_file.open("ab")
         staging = prepare_staging(options.shm, options.log_file.parent / "shm-staging")
-        self.process = subprocess.Popen(
+        # Its own process group (Ctrl-C in a terminal reaches us; we stop it in order),
+        # and killed with us: a SIGKILLed launcher leaves no server behind.
+        self.process = processes.start(
             wrap(self.command(), options.shm, staging),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_environment(),
-            start_new_session=True,  # Ctrl-C in a terminal reaches us; we forward it
+            env=server_environment() if options.binary is None else dict(os.environ),
         )
         self.wait_ready()
         return self
@@ -274,19 +309,12 @@ class EmbeddedServer:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGINT first (Triton unloads models and exits), SIGKILL if it hangs."""
+        """SIGINT first (Triton unloads models and exits), SIGKILL to its group (the
+        stubs too) if it hangs."""
         process, self.process = self.process, None
         code = None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                code = process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                code = process.wait()
-        elif process is not None:
-            code = process.returncode
+        if process is not None:
+            code = processes.stop(process, first=signal.SIGINT, grace_s=timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from abdoserve.deploy import processes
 from abdoserve.deploy.model_control import GRPC_HEADER_PREFIX, GUARD_HEADER
 
 GRPC_RESOURCE_EXHAUSTED = 8
@@ -267,10 +268,8 @@ class NginxGuard:
         self._reap_workers()
         self._write_config()
         self._check_config()
-        self.process = subprocess.Popen(
-            [*self._command(), "-g", "daemon off;"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        self.process = processes.start(
+            [*self._command(), "-g", "daemon off;"], stderr=subprocess.DEVNULL
         )
         self._wait_listening(timeout_s)
         return self
@@ -279,8 +278,7 @@ class NginxGuard:
         """A master that died (SIGKILL) leaves its workers running, holding the listening
         ports: kill its whole process group before a new master binds them."""
         if self.process is not None and self.process.poll() is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            processes.sweep(self.process)
 
     def _command(self) -> list[str]:
         return [nginx_binary(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")]
@@ -329,11 +327,4 @@ class NginxGuard:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGQUIT: finish the requests in flight, then exit; SIGKILL if it hangs."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process, first=signal.SIGQUIT, grace_s=timeout_s)

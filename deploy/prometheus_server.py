@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from abdoserve.deploy import processes
 
 PROMETHEUS_DIR = Path(__file__).resolve().parent / "prometheus"
 RULE_FILES = (str(PROMETHEUS_DIR / "rules" / "*.yml"),)
@@ -134,7 +135,7 @@ class PrometheusServer:
 
     def start(self) -> None:
         self._log = self.log_file.open("wb")
-        self.process = subprocess.Popen(
+        self.process = processes.start(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         deadline = time.monotonic() + self.startup_timeout_s
@@ -156,13 +157,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # flushes the head block and exits
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        processes.stop(process, grace_s=15)  # SIGTERM flushes the head block and exits
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from abdoserve.deploy import processes
 from abdoserve.deploy.embedded import Ports, ServerError, free_port
 from abdoserve.deploy.guard import Backend, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.isolation import ShmIsolation
@@ -80,11 +80,10 @@ class Replica:
     def start(self) -> None:
         self._out = self.output.open("ab")
         command = [sys.executable, "-m", "abdoserve.deploy.replica", str(self.spec_file)]
-        self.process = subprocess.Popen(
-            command,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which stops replicas
+        # Its own group: Ctrl-C reaches the launcher, which stops replicas in order.
+        # SIGTERM if the launcher dies: the replica drains and stops its server.
+        self.process = processes.start(
+            command, stdout=self._out, stderr=subprocess.STDOUT, death_signal=signal.SIGTERM
         )
 
     def is_alive(self) -> bool:
@@ -110,14 +109,8 @@ class Replica:
                 self.process.send_signal(number)
 
     def wait(self, timeout_s: float) -> None:
-        if self.process is None:
-            return
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        # The signal was sent (signal()); SIGKILL to the group past the timeout.
+        processes.stop(self.process, first=0, grace_s=timeout_s)
 
     def close(self) -> None:
         if self._out is not None:

@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 
+from abdoserve.deploy import processes
 from abdoserve.deploy.embedded import free_port
 
 __all__ = [
@@ -193,7 +193,7 @@ class Orthanc:
         log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         # Anything Orthanc prints before its log is open lands in the same file.
         self._output = self.log_file.open("ab")
-        self.process = subprocess.Popen(
+        self.process = processes.start(
             self.command(),
             stdout=self._output,
             stderr=subprocess.STDOUT,
@@ -218,13 +218,7 @@ class Orthanc:
     def stop(self) -> None:
         """SIGTERM and wait: Orthanc closes its index cleanly (the "PACS is down" fault)."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        processes.stop(process, grace_s=STOP_TIMEOUT_S)
         if self._output is not None:
             self._output.close()
             self._output = None
@@ -419,14 +413,7 @@ def association_profile(paths: Sequence[Path]) -> str:
 
 
 def run_dcmtk(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        command,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        stdin=subprocess.DEVNULL,
-    )
+    result = processes.run(command, timeout_s=timeout_s, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         raise DcmtkError(result.returncode, command, result.stdout, result.stderr)
     return result

@@ -129,6 +129,7 @@ class PeerError(RuntimeError):
 def running_peer(task: str, net_folder: Path, log_file: Path) -> Iterator[tuple[str, int]]:
     """The peer in its own process: (gRPC url, pid), stopped after. Everything it prints
     goes to `log_file` (a pipe nobody reads would fill and stall its server)."""
+    from abdoserve.deploy import processes
     from abdoserve.deploy.embedded import free_ports
 
     ports = free_ports()
@@ -136,17 +137,16 @@ def running_peer(task: str, net_folder: Path, log_file: Path) -> Iterator[tuple[
     command += [str(port) for port in (ports.grpc, ports.http, ports.metrics)]
     url = f"127.0.0.1:{ports.grpc}"
     with log_file.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # Its own group: whatever of PyTriton's tritonserver, stubs and proxies outlives
+        # it is killed with the group. SIGTERM if the bench dies: it stops its Triton.
+        process = processes.start(
+            command, stdout=log, stderr=subprocess.STDOUT, death_signal=signal.SIGTERM
+        )
         try:
             wait_ready(process, url, MODEL_PREFIX + task, log_file)
             yield url, process.pid
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            processes.stop(process, grace_s=60)
 
 
 def wait_ready(process: subprocess.Popen[bytes], url: str, model: str, log_file: Path) -> None:

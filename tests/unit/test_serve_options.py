@@ -89,12 +89,11 @@ def test_a_shared_region_needs_its_own_key(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_shared_memory_key_moves_shared_memory_out_of_the_admin_group() -> None:
-    from abdoserve.deploy.embedded import EmbeddedServer
+    from abdoserve.deploy.embedded import control_args
 
-    closed = EmbeddedServer(ServerOptions(Path("/r"), admin_key="A")).control_args()
+    closed = control_args(ServerOptions(Path("/r"), admin_key="A"))
     admin = "model-repository,statistics,trace,logging"
     assert f"--grpc-restricted-protocol={admin},shared-memory:abdoserve-admin-key=A" in closed
-    opted_in = EmbeddedServer(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
-    args = opted_in.control_args()
+    args = control_args(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
     assert "--http-restricted-api=shared-memory:abdoserve-shm-key=S" in args
     assert f"--http-restricted-api={admin}:abdoserve-admin-key=A" in args
