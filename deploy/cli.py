@@ -14,8 +14,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from abdoserve.deploy.processes import interrupt_on_sigterm
-
 # (command path, module that owns the job, help), in the order a newcomer meets them.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("serve",), "abdoserve.deploy.serve", "serve all models on the embedded Triton server"),
@@ -27,14 +25,12 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
-    (("bench", "autoscale"), "abdoserve.loadtests.bench.autoscale", "the HPA signal under a ramp"),
-    (("bench", "replicas"), "abdoserve.loadtests.bench.replicas", "1 vs N replicas, and nginx"),
-    (("bench", "gateway"), "abdoserve.loadtests.bench.gateway", "last instance to SR in PACS"),
     (
-        ("bench", "interpreter"),
-        "abdoserve.loadtests.bench.interpreter",
-        "static vs shared libpython",
+        ("bench", "replicas"),
+        "abdoserve.loadtests.bench.replicas",
+        "1 vs N replicas, and nginx; --autoscale: the HPA signal under a ramp",
     ),
+    (("bench", "gateway"), "abdoserve.loadtests.bench.gateway", "last instance to SR in PACS"),
     (("bench", "gpu"), "abdoserve.loadtests.bench.gpu_check", "the prepared GPU check"),
     (("bench", "runtimes"), "abdoserve.loadtests.bench.runtimes", "CPU runtimes: INT8, OpenVINO"),
     (("loadtest",), "abdoserve.loadtests.cli", "run a locust scenario headless, gate it on SLOs"),
@@ -91,13 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one INFO line per encoded tile
-    # SIGTERM (kill, systemd, a pod) takes Ctrl-C's clean path: children stopped, shared
-    # memory unlinked. Before, `bench serving` died at once and left its servers running.
-    interrupt_on_sigterm()
-    try:
-        result: int = args.run(args)
-    except KeyboardInterrupt:
-        return 130
+    result: int = args.run(args)
     return result
 
 

@@ -1,4 +1,4 @@
-"""`abdoserve bench autoscale`: the autoscaling signal, measured on real replicas.
+"""`abdoserve bench replicas --autoscale`: the autoscaling signal, measured on real replicas.
 
 Starts `--replicas` local replicas behind nginx (as `abdoserve serve --replicas`), a
 real Prometheus scraping each replica with the `namespace`/`pod` labels a PodMonitor
@@ -12,7 +12,8 @@ with the target of deploy/k8s/base/horizontalpodautoscaler.yaml:
     unchanged within its 10 % tolerance)
 
 It prints the series, writes them as JSON and plots them (users, signal per pod,
-desired replicas over time).
+desired replicas over time). Not a command of its own: an option of `bench replicas`,
+which starts the same replicas.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
 from abdoserve.deploy.serve import prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
-from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
+from abdoserve.export.locations import BUILD_DIR
 from abdoserve.loadtests.cli import SCENARIOS_DIR, execute
 from abdoserve.loadtests.profiles import step_users
 
@@ -78,24 +80,26 @@ def desired_replicas(current: int, values: list[float], target: float) -> int:
     return max(1, math.ceil(current * ratio))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--replicas", type=int, default=2, help="local replicas (default 2)")
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        help="the repository (default: as `abdoserve serve --replicas N` picks and builds it)",
+def add_ramp_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ramp's options, for `bench replicas --autoscale` (--replicas and --repository
+    are the replicas bench's own)."""
+    ramp_options = parser.add_argument_group("with --autoscale: the HPA signal under a ramp")
+    ramp_options.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="instead of the topologies: a locust step ramp on --replicas replicas with a "
+        "real Prometheus, sampling the HPA's signal and the replicas it would ask for",
     )
-    parser.add_argument("--users", type=int, default=16, help="peak users (default 16)")
-    parser.add_argument("--run-time", default="4m", help="the ramp, 4 steps (default 4m)")
-    parser.add_argument("--sample-s", type=float, default=5.0, help="sampling period (5 s)")
-    parser.add_argument(
+    ramp_options.add_argument("--users", type=int, default=16, help="peak users (default 16)")
+    ramp_options.add_argument("--run-time", default="4m", help="the ramp, 4 steps (default 4m)")
+    ramp_options.add_argument("--sample-s", type=float, default=5.0, help="sampling period (5 s)")
+    ramp_options.add_argument(
         "--out", type=Path, default=BUILD_DIR / "autoscale", help="JSON, PNG, locust files"
     )
-    parser.add_argument("--plot", type=Path, help="also write the PNG here (docs/figures/...)")
+    ramp_options.add_argument("--plot", type=Path, help="also write the PNG here (docs/...)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_ramp(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.repository = prepared_repository(
         args.repository, args.replicas
@@ -189,9 +193,34 @@ def report(args: argparse.Namespace, points: list[Point], query: str, target: fl
         "points": [asdict(point) for point in points],
     }
     (args.out / "autoscale.json").write_text(json.dumps(result, indent=2) + "\n")
-    from abdoserve.loadtests.bench.autoscale_plot import plot
-
     for path in (args.out / "autoscale.png", args.plot):
         if path is not None:
             plot(points, target, path)
             print(f"plot: {path}")
+
+
+def plot(points: Sequence[Point], target_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    times = [point.at_s for point in points]
+    figure, (load, signal, replicas) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    load.step(times, [point.users for point in points], where="post", color="C0")
+    load.set(ylabel="locust users", title="step ramp of the hospital-day mix")
+    pods = sorted({pod for point in points for pod in point.signal_by_pod})
+    for index, pod in enumerate(pods):
+        values = [1e3 * point.signal_by_pod.get(pod, float("nan")) for point in points]
+        signal.plot(times, values, label=pod, color=f"C{index + 1}")
+    signal.axhline(1e3 * target_s, color="k", linestyle="--", label="HPA target")
+    signal.set(ylabel="queue ms per study", title="the adapter's metric, per pod")
+    signal.legend(fontsize="small")
+    replicas.step(times, [point.desired_replicas for point in points], where="post", color="C3")
+    replicas.set(ylabel="replicas", xlabel="s", title="what the HPA would ask for")
+    for axis in (load, signal, replicas):
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, format="png")
+    plt.close(figure)

@@ -4,6 +4,9 @@ of N replicas behind nginx, side by side in one run on the same studies and repo
 (a) vs (b) is what the balancer costs per request; (b) vs (c) is what more replicas buy
 on this machine. Each topology is measured as `abdoserve bench serving --url` measures a
 running server (the same served_levels: fresh clients per level, a warm-up per thread).
+
+`--autoscale` measures the same replicas another way: the HPA's signal under a locust
+step ramp (`autoscale.py`, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
 from abdoserve.deploy.serve import prepared_repository
 from abdoserve.deploy.supervisor import GuardLimits
 from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
+from abdoserve.loadtests.bench.autoscale import add_ramp_arguments, run_ramp
 from abdoserve.loadtests.bench.serving import served_levels
 from abdoserve.loadtests.bench.workload import Measurement, study_pool
 
@@ -40,9 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    add_ramp_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.autoscale:
+        return run_ramp(args)
     repository = prepared_repository(
         args.repository, args.replicas
     )  # sized for the larger topology; all three use it

@@ -1,5 +1,5 @@
-"""`abdoserve bench autoscale`'s arithmetic: the adapter's query as PromQL, the HPA's
-target and its replica formula."""
+"""`abdoserve bench replicas --autoscale`'s arithmetic: the adapter's query as PromQL, the
+HPA's target and its replica formula; and the option that runs it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from abdoserve.deploy.cli import build_parser
+from abdoserve.loadtests.bench import autoscale, replicas
 from abdoserve.loadtests.bench.autoscale import adapter_query, desired_replicas, hpa_target
 
 
@@ -38,3 +40,13 @@ def test_the_hpa_target_reads_milli_units(tmp_path: Path) -> None:
 )
 def test_the_hpa_formula(current: int, values: list[float], target: float, desired: int) -> None:
     assert desired_replicas(current, values, target) == desired
+
+
+def test_the_ramp_is_an_option_of_bench_replicas() -> None:
+    words = ["bench", "replicas", "--autoscale", "--users", "48", "--run-time", "4m"]
+    args = build_parser(words).parse_args(words)
+    assert args.run is replicas.run
+    assert args.autoscale and args.users == 48 and args.run_time == "4m" and args.replicas == 2
+    plain = build_parser(["bench", "replicas"]).parse_args(["bench", "replicas"])
+    assert plain.autoscale is False
+    assert not hasattr(autoscale, "run")  # no command of its own
