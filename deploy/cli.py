@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from abdoserve.deploy.processes import interrupt_on_sigterm
+
 # (command path, module that owns the job, help), in the order a newcomer meets them.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("serve",), "abdoserve.deploy.serve", "serve all models on the embedded Triton server"),
@@ -87,7 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one INFO line per encoded tile
-    result: int = args.run(args)
+    # SIGTERM (kill, systemd, a pod) takes Ctrl-C's clean path: children stopped, shared
+    # memory unlinked. Before, `bench serving` died at once and left its servers running.
+    interrupt_on_sigterm()
+    try:
+        result: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
     return result
 
 
