@@ -51,9 +51,11 @@ relink: $(STAMP)
 serve: relink
 	$(BIN)/abdoserve serve
 
-lint: $(STAMP)
+# ruff, then the import rules (pyproject.toml's import-linter contracts).
+lint: relink
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 # mypy reads `abdoserve.*` from the editable install's link tree (each package ships a
 # py.typed); the packages to check are the top-level ones pyproject.toml lists.
