@@ -44,17 +44,17 @@ class _Response(Protocol):
 # request (the server's supervisor reloads the model within seconds), and the guard's
 # RESOURCE_EXHAUSTED for a full in-flight budget (a request over the size limit is
 # RESOURCE_EXHAUSTED too, and is not retried).
-TRANSIENT = {
+RETRIED_MESSAGES = {
     "INTERNAL": ("is not healthy", "Failed to obtain the health mutex"),
     "RESOURCE_EXHAUSTED": ("server busy",),
 }
 
 
-def is_transient(failure: AbdoServeError) -> bool:
-    """UNAVAILABLE, or one of the `TRANSIENT` messages of its code."""
+def is_retried(failure: AbdoServeError) -> bool:
+    """UNAVAILABLE, or one of the `RETRIED_MESSAGES` of its code."""
     if failure.code == ServerUnavailableError.code:
         return True
-    markers = TRANSIENT.get(failure.code, ())
+    markers = RETRIED_MESSAGES.get(failure.code, ())
     return any(marker in failure.message for marker in markers)
 
 
@@ -79,7 +79,7 @@ class Deadline:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry transient failures (`is_transient`), `retries` times, doubling the wait
+    """Retry transient failures (`is_retried`), `retries` times, doubling the wait
     (inference is idempotent), while the caller's deadline leaves time for the wait and
     another attempt; every other error is raised at once."""
 
@@ -100,7 +100,7 @@ class RetryPolicy:
         """Seconds to wait before retrying after failed attempt `attempt` (from 0), or raise
         the typed error with `error` as its cause."""
         failure = from_triton(error)
-        if not is_transient(failure):
+        if not is_retried(failure):
             raise failure from error
         delay = self.backoff_s * 2.0**attempt
         if attempt >= self.retries:

@@ -22,7 +22,9 @@ from abdoserve_client.results import StudyResult
 
 log = logging.getLogger("abdoserve.gateway")
 
-TRANSIENT = (ServerUnavailableError, DeadlineExceededError)
+# The server could not answer in time (down, restarting, a network fault): waited out.
+# Other errors are the study's own, or the client has already retried them.
+UNREACHABLE_ERRORS = (ServerUnavailableError, DeadlineExceededError)
 
 
 class Interrupted(Exception):
@@ -44,8 +46,9 @@ class RetrySettings:
 Infer = Callable[[str, Sequence[bytes], Mapping[str, Any]], StudyResult]
 
 
-class PatientInference:
-    """`infer(...)` that waits out transient faults and stops when the gateway does."""
+class PersistentInference:
+    """`infer(...)` that retries until the server answers (or `give_up_after_s` passes),
+    and stops when the gateway does."""
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class PatientInference:
                 raise Interrupted
             try:
                 return self._infer(task, instances, clinical)
-            except TRANSIENT as error:
+            except UNREACHABLE_ERRORS as error:
                 waited = time.monotonic() - started
                 if waited + backoff > self.settings.give_up_after_s:
                     raise GaveUp(f"server unreachable for {waited:.0f} s ({error.code})") from error

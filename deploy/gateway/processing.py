@@ -24,7 +24,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from abdoserve.deploy.gateway.inference import GaveUp, PatientInference
+from abdoserve.deploy.gateway.inference import GaveUp, PersistentInference
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
 from abdoserve.deploy.gateway.report import ReportContext, build_report, result_json
 from abdoserve.deploy.gateway.routing import RoutedRequest, RuleSet
@@ -37,11 +37,12 @@ log = logging.getLogger("abdoserve.gateway")
 
 @dataclass(frozen=True)
 class Headers:
-    """A study's instances as the router sees them: headers by series, files by SOP UID."""
+    """A study's instances as the router sees them: headers by series; files and headers
+    by SOP Instance UID."""
 
     by_series: Mapping[str, Sequence[Dataset]]
     files: Mapping[str, Path]
-    headers: Mapping[str, Dataset]
+    by_instance: Mapping[str, Dataset]
 
 
 def read_headers(files: Sequence[Path]) -> Headers:
@@ -77,7 +78,7 @@ class StudyProcessor:
         self,
         spool: Spool,
         rules: RuleSet,
-        infer: PatientInference,
+        infer: PersistentInference,
         metrics: GatewayMetrics,
         destinations: Sequence[Destination],
         *,
@@ -126,7 +127,7 @@ class StudyProcessor:
             return self._failed(job, "GAVE_UP", str(error))
         except AbdoServeError as error:  # an unexpected answer: kept for a person to look at
             return self._failed(job, error.code, error.message)
-        sources = [headers.headers[sop] for sop in request.instances]
+        sources = [headers.by_instance[sop] for sop in request.instances]
         try:
             return self._answered(job, result.answer, sources, answered_at)
         except ValueError as error:  # an answer that does not fit its images: kept, said

@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from abdoserve.deploy.gateway.inference import (
     Infer,
     Interrupted,
-    PatientInference,
+    PersistentInference,
     RetrySettings,
 )
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
@@ -61,7 +61,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.watch_queue(self.spool.waiting_studies)
         self.stopping = threading.Event()
-        inference = PatientInference(infer, settings.retry, self.metrics, self.stopping)
+        inference = PersistentInference(infer, settings.retry, self.metrics, self.stopping)
         self.processor = StudyProcessor(
             self.spool,
             rules,

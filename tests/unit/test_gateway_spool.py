@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from abdoserve.deploy.gateway.inference import (
     GaveUp,
     Interrupted,
-    PatientInference,
+    PersistentInference,
     RetrySettings,
 )
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
@@ -149,7 +149,7 @@ def quick(give_up_after_s: float = 60.0) -> RetrySettings:
 def test_an_unavailable_server_is_waited_for() -> None:
     server = FlakyServer(failures=5)
     metrics = GatewayMetrics()
-    infer = PatientInference(server, quick(), metrics, threading.Event())
+    infer = PersistentInference(server, quick(), metrics, threading.Event())
     assert infer("bone_density_ct", [b""], {}) == "answer"
     assert server.calls == 6
     assert metrics.registry.get_sample_value("abdoserve_gateway_inference_retries_total") == 5
@@ -157,19 +157,21 @@ def test_an_unavailable_server_is_waited_for() -> None:
 
 def test_an_invalid_study_is_not_retried() -> None:
     server = FlakyServer(failures=1, error=InvalidRequestError("instance 0: (0028,0030)"))
-    infer = PatientInference(server, quick(), GatewayMetrics(), threading.Event())
+    infer = PersistentInference(server, quick(), GatewayMetrics(), threading.Event())
     with pytest.raises(InvalidRequestError):
         infer("bone_density_ct", [b""], {})
     assert server.calls == 1
 
 
 def test_the_wait_ends_at_the_give_up_time_or_the_stop() -> None:
-    infer = PatientInference(FlakyServer(10**9), quick(0.05), GatewayMetrics(), threading.Event())
+    infer = PersistentInference(
+        FlakyServer(10**9), quick(0.05), GatewayMetrics(), threading.Event()
+    )
     with pytest.raises(GaveUp, match="server unreachable"):
         infer("bone_density_ct", [b""], {})
     stopping = threading.Event()
     stopping.set()
-    stopped = PatientInference(FlakyServer(10**9), quick(), GatewayMetrics(), stopping)
+    stopped = PersistentInference(FlakyServer(10**9), quick(), GatewayMetrics(), stopping)
     with pytest.raises(Interrupted):
         stopped("bone_density_ct", [b""], {})
 
