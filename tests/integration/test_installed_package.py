@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,16 +33,20 @@ from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference
 CHECKOUT = Path(__file__).resolve().parents[2]
 TASK = "bone_density_ct"
 DEBIAN_PYTHON = "/usr/bin/python3.11"  # the Python-backend stub links its libpython
+LOCAL_ONLY = (".git", ".venv", "build", "*.egg-info", "*_cache", "__pycache__", ".hypothesis")
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh environment holding the two wheels built from this checkout."""
     root = tmp_path_factory.mktemp("installed")
+    # A copy of the sources, so that the wheel build's own build/ stays out of the checkout.
+    source = root / "source"
+    shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(*LOCAL_ONLY))
     wheels = root / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "-w", str(wheels), str(CHECKOUT / "clients"), str(CHECKOUT)],
+         "-w", str(wheels), str(source / "clients"), str(source)],
         check=True,
     )  # fmt: skip
     venv = root / "venv"
