@@ -26,9 +26,9 @@ from abdoserve.export.phantom.anatomy import (
 from abdoserve.export.phantom.dicom_writer import (
     Patient,
     PixelFormat,
-    SeriesInfo,
-    SliceInfo,
-    StudyInfo,
+    SeriesHeader,
+    SliceHeader,
+    StudyHeader,
     ct_dataset,
     encode,
     phantom_uid,
@@ -71,7 +71,7 @@ class Planned:
     """One instance to render: anatomy, series, time, and its values by label."""
 
     anatomy: SliceAnatomy
-    series: SeriesInfo
+    series: SeriesHeader
     instance_number: int
     acquisition_time: str
     values: FloatArray
@@ -79,7 +79,7 @@ class Planned:
     liver_change: FloatArray | None = None
 
 
-DatasetMaker = Callable[[SeriesInfo, SliceInfo], Dataset]
+DatasetMaker = Callable[[SeriesHeader, SliceHeader], Dataset]
 
 
 def make_rng(seed: int) -> np.random.Generator:
@@ -96,7 +96,7 @@ def make_study(
     *,
     age: int | None = None,
     sex: str | None = None,
-) -> StudyInfo:
+) -> StudyHeader:
     """Patient and study identity, all derived from the seed."""
     age = int(rng.integers(40, 81)) if age is None else age
     if not 18 <= age <= 100:
@@ -107,7 +107,7 @@ def make_study(
     study_date = date(2023, 1, 1) + timedelta(days=seed % 365)
     birth = study_date.replace(year=study_date.year - age) - timedelta(days=1)
     patient = Patient(f"PHANTOM-{seed:04d}", birth, "M" if sex == "M" else "F", age)
-    return StudyInfo(
+    return StudyHeader(
         uid=phantom_uid(task, seed, "study"),
         frame_of_reference_uid=phantom_uid(task, seed, "frame"),
         study_date=study_date,
@@ -178,7 +178,7 @@ def render_instance(
     intercept = encoding.pixels.rescale_intercept or 0.0
     stored = to_stored(image, intercept, encoding.pixels.signed, encoding.pixels.bits_stored)
     sop = phantom_uid(plan.series.uid, plan.instance_number, "sop")
-    info = SliceInfo(
+    info = SliceHeader(
         sop, plan.instance_number, plan.anatomy.z_mm, grid, thickness_mm, plan.acquisition_time
     )
     data = encode(make_dataset(plan.series, info), stored, encoding.syntax)
@@ -275,8 +275,10 @@ def series_info(
     *,
     window: tuple[float, float],
     agent: str | None,
-) -> SeriesInfo:
-    return SeriesInfo(phantom_uid(task, seed, "series", number), number, description, window, agent)
+) -> SeriesHeader:
+    return SeriesHeader(
+        phantom_uid(task, seed, "series", number), number, description, window, agent
+    )
 
 
 def render_all(
@@ -302,8 +304,8 @@ def render_all(
     ]
 
 
-def ct_maker(study: StudyInfo, encoding: Encoding) -> DatasetMaker:
-    def make(series: SeriesInfo, info: SliceInfo) -> Dataset:
+def ct_maker(study: StudyHeader, encoding: Encoding) -> DatasetMaker:
+    def make(series: SeriesHeader, info: SliceHeader) -> Dataset:
         return ct_dataset(study, series, info, encoding.pixels)
 
     return make

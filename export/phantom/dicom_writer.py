@@ -59,7 +59,7 @@ class Patient:
 
 
 @dataclass(frozen=True)
-class StudyInfo:
+class StudyHeader:
     uid: str
     frame_of_reference_uid: str
     study_date: date
@@ -70,7 +70,7 @@ class StudyInfo:
 
 
 @dataclass(frozen=True)
-class SeriesInfo:
+class SeriesHeader:
     uid: str
     number: int
     description: str
@@ -92,7 +92,7 @@ class PixelFormat:
 
 
 @dataclass(frozen=True)
-class SliceInfo:
+class SliceHeader:
     sop_uid: str
     instance_number: int
     z_mm: float
@@ -112,7 +112,7 @@ class MRAcquisition:
 
 
 def ct_dataset(
-    study: StudyInfo, series: SeriesInfo, image: SliceInfo, pixels: PixelFormat
+    study: StudyHeader, series: SeriesHeader, image: SliceHeader, pixels: PixelFormat
 ) -> Dataset:
     """A CT Image Storage dataset, without Pixel Data."""
     ds = _common(study, series, image, pixels, modality="CT", sop_class=uid.CTImageStorage)
@@ -129,9 +129,9 @@ def ct_dataset(
 
 
 def mr_dataset(
-    study: StudyInfo,
-    series: SeriesInfo,
-    image: SliceInfo,
+    study: StudyHeader,
+    series: SeriesHeader,
+    image: SliceHeader,
     pixels: PixelFormat,
     acquisition: MRAcquisition,
 ) -> Dataset:
@@ -154,9 +154,9 @@ def mr_dataset(
 
 
 def _common(
-    study: StudyInfo,
-    series: SeriesInfo,
-    image: SliceInfo,
+    study: StudyHeader,
+    series: SeriesHeader,
+    image: SliceHeader,
     pixels: PixelFormat,
     *,
     modality: str,
@@ -186,7 +186,7 @@ def _common(
     return ds
 
 
-def _patient_and_study(ds: Dataset, study: StudyInfo) -> None:
+def _patient_and_study(ds: Dataset, study: StudyHeader) -> None:
     patient = study.patient
     ds.PatientName = PATIENT_NAME
     ds.PatientID = patient.patient_id
@@ -202,7 +202,7 @@ def _patient_and_study(ds: Dataset, study: StudyInfo) -> None:
     ds.StudyDescription = study.description
 
 
-def _image(ds: Dataset, study: StudyInfo, image: SliceInfo) -> None:
+def _image(ds: Dataset, study: StudyHeader, image: SliceHeader) -> None:
     """General Image and Image Plane modules: axial, centred on the body axis."""
     ds.InstanceNumber = image.instance_number
     ds.AcquisitionNumber = 1

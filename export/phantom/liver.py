@@ -34,9 +34,9 @@ from abdoserve.export.phantom.common import (
 )
 from abdoserve.export.phantom.dicom_writer import (
     MRAcquisition,
-    SeriesInfo,
-    SliceInfo,
-    StudyInfo,
+    SeriesHeader,
+    SliceHeader,
+    StudyHeader,
     mr_dataset,
 )
 from abdoserve.export.phantom.render import liver_texture
@@ -171,8 +171,8 @@ def liver_fibrosis_ct(
     return assemble(task, rendered, file_order(rng, slices, shuffle), clinical, truth)
 
 
-def _mr_maker(study: StudyInfo, encoding: Encoding, scanner: MRAcquisition) -> DatasetMaker:
-    def make(series: SeriesInfo, info: SliceInfo) -> Dataset:
+def _mr_maker(study: StudyHeader, encoding: Encoding, scanner: MRAcquisition) -> DatasetMaker:
+    def make(series: SeriesHeader, info: SliceHeader) -> Dataset:
         return mr_dataset(study, series, info, encoding.pixels, scanner)
 
     return make
