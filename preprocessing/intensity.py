@@ -13,11 +13,6 @@ from abdoserve.preprocessing.errors import FlatImageError
 from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling
 
 
-def hounsfield(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored values -> Hounsfield units through the modality LUT."""
-    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-
-
 def window_ct(resampled: np.ndarray, slope: float, intercept: float, window: CTWindow) -> None:
     """Stored values (resampled, float32) -> windowed [0, 1], in place.
 

@@ -12,8 +12,8 @@ from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.loadtests.hostile import HostileRequest, catalogue, send
-from abdoserve.loadtests.mutations import random_mutation
 from abdoserve.loadtests.resources import peak_rss_mib
+from tests.mutations import random_mutation
 
 CASES = catalogue()
 PEAK_GROWTH_MIB = 300  # a refused 1 GiB bomb used to take 4.4 GB

@@ -12,10 +12,10 @@ from pydicom.dataset import Dataset
 
 from abdoserve.export.phantom import PhantomStudy, build_study
 from abdoserve.preprocessing.decode import decode_instance
-from abdoserve.preprocessing.intensity import hounsfield
 from abdoserve.preprocessing.specs import IntakeLimits
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
+from tests.hounsfield import hounsfield
 
 SYNTAXES = (
     "ImplicitVRLittleEndian",

@@ -1,6 +1,6 @@
 """Property: whatever bytes arrive, the intake ends in an answer or an IntakeError, within
 a time and memory bound. Inputs are real files in every transfer syntax we decode,
-mutated where decoders break (see abdoserve.loadtests.mutations).
+mutated where decoders break (see tests/mutations.py).
 
 ABDOSERVE_FUZZ_EXAMPLES raises the example count for a long run; CI runs a fixed,
 derandomized set so that a failure reproduces.
@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.export.phantom.enhanced import enhanced_multiframe
-from abdoserve.loadtests.mutations import MUTATIONS, Mutation
 from abdoserve.preprocessing.errors import IntakeError
 from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
+from tests.mutations import MUTATIONS, Mutation
 
 EXAMPLES = int(os.environ.get("ABDOSERVE_FUZZ_EXAMPLES", "250"))
 PEAK_BYTES = 256 * 1024 * 1024  # Python and numpy allocations while one study is prepared

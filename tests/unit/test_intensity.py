@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from abdoserve.preprocessing.errors import FlatImageError
-from abdoserve.preprocessing.intensity import hounsfield, scale_mr, window_ct
+from abdoserve.preprocessing.intensity import scale_mr, window_ct
 from abdoserve.preprocessing.specs import CTWindow, MRPercentileScaling
+from tests.hounsfield import hounsfield
 
 WINDOW = CTWindow(center_hu=40.0, width_hu=400.0)  # -160..240 HU
 
