@@ -14,7 +14,6 @@ proposes each file's own transfer syntax (plus an uncompressed fallback per SOP 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import shutil
 import subprocess
@@ -28,9 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import pydicom
 from pydicom import uid
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 
 from abdoserve.deploy import processes
@@ -45,7 +42,6 @@ __all__ = [
     "orthanc",
     "start_orthanc",
     "storescu",
-    "write_basic_text_sr",
 ]
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -470,57 +466,3 @@ def echoscu(
         str(port),
     ]
     return run_dcmtk(command, timeout_s)
-
-
-def write_basic_text_sr(path: Path, *, like: Path, text: str) -> Dataset:
-    """Write a minimal Basic Text SR in the patient and study of the file `like`, in a
-    series of its own (a PACS indexes it as Modality SR); return the dataset."""
-    reference = pydicom.dcmread(like, stop_before_pixels=True)
-    sr = Dataset()
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-    ):
-        if keyword in reference:
-            sr[keyword] = reference[keyword]
-    now = datetime.datetime.now()
-    sr.SOPClassUID = uid.BasicTextSRStorage
-    sr.SOPInstanceUID = uid.generate_uid()
-    sr.Modality = "SR"
-    sr.SeriesInstanceUID = uid.generate_uid()
-    sr.SeriesNumber = 900
-    sr.InstanceNumber = 1
-    sr.Manufacturer = "AbdoServe tests"
-    sr.ContentDate = now.strftime("%Y%m%d")
-    sr.ContentTime = now.strftime("%H%M%S")
-    sr.ValueType = "CONTAINER"
-    sr.ContinuityOfContent = "SEPARATE"
-    sr.CompletionFlag = "COMPLETE"
-    sr.VerificationFlag = "UNVERIFIED"
-    sr.ConceptNameCodeSequence = [coded("18748-4", "LN", "Diagnostic imaging report")]
-    finding = Dataset()
-    finding.RelationshipType = "CONTAINS"
-    finding.ValueType = "TEXT"
-    finding.ConceptNameCodeSequence = [coded("121071", "DCM", "Finding")]
-    finding.TextValue = text
-    sr.ContentSequence = [finding]
-    sr.file_meta = FileMetaDataset()
-    sr.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
-    sr.save_as(path, enforce_file_format=True)
-    return sr
-
-
-def coded(value: str, scheme: str, meaning: str) -> Dataset:
-    code = Dataset()
-    code.CodeValue = value
-    code.CodingSchemeDesignator = scheme
-    code.CodeMeaning = meaning
-    return code

@@ -23,8 +23,8 @@ from abdoserve.loadtests.dicom_peers import (
     free_port,
     orthanc,
     storescu,
-    write_basic_text_sr,
 )
+from tests.dicom_sr import write_basic_text_sr
 
 TASK = "bone_density_ct"
 SLICES = 9  # bone_density_ct's phantom series
