@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -147,6 +148,7 @@ def stop(
     *,
     first: int = signal.SIGTERM,
     grace_s: float = 30.0,
+    linger_s: float = 5.0,
 ) -> int | None:
     """Stop `process` and its group: `first` to the leader, up to `grace_s` for it to
     exit, then SIGKILL to the group; whatever of the group outlived the leader is killed
@@ -160,9 +162,27 @@ def stop(
             os.kill(process.pid, first)
         if not _wait_exit(process, grace_s):
             _signal_group(process.pid, signal.SIGKILL)
-    # Left-overs (a stub, an nginx worker) die with the leader's group.
+    # Left-overs (a stub, an nginx worker) get `linger_s` to finish (a multiprocessing
+    # resource tracker unlinks its shared memory once its parent is gone), then SIGKILL.
+    deadline = time.monotonic() + linger_s
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
     _signal_group(process.pid, signal.SIGKILL)
     return process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running (zombies do not count)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def sweep(process: subprocess.Popen[Any]) -> None:
@@ -191,6 +211,6 @@ def run(
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except BaseException:
-        stop(process, first=signal.SIGKILL, grace_s=0)
+        stop(process, first=signal.SIGKILL, grace_s=0, linger_s=0)
         raise
     return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)

@@ -74,6 +74,9 @@ class SupervisorOptions:
     # endpoint behind it on loopback; None: no guard, Triton listens itself.
     guard: GuardLimits | None = None
     tls: TlsFiles | None = None  # the guard's certificates (TLS needs the guard)
+    # Behind the guard, health is proxied by nginx (with its TLS). A pod keeps it on its
+    # own plain port instead: the kubelet's probes present no client certificate.
+    health_behind_guard: bool = True
 
 
 class Supervisor:
@@ -111,7 +114,7 @@ class Supervisor:
         """Where the health endpoint listens: behind a guard, a loopback port it proxies."""
         if supervision.health_port is None:
             return None
-        if supervision.guard is not None:
+        if supervision.guard is not None and supervision.health_behind_guard:
             return ("127.0.0.1", free_port())
         return (supervision.health_host, supervision.health_port)
 
@@ -177,8 +180,9 @@ class Supervisor:
         if limits is None:
             return
         proxied = [ProxiedPort(self.public_ports.metrics, self.base_options.ports.metrics)]
-        if self.supervision.health_port is not None and self.health_address is not None:
-            proxied.append(ProxiedPort(self.supervision.health_port, self.health_address[1]))
+        port = self.supervision.health_port
+        if self.supervision.health_behind_guard and port is not None and self.health_address:
+            proxied.append(ProxiedPort(port, self.health_address[1]))
         options = GuardOptions(
             host=self.public_host,
             grpc_port=self.public_ports.grpc,

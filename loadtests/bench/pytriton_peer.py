@@ -16,6 +16,7 @@ SIGTERM or SIGINT.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -113,7 +114,13 @@ def main(argv: list[str]) -> int:
     task, net_folder, *ports = argv
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     grpc, http, metrics = (int(port) for port in ports)
-    serve(task, Path(net_folder), (grpc, http, metrics))
+    try:
+        serve(task, Path(net_folder), (grpc, http, metrics))
+    finally:
+        # PyTriton's server leaves its Python-backend regions in the host's /dev/shm when
+        # it exits "with failure" (seen on every SIGTERM): named after our pid.
+        for region in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+            region.unlink(missing_ok=True)
     return 0
 
 

@@ -263,18 +263,30 @@ def test_the_overlays_set_real_images(overlay: list[Obj]) -> None:
 # --- the pod -------------------------------------------------------------------
 
 
-def test_probes_ask_triton_for_live_and_ready(overlay: list[Obj]) -> None:
+def test_probes_ask_the_supervisor_for_live_and_ready(overlay: list[Obj]) -> None:
+    """Not Triton's /v2/health/ready, which stays green with a dead stub: the supervisor's
+    health port, the one the entrypoint gives it."""
     container = triton(overlay)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     expected = {
-        "startupProbe": "/v2/health/live",
-        "livenessProbe": "/v2/health/live",
-        "readinessProbe": "/v2/health/ready",
+        "startupProbe": "/health/ready",
+        "livenessProbe": "/health/live",
+        "readinessProbe": "/health/ready",
     }
     for probe, path in expected.items():
         check = container[probe]["httpGet"]
         assert check["path"] == path, probe
-        assert ports[check["port"]] == int(flag(container, "--http-port")), probe
+        assert check.get("scheme", "HTTP") == "HTTP", probe  # plain, outside the guard
+        assert ports[check["port"]] == int(flag(container, "--supervisor-port")), probe
+        assert ports[check["port"]] != int(flag(container, "--http-port")), probe
+
+
+def test_the_container_runs_the_supervisor_entrypoint(overlay: list[Obj]) -> None:
+    container = triton(overlay)
+    assert "command" not in container, "the image's entrypoint (the supervisor) must run"
+    entrypoint = (ROOT / "deploy" / "gpu" / "entrypoint.sh").read_text()
+    assert "-m abdoserve.deploy.container" in entrypoint
+    assert pod_spec(overlay)["shareProcessNamespace"] is True  # PID 1 reaps orphans
 
 
 def test_dev_shm_is_memory_backed_and_bounded(overlay: list[Obj]) -> None:
@@ -462,7 +474,7 @@ def test_the_network_policy_opens_only_the_named_ports(overlay: list[Obj]) -> No
         assert rule["from"], "a rule without `from` would admit everyone"
         for port in rule["ports"]:
             opened.setdefault(port["port"], []).extend(rule["from"])
-    assert set(opened) == {"grpc", "http", "metrics"}
+    assert set(opened) == {"grpc", "http", "metrics", "health"}
     client = {"abdoserve.io/client": "true"}
     assert opened["grpc"] == opened["http"]
     assert {"podSelector": {"matchLabels": client}} in opened["grpc"]
@@ -470,6 +482,7 @@ def test_the_network_policy_opens_only_the_named_ports(overlay: list[Obj]) -> No
     assert opened["metrics"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
+    assert opened["health"] == opened["metrics"]
     container_ports = {port["name"] for port in triton(overlay)["ports"]}
     assert set(opened) == container_ports
 

@@ -57,7 +57,7 @@ def test_a_grandchild_dies_with_the_group() -> None:
     assert alive(grandchild)
     # The child exits on SIGTERM (default action) and leaves the grandchild behind:
     # the sweep of its group kills it.
-    assert processes.stop(child, grace_s=10) == -signal.SIGTERM
+    assert processes.stop(child, grace_s=10, linger_s=0.5) == -signal.SIGTERM
     wait_for(lambda: not alive(grandchild), "the grandchild outlived its group")
 
 
