@@ -65,8 +65,9 @@ def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen
 def container_env(folder: Path, repository: Path) -> dict[str, str]:
     (folder / "bin").mkdir()
     (folder / "bin" / "tritonserver").symlink_to(triton_home() / "bin" / "tritonserver")
-    return server_environment() | {
-        "PATH": f"{folder / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    env = server_environment()  # this environment's bin/ first, as the image's PATH
+    return env | {
+        "PATH": f"{folder / 'bin'}{os.pathsep}{env['PATH']}",
         "MODEL_REPOSITORY": str(repository),
         "ABDOSERVE_LOG_DIR": str(folder / "logs"),
     }
