@@ -35,6 +35,8 @@ SERVED_TIMEOUT_S = 300.0
 class InProcess:
     """Preprocessing, a network runner and the answer, in this process, sequentially."""
 
+    name = ""  # the runtime, as its rows are labelled
+
     def __init__(
         self, spec: TaskSpec, pool: Sequence[Study], identity: ModelIdentity, tuning: Tuning
     ) -> None:
@@ -59,6 +61,8 @@ class InProcess:
 class OnnxInProcess(InProcess):
     """The served `_net`'s own runner (`OnnxRunner`) on the served `model.onnx`."""
 
+    name = "onnxruntime"
+
     def __init__(
         self,
         spec: TaskSpec,
@@ -79,6 +83,8 @@ class OnnxInProcess(InProcess):
 
 class TorchInProcess(InProcess):
     """PyTorch eager (the export's reference module) on `TORCH_THREADS` threads."""
+
+    name = "pytorch"
 
     def __init__(
         self, spec: TaskSpec, pool: Sequence[Study], identity: ModelIdentity, tuning: Tuning

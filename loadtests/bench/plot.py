@@ -7,10 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from abdoserve.loadtests.bench.report import SweepPoint, TaskResult
+import numpy as np
+
+from abdoserve.loadtests.bench.report import SweepPoint, TaskRounds
+from abdoserve.loadtests.bench.workload import Measurement
 
 
-def write_plot(path: Path, results: Sequence[TaskResult], sweep: Sequence[SweepPoint]) -> None:
+def write_plot(path: Path, results: Sequence[TaskRounds], sweep: Sequence[SweepPoint]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -24,7 +27,7 @@ def write_plot(path: Path, results: Sequence[TaskResult], sweep: Sequence[SweepP
     throughput.set(title="throughput (dashed: in-process)", ylabel="studies/s")
     tail.set(title="p95 latency", ylabel="ms")
     _plain_log_y(tail)
-    levels = sorted({row.concurrency for result in results for row in result.served})
+    levels = sorted({row.concurrency for result in results for row in result.last.served})
     for axis in (throughput, tail):
         _log_axis(axis, levels, "concurrency")
         axis.legend(fontsize="small")
@@ -37,23 +40,35 @@ def write_plot(path: Path, results: Sequence[TaskResult], sweep: Sequence[SweepP
     plt.close(figure)
 
 
-def _plot_task(throughput: Any, tail: Any, result: TaskResult, colour: str) -> None:
-    levels = [row.concurrency for row in result.served]
+def _plot_task(throughput: Any, tail: Any, result: TaskRounds, colour: str) -> None:
+    """The medians of the rounds; p95 over every round's latencies together."""
+    grouped = result.grouped()
+    served = [grouped[row.pipeline, row.concurrency] for row in result.last.served]
+    levels = [rows[0].concurrency for rows in served]
     throughput.plot(
         levels,
-        [row.studies_per_second for row in result.served],
+        [_median_rate(rows) for rows in served],
         marker="o",
         color=colour,
         label=result.task,
     )
-    throughput.axhline(result.onnxruntime.studies_per_second, color=colour, linestyle="--")
+    local = grouped["onnxruntime", 1]
+    throughput.axhline(_median_rate(local), color=colour, linestyle="--")
     tail.plot(
         levels,
-        [row.percentile_ms(95) for row in result.served],
+        [_pooled_p95(rows) for rows in served],
         marker="o",
         color=colour,
         label=result.task,
     )
+
+
+def _median_rate(rows: Sequence[Measurement]) -> float:
+    return float(np.median([row.studies_per_second for row in rows]))
+
+
+def _pooled_p95(rows: Sequence[Measurement]) -> float:
+    return float(np.percentile(np.concatenate([row.latencies_ms for row in rows]), 95))
 
 
 def _plot_sweep(axis: Any, sweep: Sequence[SweepPoint]) -> None:

@@ -10,8 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from abdoserve.export.configs import Tuning
 from abdoserve.loadtests.bench.breakdown import Breakdown
+from abdoserve.loadtests.bench.rounds import Spread, median_of, over_rounds, spread_of
 from abdoserve.loadtests.bench.split import Probe, splits
 from abdoserve.loadtests.bench.workload import PERCENTILES, Measurement
 
@@ -44,6 +47,11 @@ class TaskResult:
 
     def rows_of(self, form: str) -> tuple[Measurement, ...]:
         return self.others.get(form) or self.served
+
+    def rows(self) -> list[Measurement]:
+        """Every row of the round, in the order of the table."""
+        others = (row for rows in self.others.values() for row in rows)
+        return [self.onnxruntime, self.pytorch, *self.served, *others]
 
     def ratios(self) -> dict[str, Any]:
         """The side-by-side ratios and whether the serving targets are met."""
@@ -110,48 +118,111 @@ class SweepPoint:
         return [self.onnxruntime, *self.served]
 
 
-HEADER = f"{'pipeline':<24} {'conc':>4} {'studies/s':>10} {'images/s':>10} " + " ".join(
-    f"{f'p{q} ms':>8}" for q in PERCENTILES
+@dataclass(frozen=True)
+class TaskRounds:
+    """One task measured in interleaved rounds (`rounds.py`): each ratio is taken within
+    its round, then reported as the median of the rounds with their min-max."""
+
+    task: str
+    rounds: tuple[TaskResult, ...]
+
+    @property
+    def last(self) -> TaskResult:
+        return self.rounds[-1]
+
+    def grouped(self) -> dict[tuple[str, int], list[Measurement]]:
+        """Each table row's measurements, one per round, in the table's order."""
+        found: dict[tuple[str, int], list[Measurement]] = {}
+        for result in self.rounds:
+            for row in result.rows():
+                found.setdefault((row.pipeline, row.concurrency), []).append(row)
+        return found
+
+    def ratios(self) -> dict[str, Any]:
+        """The ratios of every round, combined; the targets judged on the medians."""
+        combined = over_rounds([result.ratios() for result in self.rounds])
+        throughput = median_of(combined, "served_over_in_process_throughput")
+        combined["throughput_target_met"] = throughput >= THROUGHPUT_TARGET
+        served_p50 = median_of(combined, "served_p50_ms")
+        combined["latency_target_met"] = served_p50 <= median_of(combined, "latency_limit_ms")
+        return combined
+
+    def split(self) -> list[dict[str, Any]]:
+        per_round = [[split.summary() for split in splits(result)] for result in self.rounds]
+        return [over_rounds(list(forms)) for forms in zip(*per_round, strict=True)]
+
+    def summary(self) -> dict[str, Any]:
+        rounds = []
+        for result in self.rounds:
+            figures = result.summary()
+            figures.pop("transport_probe")  # measured once per task, below
+            rounds.append(figures)
+        return {
+            "studies": self.last.studies,
+            "rounds": rounds,
+            "ratios": self.ratios(),
+            "transport_probe": {form: probe.summary() for form, probe in self.last.probes.items()},
+            "split": self.split(),
+        }
+
+
+HEADER = (
+    f"{'pipeline':<24} {'conc':>4} {'studies/s':>10} {'min-max':>13} {'images/s':>10} "
+    + " ".join(f"{f'p{q} ms':>8}" for q in PERCENTILES)
 )
 
 
 def format_row(row: Measurement, prefix: str = "") -> str:
+    return format_rounds([row], prefix)
+
+
+def format_rounds(rows: Sequence[Measurement], prefix: str = "") -> str:
+    """One table row from its rounds: the median rate and its min-max, then the
+    percentiles of every round's latencies together."""
+    rate = Spread.of([row.studies_per_second for row in rows])
+    images = Spread.of([row.images_per_second for row in rows])
+    pooled = np.concatenate([row.latencies_ms for row in rows])
+    first = rows[0]
     return (
-        f"{prefix}{LABELS[row.pipeline]:<24} {row.concurrency:>4} "
-        f"{row.studies_per_second:>10.2f} {row.images_per_second:>10.1f} "
-        + " ".join(f"{row.percentile_ms(q):>8.1f}" for q in PERCENTILES)
+        f"{prefix}{LABELS[first.pipeline]:<24} {first.concurrency:>4} "
+        f"{rate.median:>10.2f} {f'{rate.low:.1f}-{rate.high:.1f}':>13} {images.median:>10.1f} "
+        + " ".join(f"{float(np.percentile(pooled, q)):>8.1f}" for q in PERCENTILES)
     )
 
 
-def format_task(result: TaskResult) -> str:
-    local = result.onnxruntime
+def format_task(result: TaskRounds) -> str:
+    local = result.last.onnxruntime
     ratios = result.ratios()
+    count = len(result.rounds)
     lines = [
-        f"{result.task}: {local.images_per_study:g} images/study, {result.studies} distinct "
-        f"studies, {local.requests} timed requests per row",
+        f"{result.task}: {local.images_per_study:g} images/study, {result.last.studies} "
+        f"distinct studies, {local.requests} timed requests per row and round, {count} "
+        "interleaved rounds (studies/s: median and min-max of the rounds)",
         HEADER,
-        *(format_row(row) for row in (result.onnxruntime, result.pytorch, *result.served)),
-        *(format_row(row) for rows in result.others.values() for row in rows),
-        f"served / in-process throughput: {ratios['served_over_in_process_throughput']:.2f} "
-        f"at c={ratios['best_concurrency']} (target >= {THROUGHPUT_TARGET}: "
-        f"{_verdict(ratios['throughput_target_met'])})",
-        f"served p50 at c={ratios['latency_concurrency']}: {ratios['served_p50_ms']:.1f} ms vs "
-        f"in-process {ratios['in_process_p50_ms']:.1f} ms (limit {LATENCY_FACTOR} x "
-        f"{ratios['in_process_p50_ms']:.1f} + {LATENCY_SLACK_MS:g} = "
-        f"{ratios['latency_limit_ms']:.1f} ms: {_verdict(ratios['latency_target_met'])})",
-        f"pytorch / onnxruntime time per study: {ratios['pytorch_over_onnxruntime_time']:.2f}",
-        *(
-            f"{form} / PyTriton throughput by concurrency: "
-            + ", ".join(f"c={level} {value:.2f}" for level, value in by_level.items())
-            for form, by_level in (
-                (k.removesuffix("_over_pytriton"), v)
-                for k, v in ratios.items()
-                if k.endswith("_over_pytriton")
-            )
-            if by_level
-        ),
+        *(format_rounds(rows) for rows in result.grouped().values()),
+        f"served / in-process throughput: "
+        f"{spread_of(ratios, 'served_over_in_process_throughput').text()} at "
+        f"c={ratios['best_concurrency']} (median and min-max of {count} rounds; target >= "
+        f"{THROUGHPUT_TARGET}: {_verdict(ratios['throughput_target_met'])})",
+        f"served p50 at c={ratios['latency_concurrency']}: "
+        f"{spread_of(ratios, 'served_p50_ms').text(1)} ms vs in-process "
+        f"{spread_of(ratios, 'in_process_p50_ms').text(1)} ms (limit {LATENCY_FACTOR} x p50 + "
+        f"{LATENCY_SLACK_MS:g} = {median_of(ratios, 'latency_limit_ms'):.1f} ms: "
+        f"{_verdict(ratios['latency_target_met'])})",
+        "pytorch / onnxruntime time per study: "
+        f"{spread_of(ratios, 'pytorch_over_onnxruntime_time').text()}",
+        *_peer_lines(ratios),
     ]
     return "\n".join(lines)
+
+
+def _peer_lines(ratios: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{key.removesuffix('_over_pytriton')} / PyTriton throughput by concurrency: "
+        + ", ".join(f"c={level} {spread_of(by_level, level).text()}" for level in by_level)
+        for key, by_level in ratios.items()
+        if key.endswith("_over_pytriton") and by_level
+    ]
 
 
 def format_sweep(task: str, points: Sequence[SweepPoint]) -> str:
@@ -192,7 +263,7 @@ def machine() -> dict[str, Any]:
 def document(
     settings: Mapping[str, Any],
     tuning: Tuning,
-    results: Sequence[TaskResult],
+    results: Sequence[TaskRounds],
     sweep: Sequence[SweepPoint],
     sweep_task: str,
 ) -> dict[str, Any]:

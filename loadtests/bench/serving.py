@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from abdoserve.deploy.tuning_options import add_tuning_arguments, tuning_from
 from abdoserve.export.configs import Tuning
-from abdoserve.loadtests.bench.rounds import DEFAULT_ROUNDS, MIN_ROUNDS, interleaved
 from abdoserve.export.locations import BUILD_DIR
+from abdoserve.loadtests.bench.rounds import DEFAULT_ROUNDS, MIN_ROUNDS, interleaved
 from abdoserve.loadtests.bench.transports import (
     FORMS,
     FUSED,
@@ -40,7 +40,7 @@ from abdoserve.loadtests.bench.transports import (
 )
 
 if TYPE_CHECKING:
-    from abdoserve.loadtests.bench.breakdown import Breakdown
+    from abdoserve.loadtests.bench.breakdown import Breakdown, Snapshot
     from abdoserve.loadtests.bench.pipelines import InProcess
     from abdoserve.loadtests.bench.report import SweepPoint, TaskResult, TaskRounds
     from abdoserve.loadtests.bench.served_target import Observed, Target
@@ -367,8 +367,8 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
             if side == IN_PROCESS:
                 local = [time_in_process(pipeline, plan.requests) for pipeline in pipelines]
                 continue
-            served, parts = served_round(plan, target, peer, task, pool, forms)
-            results.append(task_result(task, pool, local, served, parts, probes))
+            served, parts = served_round(plan, target, task, pool, forms=forms, peer=peer)
+            results.append(task_result(task, pool, local, served, parts=parts, probes=probes))
     return TaskRounds(task, tuple(results))
 
 
@@ -387,6 +387,7 @@ def task_result(
     pool: list[Study],
     local: list[Measurement],
     served: dict[str, list[Measurement]],
+    *,
     parts: list[Breakdown],
     probes: dict[str, Probe],
 ) -> TaskResult:
@@ -404,10 +405,11 @@ def task_result(
 def served_round(
     plan: Plan,
     target: Target,
-    peer: Target | None,
     task: str,
     pool: list[Study],
+    *,
     forms: tuple[str, ...],
+    peer: Target | None,
 ) -> tuple[dict[str, list[Measurement]], list[Breakdown]]:
     """The served side of one round: every form at every level (the peer's where it runs)."""
     served: dict[str, list[Measurement]] = {}
@@ -435,57 +437,48 @@ def observed_levels(
     scores: bool = True,
 ) -> tuple[list[Measurement], list[Breakdown]]:
     """Each level in `form`, with the server's statistics and CPU read around it."""
-    from abdoserve.loadtests.bench.breakdown import breakdown, snapshot
+    from abdoserve.loadtests.bench.breakdown import breakdown
     from abdoserve.loadtests.bench.pipelines import Served
     from abdoserve.loadtests.bench.workload import time_concurrent
 
     rows, parts = [], []
-    headers = target.admin_headers
+    model = model_of(form, task)
     for level in levels:
         served = Served(target.url, task, pool, form, region=target.region, scores=scores)
         try:
-            model = model_of(form, task)
-            before = (
-                None
-                if headers is None
-                else snapshot(
-                    target.url,
-                    task,
-                    headers,
-                    target.server_pid,
-                    model,
-                    metrics_url=target.metrics_url,
-                )
-            )
+            before = server_snapshot(target, task, model)
             row = time_concurrent(
                 served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
             )
             rows.append(row)
-            if before is not None and headers is not None:
-                after = snapshot(
-                    target.url,
-                    task,
-                    headers,
-                    target.server_pid,
-                    model,
-                    metrics_url=target.metrics_url,
-                )
-                parts.append(
-                    breakdown(
-                        task,
-                        before,
-                        after,
-                        concurrency=level,
-                        round_trip_ms=sum(row.latencies_ms) / len(row.latencies_ms),
-                        encode_ms=served.encode_ms,
-                        client_cpu_s=row.cpu_seconds,
-                        form=form,
-                        model=model,
-                    )
-                )
+            after = server_snapshot(target, task, model)
         finally:
             served.close()
+        if before is not None and after is not None:
+            parts.append(
+                breakdown(
+                    task,
+                    before,
+                    after,
+                    concurrency=level,
+                    round_trip_ms=sum(row.latencies_ms) / len(row.latencies_ms),
+                    encode_ms=served.encode_ms,
+                    client_cpu_s=row.cpu_seconds,
+                    form=form,
+                    model=model,
+                )
+            )
     return rows, parts
+
+
+def server_snapshot(target: Target, task: str, model: str) -> Snapshot | None:
+    """The server's statistics and CPU now, where its admin key is known."""
+    from abdoserve.loadtests.bench.breakdown import snapshot
+
+    if target.admin_headers is None:
+        return None
+    url, headers, pid = target.url, target.admin_headers, target.server_pid
+    return snapshot(url, task, headers, pid, model, metrics_url=target.metrics_url)
 
 
 def start_peer(stack: ExitStack, plan: Plan, target: Target, task: str) -> Target | None:
@@ -600,7 +593,7 @@ def write_outputs(
     args: argparse.Namespace,
     plan: Plan,
     tuning: Tuning,
-    results: list[TaskResult],
+    results: list[TaskRounds],
     sweep: list[SweepPoint],
 ) -> None:
     from abdoserve.loadtests.bench.report import document

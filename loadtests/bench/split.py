@@ -14,14 +14,15 @@ through shared memory, served throughput at least 0.95 x in process.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from abdoserve.loadtests.bench.workload import Measurement
 
 if TYPE_CHECKING:
-    from abdoserve.loadtests.bench.report import TaskResult
+    from abdoserve.loadtests.bench.report import TaskResult, TaskRounds
 
 ELSE_TARGET = 0.10  # everything else / work
 CPU_TARGET = 1.10  # server CPU / (work + transport)
@@ -142,14 +143,28 @@ def splits(result: TaskResult) -> list[Split]:
     return found
 
 
-def format_split(result: TaskResult) -> str:
+def median_split(rounds: Sequence[Split]) -> Split:
+    """One form's split with each figure the median of the rounds (None where a round
+    could not read it); the saturating level is the last round's."""
+    medians: dict[str, Any] = {}
+    for item in fields(Split):
+        values = [getattr(split, item.name) for split in rounds]
+        if item.name in ("form", "saturation_concurrency"):
+            continue
+        known = [value for value in values if value is not None]
+        medians[item.name] = statistics.median(known) if len(known) == len(values) else None
+    return replace(rounds[-1], **medians)
+
+
+def format_split(result: TaskRounds) -> str:
+    per_round = [splits(one) for one in result.rounds]
     lines = [
         f"{result.task}: work, transport and everything else (c=1: ms per study; "
-        "saturation: CPU ms per study)",
+        f"saturation: CPU ms per study; medians of {len(per_round)} rounds)",
         "form            served   work  transport  else (else/work) | sat.conc  "
         "throughput  server-CPU  work+transport  ratio  else-CPU/work",
     ]
-    for split in splits(result):
+    for split in (median_split(forms) for forms in zip(*per_round, strict=True)):
         ratio, else_cpu = split.cpu_ratio, split.else_cpu_fraction
         server_cpu = "-" if split.server_cpu_ms is None else f"{split.server_cpu_ms:.1f}"
         transport_cpu = split.transport_cpu_ms

@@ -1,13 +1,15 @@
 """`abdoserve bench serving` in quick mode: against the session's server and with its own.
 
 Checks the shape of what it prints and writes, never the timings: performance is a
-benchmark's ratio, never a timed test.
+benchmark's ratio, never a timed test. Each run measures in interleaved rounds; every
+round's rows are checked, and each ratio's median against its rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ FORM_LABELS = {
     "pytriton": "PyTriton, one callable",
 }
 TRANSPORTS = {"fused": "served", "fused_shared_memory": "shared_memory"}
-COLUMNS = ("pipeline", "conc", "studies/s", "images/s", "p50 ms", "p95 ms", "p99 ms")
+COLUMNS = ("pipeline", "conc", "studies/s", "min-max", "images/s", "p50 ms", "p95 ms", "p99 ms")
 
 
 def run_bench(argv: list[str]) -> int:
@@ -56,7 +58,9 @@ def outputs(tmp_path: Path) -> list[str]:
 def table_rows(printed: str, task: str) -> list[list[str]]:
     """The rows of `task`'s table, split into label, concurrency and numbers."""
     lines = printed.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"{task}:"))
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith(f"{task}:") and "rounds (" in line
+    )
     assert lines[start + 1].split() == [word for column in COLUMNS for word in column.split()]
     rows = []
     for line in lines[start + 2 :]:
@@ -95,17 +99,33 @@ def check_files(tmp_path: Path) -> dict[str, Any]:
     return document
 
 
-def check_task(document: dict[str, Any], task: str, requests: int, forms: tuple[str, ...]) -> None:
+def check_spread(figure: dict[str, Any], rounds: int) -> float:
+    """A ratio over the rounds: its median, between its min and max, of `rounds` values."""
+    assert len(figure["rounds"]) == rounds
+    assert figure["min"] == min(figure["rounds"]) and figure["max"] == max(figure["rounds"])
+    assert figure["min"] <= figure["median"] <= figure["max"]
+    assert figure["median"] == pytest.approx(statistics.median(figure["rounds"]))
+    return float(figure["median"])
+
+
+def check_task(
+    document: dict[str, Any], task: str, requests: int, forms: tuple[str, ...], rounds: int
+) -> None:
     result = document["tasks"][task]
-    check_measurement(result["onnxruntime"], "onnxruntime", 1, requests)
-    check_measurement(result["pytorch"], "pytorch", 1, requests)
-    for form in forms:
-        for row, level in zip(result[form], (1, 4), strict=True):
-            check_measurement(row, form, level, requests)
+    assert document["settings"]["rounds"] == rounds == len(result["rounds"])
+    for each in result["rounds"]:
+        check_measurement(each["onnxruntime"], "onnxruntime", 1, requests)
+        check_measurement(each["pytorch"], "pytorch", 1, requests)
+        for form in forms:
+            for row, level in zip(each[form], (1, 4), strict=True):
+                check_measurement(row, form, level, requests)
     ratios = result["ratios"]
-    assert ratios["served_over_in_process_throughput"] > 0
-    assert ratios["pytorch_over_onnxruntime_time"] > 0
-    assert isinstance(ratios["throughput_target_met"], bool)
+    throughput = check_spread(ratios["served_over_in_process_throughput"], rounds)
+    per_round = [each["ratios"]["served_over_in_process_throughput"] for each in result["rounds"]]
+    assert list(ratios["served_over_in_process_throughput"]["rounds"]) == per_round
+    assert throughput > 0
+    assert check_spread(ratios["pytorch_over_onnxruntime_time"], rounds) > 0
+    assert ratios["throughput_target_met"] is (throughput >= 0.95)
     assert isinstance(ratios["latency_target_met"], bool)
 
 
@@ -114,9 +134,9 @@ def check_breakdown(
 ) -> None:
     """Where a study's time went, per form and level: every part measured, and the
     composing models' queue and compute within the ensemble's own time."""
-    parts = result["breakdown"]
+    parts = [part for each in result["rounds"] for part in each["breakdown"]]
     assert [(part["form"], part["concurrency"]) for part in parts] == [
-        (form, level) for form in forms for level in levels
+        (form, level) for _ in result["rounds"] for form in forms for level in levels
     ]
     for part in parts:
         for key in ("round_trip_ms", "encode_ms", "server_ms", "server_cpu_ms", "client_cpu_ms"):
@@ -148,8 +168,14 @@ def test_quick_against_the_running_server(
     argv = ["--quick", "--url", grpc_url, "--repository", str(built_repository)]
     argv += ["--without-scores"]  # the lever: every response checked to lack SCORES
     argv += ["--admin-key-file", str(key_file), "--server-pid", str(server.process.pid)]
-    assert run_bench(argv + outputs(tmp_path)) == 0
+    assert run_bench(argv + outputs(tmp_path)) == 0  # the default: three rounds
     printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if ": round " in line][:4] == [
+        "liver_fibrosis_ct: round 1 of 3, in process",
+        "liver_fibrosis_ct: round 1 of 3, served",
+        "liver_fibrosis_ct: round 2 of 3, in process",
+        "liver_fibrosis_ct: round 2 of 3, served",
+    ]
     rows = table_rows(printed, "liver_fibrosis_ct")
     peer = peer_ran(printed, "liver_fibrosis_ct")
     assert [(row[0], row[1]) for row in rows] == [
@@ -161,6 +187,9 @@ def test_quick_against_the_running_server(
         ("served gRPC, BYTES", "4"),
     ] + [("PyTriton, one callable", level) for level in ("1", "4") if peer]
     assert all(len(row) == len(COLUMNS) and float(row[2]) > 0 for row in rows)
+    for row in rows:  # the median rate within its rounds' min-max
+        low, high = (float(value) for value in row[3].split("-"))
+        assert low - 0.05 <= float(row[2]) <= high + 0.05
     assert "served / in-process throughput:" in printed and "served p50 at c=1:" in printed
     # The session's server has no shared region, no null model and no fused pipeline:
     # those parts are skipped.
@@ -172,19 +201,20 @@ def test_quick_against_the_running_server(
     assert document["tuning"] == asdict(Tuning())  # read back from the server's configs
     forms = ("grpc_bytes", "served")
     compared = (*forms, "pytriton") if peer else forms
-    check_task(document, "liver_fibrosis_ct", requests=10, forms=compared)
+    check_task(document, "liver_fibrosis_ct", requests=10, forms=compared, rounds=3)
     check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms)
     ratios = document["tasks"]["liver_fibrosis_ct"]["ratios"]
     if peer:
         assert set(ratios["served_over_pytriton"]) == {"1", "4"}
-        assert all(value > 0 for value in ratios["served_over_pytriton"].values())
+        assert all(check_spread(value, 3) > 0 for value in ratios["served_over_pytriton"].values())
     assert document["tasks"]["liver_fibrosis_ct"]["split"] == []
     assert "liver_fibrosis_ct: where a study's time goes (ms per study" in printed
     assert document["images_sweep"] is None
 
 
 def check_split(result: dict[str, Any], forms: tuple[str, ...], requests: int) -> None:
-    """The null model ran in every form, and each form's parts add up to its served time."""
+    """The null model ran in every form, and each form's parts add up to its served time
+    in every round; the task's split gives each figure's median over the rounds."""
     for transport in {TRANSPORTS.get(form, form) for form in forms}:
         probe = result["transport_probe"][transport]
         check_measurement(probe, "transport_probe", 1, requests)
@@ -192,6 +222,8 @@ def check_split(result: dict[str, Any], forms: tuple[str, ...], requests: int) -
     assert len(result["transport_probe"]) == len({TRANSPORTS.get(f, f) for f in forms})
     assert [split["form"] for split in result["split"]] == list(forms)
     for split in result["split"]:
+        check_spread(split["c1"]["else_over_work"], len(result["rounds"]))
+    for split in (split for each in result["rounds"] for split in each["split"]):
         c1, saturation = split["c1"], split["saturation"]
         parts = c1["work_ms"] + c1["transport_ms"] + c1["else_ms"]
         assert parts == pytest.approx(c1["served_ms"])
@@ -218,7 +250,7 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     task = "esophageal_cancer_ct"
-    argv = ["--quick", "--tasks", task, "--images", "1,2", "--requests", "6"]
+    argv = ["--quick", "--tasks", task, "--images", "1,2", "--requests", "6", "--rounds", "2"]
     argv += ["--repository", str(tmp_path / "repository")]
     argv += ["--log-file", str(tmp_path / "triton.log"), "--net-threads", "1"]
     before = tritonservers()
@@ -236,7 +268,8 @@ def test_quick_with_its_own_server_and_an_image_sweep(
     assert f"{task}: work, transport and everything else" in printed
     document = check_files(tmp_path)
     assert document["tuning"]["net_intra_op_threads"] == 1
-    check_task(document, task, requests=6, forms=(*forms, "pytriton") if peer else forms)
+    compared = (*forms, "pytriton") if peer else forms
+    check_task(document, task, requests=6, forms=compared, rounds=2)
     check_breakdown(document["tasks"][task], (1, 4), forms)  # its own server: key, pid known
     if peer:
         assert set(document["tasks"][task]["ratios"]["fused_over_pytriton"]) == {"1", "4"}
