@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         ServerUnavailableError,
         TaskNotFoundError,
     )
+    from abdoserve_client.model_identity import ModelIdentity
     from abdoserve_client.results import (
         BoneDensityResult,
         EsophagealCancerResult,
@@ -47,6 +48,7 @@ _EXPORTS = {
     "FibrosisResult": "abdoserve_client.results",
     "BoneDensityResult": "abdoserve_client.results",
     "EsophagealCancerResult": "abdoserve_client.results",
+    "ModelIdentity": "abdoserve_client.model_identity",
     "ModelInfo": "abdoserve_client.results",
     "TaskInfo": "abdoserve_client.results",
 }
@@ -61,6 +63,7 @@ __all__ = [
     "FibrosisResult",
     "InvalidRequestError",
     "LiverMassResult",
+    "ModelIdentity",
     "ModelInfo",
     "ResponseError",
     "ServerUnavailableError",

@@ -8,6 +8,7 @@ of a task's outputs reaches every client unchanged.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,79 +16,22 @@ from typing import Any
 import numpy as np
 
 from abdoserve_client.errors import ResponseError
+from abdoserve_client.model_identity import UNTRAINED_NOTICE, ModelIdentity
 
 # Shown when the server marks weights untrained but sends no notice of its own:
 # results from untrained weights must never reach a reader unlabelled.
-UNTRAINED_FALLBACK_NOTICE = (
-    "UNTRAINED REFERENCE WEIGHTS: this output exercises the serving path and is not a "
-    "diagnosis or a measurement"
-)
+UNTRAINED_FALLBACK_NOTICE = UNTRAINED_NOTICE
+
+# The client's name for the one model identity type (server, client and gateway share it).
+ModelInfo = ModelIdentity
+
+# Decimals of every number in the ANSWER JSON (the tensors carry the full float32).
+ANSWER_DECIMALS = 6
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Which model answered, where its weights came from, and what ran the network.
-
-    `runtime` is the server's network runtime (`onnxruntime`, `onnxruntime-int8`,
-    `openvino`, `openvino-int8`, or a GPU server's), `precision` its arithmetic
-    (`fp32`, `int8`, `fp16`). `deviation` is what the server's build measured against
-    the FP32 network on held-out studies (`max_abs`, `mean_abs`, per-output values,
-    `study_agreement` of the class, stage or flag): every INT8 answer carries it.
-    """
-
-    name: str
-    version: str
-    weights_source: str
-    weights_sha256: str
-    untrained: bool
-    runtime: str = "unknown"
-    precision: str = "unknown"
-    deviation: Mapping[str, Any] | None = field(default=None, hash=False)
-
-    @classmethod
-    def from_mapping(
-        cls, values: Mapping[str, Any], name: str = "", version: str = ""
-    ) -> ModelInfo:
-        """From an ANSWER's `model` object or a config's `weights_*`/`runtime*` parameters."""
-        untrained = values.get("untrained", values.get("weights_untrained", True))
-        if isinstance(untrained, str):
-            untrained = untrained.lower() != "false"
-        return cls(
-            name=str(values.get("name", name)),
-            version=str(values.get("version", version)),
-            weights_source=str(values.get("weights_source", "unknown")),
-            weights_sha256=str(values.get("weights_sha256", "")),
-            # Anything not explicitly marked trained is treated as untrained.
-            untrained=bool(untrained),
-            **_runtime_fields(values),
-        )
-
-    @property
-    def quantized(self) -> bool:
-        """True when an INT8 network answered: read `deviation` before trusting decimals."""
-        return self.precision == "int8"
-
-
-def _runtime_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    """An ANSWER's `runtime` object, or a config's `runtime`, `runtime_precision` and
-    `runtime_deviation` (JSON) parameters."""
-    runtime = values.get("runtime", "unknown")
-    if isinstance(runtime, Mapping):
-        deviation = runtime.get("deviation")
-        return {
-            "runtime": str(runtime.get("name", "unknown")),
-            "precision": str(runtime.get("precision", "unknown")),
-            "deviation": deviation if isinstance(deviation, Mapping) else None,
-        }
-    try:
-        deviation = json.loads(values.get("runtime_deviation") or "null")
-    except ValueError:
-        deviation = None
-    return {
-        "runtime": str(runtime),
-        "precision": str(values.get("runtime_precision", "unknown")),
-        "deviation": deviation if isinstance(deviation, Mapping) else None,
-    }
+def answer_number(value: float) -> float:
+    """A value as the ANSWER JSON states it: rounded to `ANSWER_DECIMALS`, NaN/inf kept."""
+    return round(value, ANSWER_DECIMALS) if math.isfinite(value) else value
 
 
 @dataclass(frozen=True)
@@ -105,7 +49,7 @@ class TaskInfo:
     image_roles: tuple[str, ...]
     min_images: int
     max_images: int
-    model: ModelInfo
+    model: ModelIdentity
     # Whether the ensemble takes DICOM_PACKED + DICOM_OFFSETS (servers before it take
     # only the BYTES input DICOM); read from the config's inputs, not its parameters.
     accepts_packed: bool = False
@@ -128,7 +72,7 @@ class TaskInfo:
                 image_roles=tuple(images.get("roles", ())),
                 min_images=int(images.get("min", 1)),
                 max_images=int(images.get("max", 0)),
-                model=ModelInfo.from_mapping(parameters, name=task, version=version),
+                model=ModelIdentity.from_mapping(parameters, name=task, version=version),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise ResponseError(
@@ -152,15 +96,20 @@ class ImageResult:
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
 class StudyResult:
-    """A study-level answer; `answer` is the server's ANSWER JSON as sent."""
+    """A study-level answer; `answer` is the server's ANSWER JSON as sent.
+
+    `roles` maps each image role (phase or section level) to its request instance, for
+    the tasks whose images are the channels of one sample; it is empty otherwise.
+    """
 
     task: str
     title: str
-    model: ModelInfo
+    model: ModelIdentity
     labels: tuple[str, ...]
     study_values: np.ndarray  # STUDY, shape (K,)
     image_values: np.ndarray  # SCORES, shape (samples, K)
     images: tuple[ImageResult, ...]
+    roles: Mapping[str, int]
     notice: str | None
     answer: Mapping[str, Any] = field(repr=False)
 
@@ -293,7 +242,7 @@ def _common_fields(
         raise ResponseError(
             f"ANSWER lists {len(entries)} images but SCORES has {image_values.shape[0]} rows"
         )
-    model = ModelInfo.from_mapping(answer.get("model", {}), name=info.task)
+    model = ModelIdentity.from_mapping(answer.get("model", {}), name=info.task)
     notice = answer.get("notice") or (UNTRAINED_FALLBACK_NOTICE if model.untrained else None)
     images = tuple(
         ImageResult(int(entry["instance"]), tuple(float(value) for value in row))
@@ -307,9 +256,19 @@ def _common_fields(
         "study_values": study_values,
         "image_values": image_values,
         "images": images,
+        "roles": _roles(answer),
         "notice": notice,
         "answer": answer,
     }
+
+
+def _roles(answer: Mapping[str, Any]) -> dict[str, int]:
+    roles = answer.get("roles") or {}
+    if not isinstance(roles, Mapping) or not all(
+        isinstance(index, int) and not isinstance(index, bool) for index in roles.values()
+    ):
+        raise ResponseError("ANSWER's roles must map each role to an instance index")
+    return {str(role): index for role, index in roles.items()}
 
 
 def _classification_fields(

@@ -31,6 +31,7 @@ from abdoserve.deploy.gateway.routing import RoutedRequest, RuleSet
 from abdoserve.deploy.gateway.sender import Destination
 from abdoserve.deploy.gateway.spool import ClaimedStudy, Spool
 from abdoserve_client.errors import AbdoServeError, InvalidRequestError, TaskNotFoundError
+from abdoserve_client.results import StudyResult
 
 log = logging.getLogger("abdoserve.gateway")
 
@@ -129,7 +130,7 @@ class StudyProcessor:
             return self._failed(job, error.code, error.message)
         sources = [headers.by_instance[sop] for sop in request.instances]
         try:
-            return self._answered(job, result.answer, sources, answered_at)
+            return self._answered(job, result, sources, answered_at)
         except ValueError as error:  # an answer that does not fit its images: kept, said
             return self._failed(job, "REPORT", f"no report could be written: {error}")
 
@@ -167,15 +168,15 @@ class StudyProcessor:
         return outcome
 
     def _answered(
-        self, job: Job, answer: Mapping[str, Any], sources: Sequence[Dataset], answered_at: float
+        self, job: Job, result: StudyResult, sources: Sequence[Dataset], answered_at: float
     ) -> dict[str, Any]:
         study_uid, request = job.study.study_uid, job.request
         context = ReportContext(
             task=request.task, rule=request.rule, image_library=self.image_library
         )
-        report = build_report(answer, sources, context)
+        report = build_report(result, sources, context)
         encoded = encode(report)
-        copy = result_json(answer, report, context)
+        copy = result_json(result, report, context)
         self.spool.write_result(study_uid, f"{job.key}.sr.dcm", encoded)
         text = json.dumps(copy, indent=2, sort_keys=True).encode()
         self.spool.write_result(study_uid, f"{job.key}.json", text)

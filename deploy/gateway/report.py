@@ -14,6 +14,8 @@ TID 1500 Measurement Report:
   group and in the report's "Qualitative Evaluations" container, and visibly outside
   the content tree: Series Description, Preliminary Flag and Content Qualification.
 
+The report reads the client's typed result (`abdoserve_client.results.StudyResult`), never
+the raw ANSWER JSON: its numbers are stated as the ANSWER states them (`answer_number`).
 `sources[i]` is the instance the answer calls `instance: i` (the order they were sent).
 The SOP Instance and Series Instance UIDs are derived from the study, the task and the
 instances, so that a study re-sent after a crash yields the same SR, which a PACS
@@ -26,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, cast
@@ -58,7 +60,14 @@ from pydicom.uid import generate_uid
 
 from abdoserve.deploy.gateway import report_codes as rc
 from abdoserve.preprocessing.tasks import TASKS
-from abdoserve.serving.answer import UNTRAINED_NOTICE
+from abdoserve_client.model_identity import ModelIdentity
+from abdoserve_client.results import (
+    ClassificationResult,
+    ImageResult,
+    ScoreResult,
+    StudyResult,
+    answer_number,
+)
 
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 MAX_LO = 64
@@ -82,51 +91,24 @@ class ReportContext:
     image_library: bool = False
 
 
-@dataclass(frozen=True)
-class _Model:
-    """The answer's model block, checked."""
-
-    name: str
-    version: str
-    weights_sha256: str
-    weights_source: str
-    runtime: Mapping[str, Any]
-    untrained: bool
-
-    @classmethod
-    def from_answer(cls, answer: Mapping[str, Any]) -> _Model:
-        model = answer.get("model")
-        if not isinstance(model, Mapping) or not model.get("name"):
-            raise ValueError("the answer has no model name")
-        runtime = model.get("runtime")
-        return cls(
-            name=str(model["name"]),
-            version=str(model.get("version", "")),
-            weights_sha256=str(model.get("weights_sha256", "")),
-            weights_source=str(model.get("weights_source", "unknown")),
-            runtime=runtime if isinstance(runtime, Mapping) else {},
-            # As the server does: anything not explicitly trained is untrained.
-            untrained=model.get("untrained", True) is not False or "notice" in answer,
-        )
-
-    def algorithm(self, manufacturer: str) -> AlgorithmIdentification:
-        """TID 4019: name, version and the parameters that identify the weights."""
-        parameters = [
-            f"weights_sha256={self.weights_sha256}",
-            f"weights_source={self.weights_source}",
-            f"weights_untrained={str(self.untrained).lower()}",
-            f"runtime={self.runtime.get('name', 'unknown')}",
-            f"precision={self.runtime.get('precision', 'unknown')}",
-        ]
-        if "deviation" in self.runtime:
-            deviation = json.dumps(self.runtime["deviation"], sort_keys=True)
-            parameters.append(f"deviation={deviation}")
-        return AlgorithmIdentification(
-            name=self.name,
-            version=self.version or "unknown",
-            parameters=parameters,
-            manufacturer=manufacturer,
-        )
+def _algorithm(model: ModelIdentity, untrained: bool, manufacturer: str) -> AlgorithmIdentification:
+    """TID 4019: name, version and the parameters that identify the weights."""
+    parameters = [
+        f"weights_sha256={model.weights_sha256}",
+        f"weights_source={model.weights_source}",
+        f"weights_untrained={str(untrained).lower()}",
+        f"runtime={model.runtime}",
+        f"precision={model.precision}",
+    ]
+    if model.deviation is not None:
+        deviation = json.dumps(dict(model.deviation), sort_keys=True)
+        parameters.append(f"deviation={deviation}")
+    return AlgorithmIdentification(
+        name=model.name,
+        version=model.version or "unknown",
+        parameters=parameters,
+        manufacturer=manufacturer,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,27 +142,30 @@ def _derived_uid(kind: str, *parts: str) -> str:
 
 
 def build_report(
-    answer: Mapping[str, Any], sources: Sequence[pydicom.Dataset], context: ReportContext
+    result: StudyResult, sources: Sequence[pydicom.Dataset], context: ReportContext
 ) -> pydicom.Dataset:
-    """The SR of one study's answer; `sources` are the headers of the instances sent.
+    """The SR of one study's result, as the client parsed it; `sources` are the headers of
+    the instances sent.
 
-    Raises ValueError for an answer or sources that cannot make a faithful report.
+    Raises ValueError for a result or sources that cannot make a faithful report.
     """
     _check_sources(sources)
-    if answer.get("task") != context.task:
-        raise ValueError(f"the answer is for task {answer.get('task')!r}, not {context.task!r}")
-    model = _Model.from_answer(answer)
+    if result.task != context.task:
+        raise ValueError(f"the answer is for task {result.task!r}, not {context.task!r}")
+    if not result.model.name:
+        raise ValueError("the answer has no model name")
+    # The client gives every untrained answer a notice (the server's or the standard one).
+    notice = result.notice
     study_uid = str(sources[0].StudyInstanceUID)
     parts = _Parts(
         task=context.task,
-        algorithm=model.algorithm(context.device_name),
+        algorithm=_algorithm(result.model, notice is not None, context.device_name),
         sites=_finding_sites(context.task),
         sop_instance_uid=report_uid(study_uid, context.task, [s.SOPInstanceUID for s in sources]),
     )
-    notice = _notice(answer, model)
-    groups = [_study_group(answer, sources, parts, notice), *_image_groups(answer, sources, parts)]
+    groups = [_study_group(result, sources, parts, notice), *_image_groups(result, sources, parts)]
     content = MeasurementReport(
-        observation_context=_observation_context(context, model),
+        observation_context=_observation_context(context, result.model),
         procedure_reported=_procedures(sources),
         imaging_measurements=groups,
         title=rc.REPORT_TITLE,
@@ -226,17 +211,17 @@ def _document(
 
 
 def result_json(
-    answer: Mapping[str, Any], report: pydicom.Dataset, context: ReportContext
+    result: StudyResult, report: pydicom.Dataset, context: ReportContext
 ) -> dict[str, Any]:
-    """The JSON copy of a report: the answer's result and model, the SR's and the
-    sources' UIDs. It carries no patient attribute (name, ID, birth date, ...)."""
+    """The JSON copy of a report: the model, the answer's result object as sent, the SR's
+    and the sources' UIDs. It carries no patient attribute (name, ID, birth date, ...)."""
     return {
         "task": context.task,
         "rule": context.rule,
-        "title": answer.get("title"),
-        "model": json.loads(json.dumps(answer.get("model", {}))),
-        "result": json.loads(json.dumps(answer.get("result", {}))),
-        "notice": answer.get("notice"),
+        "title": result.title,
+        "model": json.loads(json.dumps(result.model.to_answer())),
+        "result": json.loads(json.dumps(result.answer.get("result", {}))),
+        "notice": result.notice,
         "report": {
             "sop_class_uid": str(report.SOPClassUID),
             "sop_instance_uid": str(report.SOPInstanceUID),
@@ -265,14 +250,6 @@ def _check_sources(sources: Sequence[pydicom.Dataset]) -> None:
     uids = [str(source.SOPInstanceUID) for source in sources]
     if len(set(uids)) != len(uids):
         raise ValueError("the sources repeat an instance")
-
-
-def _notice(answer: Mapping[str, Any], model: _Model) -> str | None:
-    """The statement untrained weights carry (the server's, else its standard text)."""
-    if not model.untrained:
-        return None
-    notice = answer.get("notice")
-    return str(notice) if notice else UNTRAINED_NOTICE
 
 
 def _finding_sites(task: str) -> list[FindingSite]:
@@ -391,7 +368,7 @@ def _evidence(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return [header, *sources[1:]]
 
 
-def _observation_context(context: ReportContext, model: _Model) -> ObservationContext:
+def _observation_context(context: ReportContext, model: ModelIdentity) -> ObservationContext:
     device = DeviceObserverIdentifyingAttributes(
         uid=_derived_uid("device", context.device_name),
         name=context.device_name,
@@ -433,34 +410,29 @@ def _notice_item(notice: str) -> TextContentItem:
     )
 
 
-def _number(value: Any, what: str) -> float:
-    """A finite float (DICOM DS/FD cannot say NaN; bools are flags, not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    number = float(value)
+def _number(value: float, what: str) -> float:
+    """A finite number as the ANSWER states it (DICOM DS/FD cannot say NaN)."""
+    number = answer_number(float(value))
     if not math.isfinite(number):
         raise ValueError(f"{what} must be finite, got {value!r}")
     return number
 
 
-def _images(answer: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    images = answer.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(item, Mapping) for item in images):
-        raise ValueError("the answer's images must be a list of objects")
-    return images
-
-
-def _used_instances(answer: Mapping[str, Any], count: int) -> list[int]:
-    """The request-instance indices the answer used, in order: roles first, then images."""
-    roles = answer.get("roles") or {}
-    indices = [*roles.values(), *(item.get("instance") for item in _images(answer))]
+def _checked_instances(indices: Sequence[int], count: int) -> list[int]:
+    """The request-instance indices, each once, in order; each must have been sent."""
     used: list[int] = []
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
             raise ValueError(f"the answer names instance {index!r}; {count} were sent")
         if index not in used:
             used.append(index)
-    return used or list(range(count))
+    return used
+
+
+def _used_instances(result: StudyResult, count: int) -> list[int]:
+    """The request-instance indices the answer used, in order: roles first, then images."""
+    indices = [*result.roles.values(), *(image.instance for image in result.images)]
+    return _checked_instances(indices, count) or list(range(count))
 
 
 def _source_images(
@@ -475,23 +447,20 @@ def _tracking(parts: _Parts, number: int, label: str) -> TrackingIdentifier:
 
 
 def _study_group(
-    answer: Mapping[str, Any],
+    result: StudyResult,
     sources: Sequence[pydicom.Dataset],
     parts: _Parts,
     notice: str | None,
 ) -> MeasurementsAndQualitativeEvaluations:
-    result = answer.get("result")
-    if not isinstance(result, Mapping):
-        raise ValueError("the answer has no result object")
-    derivation = _derivation(parts.task) if len(_images(answer)) > 1 else None
+    derivation = _derivation(parts.task) if len(result.images) > 1 else None
     measurements, evaluations = _study_findings(parts, result, derivation)
     group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(parts, 0, f"{answer.get('title') or parts.task}: study"),
+        tracking_identifier=_tracking(parts, 0, f"{result.title or parts.task}: study"),
         algorithm_id=parts.algorithm,
         finding_sites=parts.sites,
         measurements=measurements,
         qualitative_evaluations=evaluations,
-        source_images=_source_images(sources, _used_instances(answer, len(sources))),
+        source_images=_source_images(sources, _used_instances(result, len(sources))),
     )
     if notice is not None:
         # TID 1501 allows TEXT qualitative evaluations: the notice beside the value.
@@ -505,56 +474,43 @@ def _derivation(task: str) -> Code | None:
 
 
 def _study_findings(
-    parts: _Parts, result: Mapping[str, Any], derivation: Code | None
+    parts: _Parts, result: StudyResult, derivation: Code | None
 ) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
-    if "probabilities" in result:
+    if isinstance(result, ClassificationResult):
         return _classification(parts, result)
-    key = _score_key(result)
-    value = _number(result[key], f"result {key!r}")
-    unit = rc.unit_code(str(result.get("unit", "")))
-    measurements = [_measurement(parts, rc.score_concept(key), value, unit, derivation)]
+    if not isinstance(result, ScoreResult):
+        raise ValueError(f"a {type(result).__name__} is neither a class nor a score")
+    value = _number(result.value, f"result {result.name!r}")
+    unit = rc.unit_code(result.unit)
+    measurements = [_measurement(parts, rc.score_concept(result.name), value, unit, derivation)]
     evaluations = []
-    if "stage" in result:
-        stage = rc.stage_code(str(result["stage"]))
+    if result.stage is not None:
+        stage = rc.stage_code(result.stage)
         evaluations.append(QualitativeEvaluation(name=rc.FIBROSIS_STAGE, value=stage))
-    for name, flag in result.items():
-        if isinstance(flag, bool):
-            value_code = rc.YES if flag else rc.NO
-            evaluations.append(QualitativeEvaluation(name=rc.flag_concept(name), value=value_code))
+    for name, flag in result.flags.items():
+        value_code = rc.YES if flag else rc.NO
+        evaluations.append(QualitativeEvaluation(name=rc.flag_concept(name), value=value_code))
     return measurements, evaluations
 
 
-def _score_key(result: Mapping[str, Any]) -> str:
-    """The one numeric entry of a regression or probability result (e.g. BMD, F_DLCT)."""
-    keys = [
-        key
-        for key, value in result.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
-    ]
-    if len(keys) != 1:
-        raise ValueError(f"the result holds {len(keys)} numeric values, expected one")
-    return keys[0]
-
-
 def _classification(
-    parts: _Parts, result: Mapping[str, Any]
+    parts: _Parts, result: ClassificationResult
 ) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
-    probabilities = result["probabilities"]
-    if not isinstance(probabilities, Mapping) or not probabilities:
-        raise ValueError("the result's probabilities must be a non-empty object")
+    probabilities = result.probabilities
+    if not probabilities:
+        raise ValueError("the result's probabilities must not be empty")
     measurements = [
         _measurement(
             parts,
-            rc.category_probability(str(label)),
+            rc.category_probability(label),
             _number(probability, f"probability of {label!r}"),
             rc.PROBABILITY_UNIT,
         )
         for label, probability in probabilities.items()
     ]
-    label = str(result.get("label", ""))
-    if label not in probabilities:
-        raise ValueError(f"the result's label {label!r} is not among its probabilities")
-    category = rc.category_code(label, str(result.get("description", "")))
+    if result.label not in probabilities:
+        raise ValueError(f"the result's label {result.label!r} is not among its probabilities")
+    category = rc.category_code(result.label, result.description)
     concept = rc.LIVER_MASS_CATEGORY if parts.task == "liver_mass_ct" else rc.fallback("category")
     return measurements, [QualitativeEvaluation(name=concept, value=category)]
 
@@ -570,29 +526,35 @@ def _measurement(
 
 
 def _image_groups(
-    answer: Mapping[str, Any], sources: Sequence[pydicom.Dataset], parts: _Parts
+    result: StudyResult, sources: Sequence[pydicom.Dataset], parts: _Parts
 ) -> list[MeasurementsAndQualitativeEvaluations]:
     """One group per scored image, for tasks that score each image (BMD, fibrosis CT,
     oesophageal cancer); tasks whose images are one sample's channels have none."""
-    result = answer.get("result")
-    if answer.get("roles") or not isinstance(result, Mapping) or "probabilities" in result:
+    if result.roles or not isinstance(result, ScoreResult):
         return []
-    key = _score_key(result)
-    concept, unit = rc.score_concept(key), rc.unit_code(str(result.get("unit", "")))
-    images = _images(answer)
-    groups = []
-    for number, image in enumerate(images, start=1):
-        values = image.get("values")
-        if not isinstance(values, list) or len(values) != 1:
-            raise ValueError(f"image {number} of the answer must hold one value")
-        value = _number(values[0], f"image {number} value")
-        indices = _used_instances({"images": [image]}, len(sources))
-        group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(parts, number, f"{parts.task}: image {number}"),
-            algorithm_id=parts.algorithm,
-            finding_sites=parts.sites,
-            measurements=[Measurement(name=concept, value=value, unit=unit)],
-            source_images=_source_images(sources, indices),
-        )
-        groups.append(group)
-    return groups
+    concept, unit = rc.score_concept(result.name), rc.unit_code(result.unit)
+    return [
+        _image_group(parts, number, image, sources, concept=concept, unit=unit)
+        for number, image in enumerate(result.images, start=1)
+    ]
+
+
+def _image_group(
+    parts: _Parts,
+    number: int,
+    image: ImageResult,
+    sources: Sequence[pydicom.Dataset],
+    *,
+    concept: Code,
+    unit: Code,
+) -> MeasurementsAndQualitativeEvaluations:
+    if len(image.values) != 1:
+        raise ValueError(f"image {number} of the answer must hold one value")
+    value = _number(image.values[0], f"image {number} value")
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(parts, number, f"{parts.task}: image {number}"),
+        algorithm_id=parts.algorithm,
+        finding_sites=parts.sites,
+        measurements=[Measurement(name=concept, value=value, unit=unit)],
+        source_images=_source_images(sources, _checked_instances([image.instance], len(sources))),
+    )

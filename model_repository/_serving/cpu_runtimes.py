@@ -16,15 +16,17 @@ from typing import Literal
 
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.serving.study_runner import StudyRunner
+from abdoserve_client import model_identity
 
 Engine = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "int8", "fp16"]
 
 # Config parameters (of `_net`, `_postprocess` and the ensemble) that name what runs
-# the network; the answer's provenance repeats them.
-RUNTIME_PARAMETER = "runtime"
-PRECISION_PARAMETER = "runtime_precision"
-DEVIATION_PARAMETER = "runtime_deviation"  # JSON: measured vs FP32 PyTorch at build time
+# the network; the answer's provenance repeats them. Named where the model identity that
+# reads them lives (the client distribution), re-exported for the build.
+RUNTIME_PARAMETER = model_identity.RUNTIME_PARAMETER
+PRECISION_PARAMETER = model_identity.PRECISION_PARAMETER
+DEVIATION_PARAMETER = model_identity.DEVIATION_PARAMETER  # JSON: measured vs FP32 PyTorch
 
 
 @dataclass(frozen=True)

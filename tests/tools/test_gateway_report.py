@@ -15,7 +15,8 @@ import re
 import shutil
 import subprocess
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,12 @@ from abdoserve.deploy.gateway.report import (
     report_uid,
     result_json,
 )
+from abdoserve.export.configs import describe_task
 from abdoserve.export.phantom.enhanced import enhanced_multiframe
 from abdoserve.export.phantom.studies import build_study
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import UNTRAINED_NOTICE, ModelIdentity, study_answer
+from abdoserve_client.results import ImageResult, StudyResult, TaskInfo, parse_result
 
 TASK_NAMES = tuple(TASKS)
 SHA256 = "3f" * 32
@@ -88,9 +91,23 @@ def identity(task: str, *, trained: bool) -> ModelIdentity:
     return ModelIdentity.from_parameters(task, "3", parameters)
 
 
-def make_answer(task: str, count: int, *, trained: bool = False, seed: int = 1) -> dict[str, Any]:
-    """The server's answer for `count` sent instances, from per-sample network outputs
-    drawn in the task's output range (softmax rows for the classifier)."""
+def parse(task: str, answer: Mapping[str, Any], scores: Any, study: Any) -> StudyResult:
+    """The client's typed result of a server's answer, as the gateway receives it."""
+    info = TaskInfo.from_parameters(describe_task(TASKS[task]), "3")
+    return parse_result(info, json.dumps(answer), scores, study)
+
+
+def reparsed(typed: StudyResult, change: Callable[[dict[str, Any]], object]) -> StudyResult:
+    """`typed` parsed again from its answer after `change` (same tensors)."""
+    answer = copy.deepcopy(dict(typed.answer))
+    change(answer)
+    return parse(typed.task, answer, typed.image_values, typed.study_values)
+
+
+def make_result(task: str, count: int, *, trained: bool = False, seed: int = 1) -> StudyResult:
+    """The client's result of the server's answer for `count` sent instances, from
+    per-sample network outputs drawn in the task's output range (softmax rows for the
+    classifier)."""
     spec = TASKS[task]
     rng = np.random.default_rng(seed)
     model = identity(task, trained=trained)
@@ -102,12 +119,13 @@ def make_answer(task: str, count: int, *, trained: bool = False, seed: int = 1) 
         else:
             outputs = outputs * spec.output.value_range[1]
         first = roles[spec.images.roles[0]]
-        _, answer = study_answer(spec, outputs.astype(np.float32), [first], model, roles)
-        return answer
+        outputs = outputs.astype(np.float32)
+        study, answer = study_answer(spec, outputs, [first], model, roles)
+        return parse(task, answer, outputs, study)
     low, high = spec.output.value_range
     outputs = (low + (high - low) * rng.random((count, 1))).astype(np.float32)
-    _, answer = study_answer(spec, outputs, list(range(count)), model)
-    return answer
+    study, answer = study_answer(spec, outputs, list(range(count)), model)
+    return parse(task, answer, outputs, study)
 
 
 def context(task: str) -> ReportContext:
@@ -209,8 +227,9 @@ def test_dsrdump_reads_the_value_the_unit_and_the_notice(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources))
-    text = dsrdump(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources))
+    answer = typed.answer
+    text = dsrdump(save(build_report(typed, sources, context(task)), tmp_path))
     result = answer["result"]
     if "probabilities" in result:
         for label, probability in result["probabilities"].items():
@@ -235,8 +254,8 @@ def test_dciodvfy_finds_no_error(
     task: str, trained: bool, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources), trained=trained)
-    assert_valid(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources), trained=trained)
+    assert_valid(save(build_report(typed, sources, context(task)), tmp_path))
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
@@ -244,8 +263,9 @@ def test_highdicom_reads_back_the_answer(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources))
-    report = read_back(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources))
+    answer = typed.answer
+    report = read_back(save(build_report(typed, sources, context(task)), tmp_path))
     assert isinstance(report, Comprehensive3DSR)
     assert report.SOPClassUID == Comprehensive3DSRStorage
     group = study_group(report)
@@ -277,7 +297,7 @@ def test_the_model_is_identified(
 ) -> None:
     sources = phantom_sources[task]
     report = read_back(
-        save(build_report(make_answer(task, len(sources)), sources, context(task)), tmp_path)
+        save(build_report(make_result(task, len(sources)), sources, context(task)), tmp_path)
     )
     group = study_group(report)
     # TID 4019 at the group and on each of its measurements
@@ -302,8 +322,8 @@ def test_references_are_exactly_the_source_instances(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources))
-    report = read_back(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources))
+    report = read_back(save(build_report(typed, sources, context(task)), tmp_path))
     sent = [str(source.SOPInstanceUID) for source in sources]
     evidence = report.get_evidence(current_procedure_only=True)
     assert sorted(str(item[2]) for item in evidence) == sorted(sent)
@@ -324,8 +344,9 @@ def test_each_scored_image_has_its_own_group(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources))
-    report = read_back(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources))
+    answer = typed.answer
+    report = read_back(save(build_report(typed, sources, context(task)), tmp_path))
     groups = image_groups(report)
     assert len(groups) == len(answer["images"]) > 1
     for group, image in zip(groups, answer["images"], strict=True):
@@ -343,8 +364,9 @@ def test_channel_tasks_have_one_group_for_their_role_images(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources))
-    report = read_back(save(build_report(answer, sources, context(task)), tmp_path))
+    typed = make_result(task, len(sources))
+    answer = typed.answer
+    report = read_back(save(build_report(typed, sources, context(task)), tmp_path))
     assert image_groups(report) == []
     roles = [answer["roles"][role] for role in TASKS[task].images.roles]
     expected = [sources[index].SOPInstanceUID for index in roles]
@@ -356,7 +378,7 @@ def test_untrained_weights_are_flagged_outside_the_content_tree_too(
 ) -> None:
     sources = phantom_sources["bone_density_ct"]
     report = build_report(
-        make_answer("bone_density_ct", len(sources)), sources, context("bone_density_ct")
+        make_result("bone_density_ct", len(sources)), sources, context("bone_density_ct")
     )
     assert report.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)
     assert report.ContentQualification == "RESEARCH"
@@ -384,9 +406,10 @@ def test_trained_weights_carry_no_notice(
     task: str, phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources[task]
-    answer = make_answer(task, len(sources), trained=True)
+    typed = make_result(task, len(sources), trained=True)
+    answer = typed.answer
     assert "notice" not in answer and answer["model"]["untrained"] is False
-    report = build_report(answer, sources, context(task))
+    report = build_report(typed, sources, context(task))
     text = dsrdump(save(report, tmp_path))
     assert "UNTRAINED" not in text and NOT_FOR_CLINICAL_USE not in text
     assert texts(report, rc.NOTICE) == []
@@ -400,9 +423,10 @@ def test_an_answer_not_marked_trained_carries_the_notice(
     phantom_sources: dict[str, list[pydicom.Dataset]],
 ) -> None:
     sources = phantom_sources["bone_density_ct"]
-    answer = make_answer("bone_density_ct", len(sources), trained=True)
-    del answer["model"]["untrained"]  # anything not explicitly trained is untrained
-    report = build_report(answer, sources, context("bone_density_ct"))
+    trained = make_result("bone_density_ct", len(sources), trained=True)
+    # anything not explicitly trained is untrained
+    typed = reparsed(trained, lambda answer: answer["model"].pop("untrained"))
+    report = build_report(typed, sources, context("bone_density_ct"))
     assert texts(report, rc.NOTICE) == [UNTRAINED_NOTICE, UNTRAINED_NOTICE]
 
 
@@ -410,14 +434,13 @@ def test_an_int8_answer_names_its_measured_deviation(
     phantom_sources: dict[str, list[pydicom.Dataset]],
 ) -> None:
     sources = phantom_sources["liver_fibrosis_ct"]
-    answer = make_answer("liver_fibrosis_ct", len(sources), trained=True)
     deviation = {"reference": "PyTorch FP32", "max_abs": 0.0123, "held_out_studies": 6}
-    answer["model"]["runtime"] = {
-        "name": "openvino-int8",
-        "precision": "int8",
-        "deviation": deviation,
-    }
-    report = build_report(answer, sources, context("liver_fibrosis_ct"))
+    runtime = {"name": "openvino-int8", "precision": "int8", "deviation": deviation}
+    typed = reparsed(
+        make_result("liver_fibrosis_ct", len(sources), trained=True),
+        lambda answer: answer["model"].update(runtime=runtime),
+    )
+    report = build_report(typed, sources, context("liver_fibrosis_ct"))
     parameters = texts(report, codes.DCM.AlgorithmParameters)
     assert "runtime=openvino-int8" in parameters and "precision=int8" in parameters
     assert f"deviation={json.dumps(deviation, sort_keys=True)}" in parameters
@@ -443,9 +466,9 @@ def test_a_resent_study_gets_the_same_report_uids(
     phantom_sources: dict[str, list[pydicom.Dataset]],
 ) -> None:
     sources = phantom_sources["esophageal_cancer_ct"]
-    answer = make_answer("esophageal_cancer_ct", len(sources))
-    first = build_report(answer, sources, context("esophageal_cancer_ct"))
-    again = build_report(answer, sources, context("esophageal_cancer_ct"))
+    typed = make_result("esophageal_cancer_ct", len(sources))
+    first = build_report(typed, sources, context("esophageal_cancer_ct"))
+    again = build_report(typed, sources, context("esophageal_cancer_ct"))
     study = sources[0].StudyInstanceUID
     instances = [source.SOPInstanceUID for source in sources]
     assert first.SOPInstanceUID == again.SOPInstanceUID
@@ -453,7 +476,7 @@ def test_a_resent_study_gets_the_same_report_uids(
     assert first.SeriesInstanceUID == again.SeriesInstanceUID
     assert first.SeriesInstanceUID == report_series_uid(study, "esophageal_cancer_ct")
     assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID
-    fewer = make_answer("esophageal_cancer_ct", len(sources) - 1)
+    fewer = make_result("esophageal_cancer_ct", len(sources) - 1)
     other = build_report(fewer, sources[:-1], context("esophageal_cancer_ct"))
     assert other.SOPInstanceUID != first.SOPInstanceUID
     assert other.SeriesInstanceUID == first.SeriesInstanceUID
@@ -479,10 +502,11 @@ def test_result_json_names_the_result_and_nothing_of_the_patient(
 ) -> None:
     sources = renamed(phantom_sources["liver_fibrosis_ct"], "ZEBRAFINCH^QUOKKA")
     task = "liver_fibrosis_ct"
-    answer = make_answer(task, len(sources))
-    report = build_report(answer, sources, context(task))
+    typed = make_result(task, len(sources))
+    answer = typed.answer
+    report = build_report(typed, sources, context(task))
     assert str(report.PatientName) == "ZEBRAFINCH^QUOKKA"  # the DICOM file carries it
-    copy = result_json(answer, report, context(task))
+    copy = result_json(typed, report, context(task))
     text = json.dumps(copy)
     for secret in ("ZEBRAFINCH", "QUOKKA", "19020304"):
         assert secret not in text
@@ -497,7 +521,7 @@ def test_result_json_names_the_result_and_nothing_of_the_patient(
         "study_instance_uid": sources[0].StudyInstanceUID,
     }
     assert sorted(copy["sources"]) == sorted(source.SOPInstanceUID for source in sources)
-    trained = make_answer(task, len(sources), trained=True)
+    trained = make_result(task, len(sources), trained=True)
     assert result_json(trained, report, context(task))["notice"] is None
 
 
@@ -512,7 +536,7 @@ def test_no_log_record_or_warning_names_the_patient(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = build_report(
-            make_answer("bone_density_ct", len(sources)), sources, context("bone_density_ct")
+            make_result("bone_density_ct", len(sources)), sources, context("bone_density_ct")
         )
     assert caplog.records  # highdicom does log (UIDs and keywords)
     messages = [record.getMessage() for record in caplog.records]
@@ -539,9 +563,10 @@ def test_an_enhanced_multiframe_source(thickness: bool, tmp_path: Path) -> None:
         del measures.SliceThickness
     spec, model = TASKS["bone_density_ct"], identity("bone_density_ct", trained=False)
     outputs = np.linspace(0.6, 1.2, len(study.instances), dtype=np.float32)[:, None]
-    _, answer = study_answer(spec, outputs, [0] * len(study.instances), model)
+    values, answer = study_answer(spec, outputs, [0] * len(study.instances), model)
+    typed = parse("bone_density_ct", answer, outputs, values)
     before = copy.deepcopy(sources)
-    report = build_report(answer, sources, context("bone_density_ct"))
+    report = build_report(typed, sources, context("bone_density_ct"))
     assert sources == before
     path = save(report, tmp_path)
     assert_valid_but_study_id(path)
@@ -569,33 +594,62 @@ def assert_valid_but_study_id(path: Path) -> None:
     assert all(any(p.match(line) for p in ALLOWED_WARNINGS) for line in findings)
 
 
+def _first_image_elsewhere(typed: StudyResult) -> StudyResult:
+    first, *rest = typed.images
+    return replace(typed, images=(ImageResult(99, first.values), *rest))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda a: a.update(task="bone_density_ct"), "is for task"),
-        (lambda a: a["images"][0].update(instance=99), "names instance 99"),
-        (lambda a: a["result"].update(F_DLCT=math.nan), "must be finite"),
-        (lambda a: a["result"].update(F_DLCT="high"), "numeric values"),
-        (lambda a: a.pop("model"), "no model name"),
+        (lambda r: replace(r, task="bone_density_ct"), "is for task"),
+        (_first_image_elsewhere, "names instance 99"),
+        (lambda r: replace(r, value=math.nan), "must be finite"),
+        (lambda r: replace(r, model=replace(r.model, name="")), "no model name"),
     ],
 )
-def test_an_inconsistent_answer_is_refused(
-    change: Any, message: str, phantom_sources: dict[str, list[pydicom.Dataset]]
+def test_an_inconsistent_result_is_refused(
+    change: Callable[[StudyResult], StudyResult],
+    message: str,
+    phantom_sources: dict[str, list[pydicom.Dataset]],
 ) -> None:
     sources = phantom_sources["liver_fibrosis_ct"]
-    answer = make_answer("liver_fibrosis_ct", len(sources))
-    change(answer)
+    typed = change(make_result("liver_fibrosis_ct", len(sources)))
     with pytest.raises(ValueError, match=message):
-        build_report(answer, sources, context("liver_fibrosis_ct"))
+        build_report(typed, sources, context("liver_fibrosis_ct"))
+
+
+def test_the_report_reads_the_typed_result_not_the_raw_answer(
+    phantom_sources: dict[str, list[pydicom.Dataset]],
+) -> None:
+    """The same report from the client's result whether or not its raw ANSWER is kept:
+    every value, unit, stage, flag, role and the model come from the typed fields."""
+    for task in ("liver_fibrosis_ct", "liver_mass_ct"):
+        sources = phantom_sources[task]
+        typed = make_result(task, len(sources), trained=True)
+        whole = timeless(build_report(typed, sources, context(task)))
+        bare = timeless(build_report(replace(typed, answer={}), sources, context(task)))
+        assert bare == whole
+        assert len(bare.ContentSequence) == len(whole.ContentSequence) > 3
+
+
+# Set from the clock when a report is built.
+_BUILD_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
+def timeless(report: pydicom.Dataset) -> pydicom.Dataset:
+    for keyword in (*_BUILD_TIMES, "ContributingEquipmentSequence"):
+        del report[keyword]
+    return report
 
 
 def test_sources_must_be_one_study(phantom_sources: dict[str, list[pydicom.Dataset]]) -> None:
     mixed = [*phantom_sources["bone_density_ct"][:2], phantom_sources["liver_fibrosis_ct"][0]]
-    answer = make_answer("bone_density_ct", len(mixed))
+    typed = make_result("bone_density_ct", len(mixed))
     with pytest.raises(ValueError, match="2 studies"):
-        build_report(answer, mixed, context("bone_density_ct"))
+        build_report(typed, mixed, context("bone_density_ct"))
     with pytest.raises(ValueError, match="at least one"):
-        build_report(answer, [], context("bone_density_ct"))
+        build_report(typed, [], context("bone_density_ct"))
 
 
 def test_private_codes_fit_their_value_representations() -> None:
@@ -628,9 +682,9 @@ def test_by_default_the_report_has_no_image_library_and_still_references_every_s
     phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
     sources = phantom_sources["bone_density_ct"]
-    answer = make_answer("bone_density_ct", len(sources))
+    typed = make_result("bone_density_ct", len(sources))
     lean = ReportContext(task="bone_density_ct", rule="bone_density_ct-rule")
-    path = save(build_report(answer, sources, lean), tmp_path)
+    path = save(build_report(typed, sources, lean), tmp_path)
     assert_valid_but_study_id(path)
     report = read_back(path)
     assert not hd.sr.utils.find_content_items(

@@ -105,6 +105,19 @@ def test_regression_reads_stage_and_description() -> None:
     assert [image.values[0] for image in result.images] == [1.0, pytest.approx(1.4)]
 
 
+def test_roles_name_the_instance_of_each_phase_or_level() -> None:
+    info = TaskInfo.from_parameters(parameters("liver_mass_ct", "classification", ["X", "Y"]))
+    roles = {"non_contrast": 2, "arterial": 0, "delayed": 1}
+    raw = answer({"label": "Y"}, [[0.25, 0.75]], roles=roles)
+    result = parse_result(info, raw, np.array([[[0.25, 0.75]]]), np.array([[0.25, 0.75]]))
+    assert result.roles == roles and list(result.roles) == list(roles)
+    plain = parse_result(FIBROSIS, answer({"S": 1.0}, [[1.0]]), np.ones((1, 1, 1)), np.ones((1, 1)))
+    assert plain.roles == {}
+    broken = answer({"label": "Y"}, [[0.25, 0.75]], roles={"arterial": "0"})
+    with pytest.raises(ResponseError, match="roles"):
+        parse_result(info, broken, np.array([[[0.25, 0.75]]]), np.array([[0.25, 0.75]]))
+
+
 def test_flags_of_bone_density_and_esophageal_results() -> None:
     bmd_info = TaskInfo.from_parameters(parameters("bone_density_ct", "regression", ["BMD"]))
     raw = answer({"BMD": 0.6, "unit": "g/cm2", "osteoporosis": True}, [[0.6]])
