@@ -45,22 +45,10 @@ def _plot_task(throughput: Any, tail: Any, result: TaskRounds, colour: str) -> N
     grouped = result.grouped()
     served = [grouped[row.pipeline, row.concurrency] for row in result.last.served]
     levels = [rows[0].concurrency for rows in served]
-    throughput.plot(
-        levels,
-        [_median_rate(rows) for rows in served],
-        marker="o",
-        color=colour,
-        label=result.task,
-    )
-    local = grouped["onnxruntime", 1]
-    throughput.axhline(_median_rate(local), color=colour, linestyle="--")
-    tail.plot(
-        levels,
-        [_pooled_p95(rows) for rows in served],
-        marker="o",
-        color=colour,
-        label=result.task,
-    )
+    for axis, figure in ((throughput, _median_rate), (tail, _pooled_p95)):
+        values = [figure(rows) for rows in served]
+        axis.plot(levels, values, marker="o", color=colour, label=result.task)
+    throughput.axhline(_median_rate(grouped["onnxruntime", 1]), color=colour, linestyle="--")
 
 
 def _median_rate(rows: Sequence[Measurement]) -> float:
