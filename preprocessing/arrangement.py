@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from abdoserve.preprocessing.acquisition import position_along, time_seconds, toward_head
 from abdoserve.preprocessing.decode import DecodedInstance
 from abdoserve.preprocessing.errors import (
     AttributeProblem,
@@ -25,6 +26,7 @@ from abdoserve.preprocessing.errors import (
 from abdoserve.preprocessing.frames import Frame
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.tags import (
+    ACQUISITION_TIME,
     IMAGE_ORIENTATION_PATIENT,
     IMAGE_POSITION_PATIENT,
     PIXEL_SPACING,
@@ -84,9 +86,7 @@ def order_levels(images: Sequence[Image]) -> list[Image]:
     """Section levels, cranial (largest patient z along the normal) first."""
     for image in images:
         _require_position(image, "needed to order the section levels")
-    normal = check_parallel(images)
-    if normal[2] < 0:  # make "up the normal" point to the head (LPS +z)
-        normal = -normal
+    normal = np.array(toward_head(check_parallel(images)), dtype=np.float64)
     ordered = sorted(images, key=lambda image: -_along(image, normal))
     for above, below in itertools.pairwise(ordered):
         if abs(_along(above, normal) - _along(below, normal)) < 1e-3:
@@ -177,12 +177,16 @@ def _require_position(image: Image, why: str) -> None:
 
 def _along(image: Image, normal: np.ndarray) -> float:
     assert image.frame.position is not None
-    return float(np.dot(np.asarray(image.frame.position), normal))
+    return position_along(image.frame.position, normal)
 
 
 def _acquisition_seconds(image: Image) -> float | None:
-    """'HHMMSS.FFFFFF' as a sortable number; None where it is missing or malformed."""
+    """AcquisitionTime (else ContentTime) in seconds after midnight; None where it is
+    missing or not a valid TM, and the phases keep request order."""
+    text = image.instance.acquisition_time
+    if not text:
+        return None
     try:
-        return float(image.instance.acquisition_time)
-    except ValueError:
+        return time_seconds(text, ACQUISITION_TIME)
+    except AttributeProblem:
         return None

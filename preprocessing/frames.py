@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from abdoserve.preprocessing import header
+from abdoserve.preprocessing.acquisition import slice_normal
 from abdoserve.preprocessing.errors import AttributeProblem, ModalityLutError
 from abdoserve.preprocessing.tags import (
     IMAGE_ORIENTATION_PATIENT,
@@ -47,11 +48,10 @@ class Frame:
 
     @property
     def normal(self) -> np.ndarray | None:
+        """The unit slice normal (row x column), None without an orientation."""
         if self.orientation is None:
             return None
-        row, column = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
-        normal: np.ndarray = np.cross(row, column)
-        return normal
+        return np.asarray(slice_normal(self.orientation))
 
 
 def frames_of(dataset: Dataset, pixels: np.ndarray, index: int, modality: str) -> tuple[Frame, ...]:

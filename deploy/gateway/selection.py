@@ -2,7 +2,8 @@
 
 A slice's position `z` is its ImagePositionPatient projected on the slice normal
 (ImageOrientationPatient's row x column direction), the normal flipped where it points
-to the feet, so that a larger z lies nearer the head whatever the scanner wrote. Picks
+to the feet, so that a larger z lies nearer the head whatever the scanner wrote; the
+projection and the TM parsing are the intake's (`preprocessing.acquisition`). Picks
 come out head first. Header values are read from the raw bytes (`header_texts`): a missing or
 broken element makes an instance unusable, never the routing of a study fail.
 
@@ -12,7 +13,6 @@ Problem texts say counts, UIDs and positions in mm, never a header's text.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,13 +21,21 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.valuerep import TEXT_VR_DELIMS
+
+from abdoserve.preprocessing.acquisition import (
+    position_along,
+    slice_normal,
+    time_seconds,
+    toward_head,
+)
+from abdoserve.preprocessing.errors import AttributeProblem
 
 SAME_POSITION_MM = 0.01  # slices closer than this are one position (a repeat, not a level)
 _ORIENTATION_DECIMALS = 3  # orientations equal to this precision are one orientation
 _DISTANCE_DECIMALS = 6  # ties between candidate slices are ties, not rounding noise
 _NO_NUMBER = 2**31  # sorts an instance without an InstanceNumber last
-_TIME = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
 
 
 def _element(ds: Dataset, keyword: str) -> DataElement | RawDataElement | None:
@@ -101,14 +109,14 @@ def header_numbers(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] |
 
 
 def time_of_day(ds: Dataset, keyword: str) -> float | None:
-    """A TM element (HHMMSS.FFFFFF, HHMM or HH) in seconds after midnight."""
+    """A TM element in seconds after midnight; None where it is absent or not a valid TM."""
     value = header_text(ds, keyword)
-    found = None if value is None else _TIME.fullmatch(value)
-    if found is None:
+    if value is None:
         return None
-    hours, minutes, seconds, fraction = found.groups()
-    total = int(hours) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
-    return total + (float(f"0.{fraction}") if fraction else 0.0)
+    try:
+        return time_seconds(value, Tag(keyword))
+    except AttributeProblem:
+        return None
 
 
 def instance_key(ds: Dataset) -> tuple[int, str]:
@@ -183,8 +191,7 @@ def stack_of(datasets: Iterable[Dataset]) -> Stack:
         if common is None or found is None or position is None or _rounded(found) != common:
             unusable += 1
         else:
-            normal = _head_normal(common)
-            z = sum(p * n for p, n in zip(position, normal, strict=True))
+            z = position_along(position, toward_head(slice_normal(common)))
             slices.append(Slice(uid, round(z, 4)))
     return Stack(_one_per_position(slices), unusable)
 
@@ -206,16 +213,6 @@ def _rounded(orientation: tuple[float, ...]) -> tuple[float, ...]:
 
 def _length(vector: Sequence[float]) -> float:
     return math.sqrt(sum(value * value for value in vector))
-
-
-def _head_normal(orientation: tuple[float, ...]) -> tuple[float, float, float]:
-    """The unit slice normal, pointing to the head (+z of the patient coordinates)."""
-    (rx, ry, rz), (cx, cy, cz) = orientation[:3], orientation[3:]
-    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-    length = _length(normal) or 1.0
-    sign = -1.0 if normal[2] < 0 else 1.0
-    nx, ny, nz = (sign * value / length for value in normal)
-    return (nx, ny, nz)
 
 
 def _one_per_position(slices: list[Slice]) -> tuple[Slice, ...]:
