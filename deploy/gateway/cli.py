@@ -93,11 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abdoserve.deploy.gateway.inference import RetrySettings
+    from abdoserve.deploy.gateway.inference import RetryOptions
     from abdoserve.deploy.gateway.routing import RulesError, load_rules
-    from abdoserve.deploy.gateway.scp import ScpSettings
+    from abdoserve.deploy.gateway.scp import ScpOptions
     from abdoserve.deploy.gateway.sender import Destination
-    from abdoserve.deploy.gateway.service import Gateway, GatewaySettings, client_infer
+    from abdoserve.deploy.gateway.service import Gateway, GatewayOptions, client_infer
     from abdoserve.deploy.serve import wait_for_signal
 
     # highdicom says at INFO which modules it copies, per report: not for an operator's log
@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not destinations:
         log.warning("no --destination: reports are kept under the spool's results/ only")
-    settings = GatewaySettings(
+    options = GatewayOptions(
         spool=args.spool,
-        scp=ScpSettings(
+        scp=ScpOptions(
             args.ae_title,
             args.host,
             args.port,
@@ -123,13 +123,13 @@ def run(args: argparse.Namespace) -> int:
         destinations=destinations,
         quiet_s=args.quiet_s,
         workers=args.workers,
-        retry=RetrySettings(give_up_after_s=args.give_up_after_s),
+        retry=RetryOptions(give_up_after_s=args.give_up_after_s),
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         keep_instances=args.keep_instances,
         image_library=args.sr_image_library,
     )
-    gateway = Gateway(settings, rules, client_infer(args.url, client_options(args)))
+    gateway = Gateway(options, rules, client_infer(args.url, client_options(args)))
     gateway.start()
     print(
         f"gateway {args.ae_title} on {args.host}:{args.port}, server {args.url}, "

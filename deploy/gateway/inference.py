@@ -36,7 +36,7 @@ class GaveUp(Exception):
 
 
 @dataclass(frozen=True)
-class RetrySettings:
+class RetryOptions:
     first_backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     give_up_after_s: float = 24 * 3600.0
@@ -53,12 +53,12 @@ class PersistentInference:
     def __init__(
         self,
         infer: Infer,
-        settings: RetrySettings,
+        options: RetryOptions,
         metrics: GatewayMetrics,
         stopping: threading.Event,
     ) -> None:
         self._infer = infer
-        self.settings = settings
+        self.options = options
         self.metrics = metrics
         self.stopping = stopping
 
@@ -66,7 +66,7 @@ class PersistentInference:
         self, task: str, instances: Sequence[bytes], clinical: Mapping[str, Any]
     ) -> StudyResult:
         started = time.monotonic()
-        backoff = self.settings.first_backoff_s
+        backoff = self.options.first_backoff_s
         while True:
             if self.stopping.is_set():
                 raise Interrupted
@@ -74,10 +74,10 @@ class PersistentInference:
                 return self._infer(task, instances, clinical)
             except UNREACHABLE_ERRORS as error:
                 waited = time.monotonic() - started
-                if waited + backoff > self.settings.give_up_after_s:
+                if waited + backoff > self.options.give_up_after_s:
                     raise GaveUp(f"server unreachable for {waited:.0f} s ({error.code})") from error
                 self.metrics.inference_retries.inc()
                 log.warning("%s: %s; retrying in %.1f s", task, error.code, backoff)
                 if self.stopping.wait(backoff):
                     raise Interrupted from error
-                backoff = min(2 * backoff, self.settings.max_backoff_s)
+                backoff = min(2 * backoff, self.options.max_backoff_s)

@@ -73,7 +73,7 @@ class SeriesFilter(Protocol):
 
 
 @dataclass(frozen=True)
-class ScpSettings:
+class ScpOptions:
     """Who the gateway is on the network, and who may send to it."""
 
     ae_title: str = "ABDOSERVE"
@@ -166,42 +166,42 @@ class StoreHandler:
         return refusal(CANNOT_UNDERSTAND, "no routing rule matches this series")
 
 
-def build_ae(settings: ScpSettings) -> AE:
+def build_ae(options: ScpOptions) -> AE:
     """The application entity: storage and verification contexts, timeouts, limits."""
     # Received data sets go to a temporary file as they arrive, not into memory: eight
     # associations of large Enhanced instances would otherwise hold them all in RAM.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    ae = AE(ae_title=settings.ae_title)
+    ae = AE(ae_title=options.ae_title)
     for storage in STORAGE_CLASSES:
         ae.add_supported_context(storage, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification)
-    ae.require_calling_aet = list(settings.allowed_callers)
-    ae.maximum_associations = settings.max_associations
-    ae.network_timeout = settings.network_timeout_s
-    ae.acse_timeout = settings.network_timeout_s
-    ae.dimse_timeout = settings.network_timeout_s
+    ae.require_calling_aet = list(options.allowed_callers)
+    ae.maximum_associations = options.max_associations
+    ae.network_timeout = options.network_timeout_s
+    ae.acse_timeout = options.network_timeout_s
+    ae.dimse_timeout = options.network_timeout_s
     return ae
 
 
 class StorageServer:
     """The listening SCP; `start()` returns at once, `stop()` closes the port."""
 
-    def __init__(self, settings: ScpSettings, handler: StoreHandler) -> None:
-        self.settings = settings
+    def __init__(self, options: ScpOptions, handler: StoreHandler) -> None:
+        self.options = options
         self.handler = handler
-        self.ae = build_ae(settings)
+        self.ae = build_ae(options)
         self._server: Any = None
 
     def start(self) -> None:
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handler), (evt.EVT_REJECTED, _rejected)]
         self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.options.host, self.options.port), block=False, evt_handlers=handlers
         )
         log.info(
             "DICOM gateway %s listening on %s:%d",
-            self.settings.ae_title,
-            self.settings.host,
-            self.settings.port,
+            self.options.ae_title,
+            self.options.host,
+            self.options.port,
         )
 
     def stop(self) -> None:

@@ -22,12 +22,12 @@ from abdoserve.deploy.gateway.inference import (
     Infer,
     Interrupted,
     PersistentInference,
-    RetrySettings,
+    RetryOptions,
 )
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
 from abdoserve.deploy.gateway.processing import StudyProcessor
 from abdoserve.deploy.gateway.routing import RuleSet
-from abdoserve.deploy.gateway.scp import ScpSettings, StorageServer, StoreHandler
+from abdoserve.deploy.gateway.scp import ScpOptions, StorageServer, StoreHandler
 from abdoserve.deploy.gateway.sender import Destination, ReportSender
 from abdoserve.deploy.gateway.spool import ClaimedStudy, Spool
 from abdoserve_client.results import StudyResult
@@ -36,15 +36,15 @@ log = logging.getLogger("abdoserve.gateway")
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewayOptions:
     """Everything `abdoserve gateway` is told, in one place."""
 
     spool: Path
-    scp: ScpSettings = field(default_factory=ScpSettings)
+    scp: ScpOptions = field(default_factory=ScpOptions)
     destinations: Sequence[Destination] = ()
     quiet_s: float = 10.0
     workers: int = 2
-    retry: RetrySettings = field(default_factory=RetrySettings)
+    retry: RetryOptions = field(default_factory=RetryOptions)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 8005  # None: no metrics endpoint (tests read the registry)
     keep_instances: bool = False
@@ -55,37 +55,37 @@ class GatewaySettings:
 class Gateway:
     """Use as a context manager, or `start()` and `stop()`."""
 
-    def __init__(self, settings: GatewaySettings, rules: RuleSet, infer: Infer) -> None:
-        self.settings = settings
-        self.spool = Spool(settings.spool)
+    def __init__(self, options: GatewayOptions, rules: RuleSet, infer: Infer) -> None:
+        self.options = options
+        self.spool = Spool(options.spool)
         self.metrics = GatewayMetrics()
         self.metrics.watch_queue(self.spool.waiting_studies)
         self.stopping = threading.Event()
-        inference = PersistentInference(infer, settings.retry, self.metrics, self.stopping)
+        inference = PersistentInference(infer, options.retry, self.metrics, self.stopping)
         self.processor = StudyProcessor(
             self.spool,
             rules,
             inference,
             self.metrics,
-            settings.destinations,
-            keep_instances=settings.keep_instances,
-            image_library=settings.image_library,
+            options.destinations,
+            keep_instances=options.keep_instances,
+            image_library=options.image_library,
         )
         handler = StoreHandler(
             self.spool,
             rules,
             self.metrics,
-            max_instance_bytes=settings.scp.max_instance_bytes,
-            min_free_bytes=settings.scp.min_free_bytes,
+            max_instance_bytes=options.scp.max_instance_bytes,
+            min_free_bytes=options.scp.min_free_bytes,
         )
-        self.scp = StorageServer(settings.scp, handler)
+        self.scp = StorageServer(options.scp, handler)
         self.senders = [
             ReportSender(
-                d, self.spool, self.metrics, self.stopping, calling_ae=settings.scp.ae_title
+                d, self.spool, self.metrics, self.stopping, calling_ae=options.scp.ae_title
             )
-            for d in settings.destinations
+            for d in options.destinations
         ]
-        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="study")
+        self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="study")
         self._in_work: dict[str, Future[None]] = {}
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self._metrics_server: Any = None
@@ -98,9 +98,9 @@ class Gateway:
         self.stop()
 
     def start(self) -> None:
-        if self.settings.metrics_port is not None:
+        if self.options.metrics_port is not None:
             self._metrics_server = start_http_server(
-                self.settings.metrics_port, self.settings.metrics_host, self.metrics.registry
+                self.options.metrics_port, self.options.metrics_host, self.metrics.registry
             )
         for study in self.spool.claimed_studies():
             log.info("resuming study %s (claimed before the last stop)", study.study_uid)
@@ -121,11 +121,11 @@ class Gateway:
             server, thread = self._metrics_server
             server.shutdown()
             thread.join(timeout=5)
-        log.info("gateway stopped; unfinished studies stay in %s", self.settings.spool)
+        log.info("gateway stopped; unfinished studies stay in %s", self.options.spool)
 
     def _schedule(self) -> None:
-        while not self.stopping.wait(self.settings.poll_s):
-            for study_uid in self.spool.quiet_studies(self.settings.quiet_s):
+        while not self.stopping.wait(self.options.poll_s):
+            for study_uid in self.spool.quiet_studies(self.options.quiet_s):
                 claimed = self.spool.claim(study_uid)
                 if claimed is not None:
                     self.metrics.studies_received.inc()
@@ -151,7 +151,7 @@ class Gateway:
 
     def idle(self) -> bool:
         """Nothing arriving, in work or waiting to be sent (for tests and benchmarks)."""
-        pending = any(self.spool.pending(d.name) for d in self.settings.destinations)
+        pending = any(self.spool.pending(d.name) for d in self.options.destinations)
         waiting = any(True for _ in self.spool.waiting_studies())
         return not pending and not waiting and not self._in_work
 

@@ -18,14 +18,20 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from abdoserve.deploy import gateway as gateway_package
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_port, free_ports
 from abdoserve.deploy.serve import prepared_repository
 from abdoserve.export.locations import DEFAULT_REPOSITORY
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
+if TYPE_CHECKING:
+    from abdoserve.deploy.gateway.service import Gateway
+
+# The example rules ship with the gateway package (a package resource, not a checkout path).
+RULES = Path(str(resources.files(gateway_package) / "rules.example.yaml"))
 POLL_S = 0.01
 
 
@@ -78,22 +84,22 @@ def measure(
     args: argparse.Namespace, url: str, studies: list[list[Path]], folder: Path, stack: ExitStack
 ) -> list[dict[str, float]]:
     from abdoserve.deploy.gateway.routing import load_rules
-    from abdoserve.deploy.gateway.scp import ScpSettings
+    from abdoserve.deploy.gateway.scp import ScpOptions
     from abdoserve.deploy.gateway.sender import Destination
-    from abdoserve.deploy.gateway.service import Gateway, GatewaySettings, client_infer
+    from abdoserve.deploy.gateway.service import Gateway, GatewayOptions, client_infer
     from abdoserve.loadtests.dicom_peers import orthanc
     from abdoserve_client.client import AbdoServeClient
 
     pacs = stack.enter_context(orthanc(folder / "orthanc"))
-    settings = GatewaySettings(
+    options = GatewayOptions(
         spool=folder / "spool",
-        scp=ScpSettings(port=free_port()),
+        scp=ScpOptions(port=free_port()),
         destinations=[Destination(pacs.aet, "127.0.0.1", pacs.dicom_port)],
         quiet_s=args.quiet_s,
         metrics_port=None,
     )
     gateway = stack.enter_context(
-        Gateway(settings, load_rules(RULES), client_infer(url, {"timeout_s": 60.0}))
+        Gateway(options, load_rules(RULES), client_infer(url, {"timeout_s": 60.0}))
     )
     client = stack.enter_context(AbdoServeClient(url, timeout_s=60.0))
     rows = []
@@ -104,7 +110,7 @@ def measure(
 
 
 def one_study(
-    gateway: Any, pacs: Any, client: Any, task: str, paths: Sequence[Path]
+    gateway: Gateway, pacs: Any, client: Any, task: str, paths: Sequence[Path]
 ) -> dict[str, float]:
     """Push one study, wait for its SR; then the same study straight to the server."""
     import pydicom
@@ -112,7 +118,7 @@ def one_study(
     from abdoserve.loadtests.dicom_peers import storescu
 
     study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    storescu(list(paths), port=gateway.settings.scp.port, called_aet=gateway.settings.scp.ae_title)
+    storescu(list(paths), port=gateway.options.scp.port, called_aet=gateway.options.scp.ae_title)
     acknowledged = time.time()
     while not pacs.find_instances(Modality="SR", StudyInstanceUID=study_uid):
         time.sleep(POLL_S)

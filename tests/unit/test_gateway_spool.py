@@ -16,7 +16,7 @@ from abdoserve.deploy.gateway.inference import (
     GaveUp,
     Interrupted,
     PersistentInference,
-    RetrySettings,
+    RetryOptions,
 )
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
 from abdoserve.deploy.gateway.sender import Destination, permanent, stored
@@ -142,8 +142,8 @@ class FlakyServer:
         return "answer"
 
 
-def quick(give_up_after_s: float = 60.0) -> RetrySettings:
-    return RetrySettings(first_backoff_s=0.01, max_backoff_s=0.02, give_up_after_s=give_up_after_s)
+def quick(give_up_after_s: float = 60.0) -> RetryOptions:
+    return RetryOptions(first_backoff_s=0.01, max_backoff_s=0.02, give_up_after_s=give_up_after_s)
 
 
 def test_an_unavailable_server_is_waited_for() -> None:
