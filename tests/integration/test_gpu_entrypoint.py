@@ -199,11 +199,16 @@ def test_a_killed_stub_fails_the_probe_then_the_pod_heals(
     seen: list[int] = []
 
     def healed() -> bool:
-        seen.append(http_status(probe, method="GET"))
-        return 503 in seen and seen[-1] == 200
+        # The 503 lasts about the reload (~1 s): read the probe as fast as it answers.
+        for _ in range(50):
+            seen.append(http_status(probe, method="GET"))
+            if 503 in seen and seen[-1] == 200:
+                return True
+        return False
 
     assert stubs.kill(victim.pid)
     wait_for(healed, f"{victim.model} reloaded", process)
+    assert 503 in seen and seen[-1] == 200, seen[-20:]
     assert triton_of(process.pid) == server  # healed in place, not restarted
     task = victim.model.removesuffix("_preprocess")
     study = build_study(task, seed=3)
