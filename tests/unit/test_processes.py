@@ -96,8 +96,9 @@ def test_sigterm_takes_the_ctrl_c_path(tmp_path: Path) -> None:
     marker = tmp_path / "cleaned"
     script = (
         "import time; from abdoserve.deploy.processes import interrupt_on_sigterm; "
-        "interrupt_on_sigterm(); print('ready', flush=True)\n"
-        f"try:\n    time.sleep(600)\nexcept KeyboardInterrupt:\n"
+        "interrupt_on_sigterm()\n"
+        # 'ready' inside the try: a SIGTERM right after it must land in the handler.
+        "try:\n    print('ready', flush=True)\n    time.sleep(600)\nexcept KeyboardInterrupt:\n"
         f"    open({str(marker)!r}, 'w').write('interrupted')"
     )
     command = processes.start([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
