@@ -23,6 +23,7 @@ What differs from the host, from the image's environment:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -138,6 +139,10 @@ def start(args: argparse.Namespace, extra: list[str]) -> Supervisor:
 
 def main(argv: list[str]) -> int:
     args, extra = parse(argv)
+    # As `abdoserve serve` does (deploy/cli.py): the supervisor's reloads reach the log.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         build_missing_plans(args.repository)
         supervisor = start(args, extra)
