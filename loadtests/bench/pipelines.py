@@ -1,35 +1,32 @@
-"""The three compared pipelines, each turning a request number into one answered study.
+"""The in-process pipelines the served one is compared with: (a) ONNX Runtime on the
+served `model.onnx` and (c) PyTorch eager, each turning a request number into one
+answered study, and their timing (sequential, after a short warm-up).
 
-In process, both runtimes do exactly what the served models do between gRPC and
-gRPC: `StudyPreparer`, the network on every sample of the study (in chunks of
-`max_samples_per_run`), then `study_answer` and its JSON. Served, the study goes
-over gRPC with binary tensors, one channel per worker thread.
+Both runtimes do exactly what the served models do between gRPC and gRPC:
+`StudyPreparer`, the network on every sample of the study (in chunks of
+`max_samples_per_run`), then `study_answer` and its JSON. The served side is
+`transports.Served`.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from abdoserve.export.configs import Tuning, model_names
-from abdoserve.loadtests.bench import transports
-from abdoserve.loadtests.bench.workload import Call, Study
+from abdoserve.export.configs import Tuning
+from abdoserve.loadtests.bench.workload import Measurement, Study, time_sequential
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.study import PreparedStudy, StudyPreparer
 from abdoserve.serving import batching
 from abdoserve.serving.answer import ModelIdentity, study_answer
 from abdoserve.serving.onnx_runner import OnnxRunner
-from abdoserve_client.shared_memory import SharedMemoryRegion
-from abdoserve_client.wire import MODEL_INFER, open_channel
 
 TORCH_THREADS = 2
-SERVED_TIMEOUT_S = 300.0
+SEQUENTIAL_WARMUP = 3  # requests before the timed ones
+RUNTIMES = ("onnxruntime", "pytorch")  # the in-process side, in this order
 
 
 class InProcess:
@@ -107,106 +104,30 @@ class TorchInProcess(InProcess):
         return np.concatenate(outputs, axis=0)
 
 
-class Served:
-    """Makes one gRPC caller (own channel) per worker thread, sending each study in `form`
-    (`abdoserve.loadtests.bench.transports`) to `model` (the task, or the null probe).
+def in_process_pipeline(
+    repository: Path, tuning: Tuning, task: str, pool: Sequence[Study], runtime: str
+) -> InProcess:
+    """Our preprocessing, `runtime` (onnxruntime on the served `model.onnx` in
+    `repository`, or pytorch) and the answer, as one callable."""
+    from abdoserve.preprocessing.tasks import get_task
 
-    Inline requests are encoded once per study here, as perf_analyzer prepares its
-    inputs: the load generator shares the cores with the server, whose cost is what is
-    measured. Through shared memory each caller owns one slot of `region` and writes
-    every study into it before sending, the copy a real sender makes.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        task: str,
-        pool: Sequence[Study],
-        form: str = transports.GRPC_PACKED,
-        *,
-        model: str | None = None,
-        region: SharedMemoryRegion | None = None,
-        scores: bool = True,
-    ) -> None:
-        self.transport = transports.transport_of(form)
-        if self.transport == transports.SHARED_MEMORY and region is None:
-            raise ValueError(f"the {form} form needs a shared-memory region")
-        self.url = url
-        self.task = task
-        self.model = model or transports.model_of(form, task)
-        self.pool = pool
-        self.form = form
-        self.region = region
-        self.outputs = transports.outputs_of(self.model, scores)
-        started = time.perf_counter()
-        self.requests = [
-            transports.inline_request(self.model, study, form, self.outputs) for study in pool
-        ]
-        # The client's encode time per study (done once here, as perf_analyzer does).
-        self.encode_ms = 1e3 * (time.perf_counter() - started) / max(len(pool), 1)
-        self.channels: list[Any] = []
-        self.lock = threading.Lock()
-
-    def new_call(self) -> Call:
-        from tritonclient.grpc import service_pb2
-
-        channel = open_channel(
-            self.url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
-        )
-        with self.lock:
-            slot = len(self.channels)
-            self.channels.append(channel)
-        infer = channel.unary_unary(
-            MODEL_INFER, response_deserializer=service_pb2.ModelInferResponse.FromString
-        )
-        request = self._request_maker(slot)
-
-        def call(number: int) -> object:
-            response = infer(request(number), timeout=SERVED_TIMEOUT_S)
-            if {output.name for output in response.outputs} != set(self.outputs):
-                raise RuntimeError(f"{self.model}: the response lacks {self.outputs}")
-            return response
-
-        return call
-
-    def _request_maker(self, slot: int) -> Callable[[int], bytes]:
-        """Request number -> the bytes to send, for the caller that owns `slot`."""
-        region = self.region
-        if self.transport != transports.SHARED_MEMORY or region is None:
-            return lambda number: self.requests[number % len(self.requests)]
-        if slot >= region.slots:
-            raise ValueError(f"{region.slots} slots in the region: fewer than the callers")
-        where = transports.Placement(region, slot * region.slot_bytes)
-        return lambda number: transports.placed_request(
-            self.model, self.pool[number % len(self.pool)], where, self.outputs
-        )
-
-    def close(self) -> None:
-        with self.lock:
-            channels, self.channels = self.channels, []
-        for channel in channels:
-            channel.close()
+    spec = get_task(task)
+    identity = ModelIdentity.from_parameters(task, "1", build_record(repository, task))
+    if runtime == "onnxruntime":
+        onnx_path = repository / f"{task}_net" / "1" / "model.onnx"
+        return OnnxInProcess(spec, pool, identity, tuning, onnx_path)
+    return TorchInProcess(spec, pool, identity, tuning)
 
 
-def served_tuning(url: str, task: str) -> Tuning:
-    """The tuning a running server's configs of `task` say it was built with."""
-    import tritonclient.grpc as grpcclient
+def build_record(repository: Path, task: str) -> dict[str, str]:
+    """The weights' provenance the build wrote, as the served models read it."""
+    from abdoserve.export.repository import BUILD_RECORD
 
-    _, preprocess, net, postprocess = model_names(task)
-    with grpcclient.InferenceServerClient(url) as client:
-        configs = [client.get_model_config(name).config for name in (preprocess, net, postprocess)]
-    pre, net_config, post = configs
-    parameters = {key: value.string_value for key, value in net_config.parameters.items()}
-    default = Tuning()
-    return Tuning(
-        preprocess_instances=_instances(pre),
-        net_instances=_instances(net_config),
-        postprocess_instances=_instances(post),
-        net_intra_op_threads=int(parameters.get("intra_op_threads", default.net_intra_op_threads)),
-        max_queue_delay_us=int(pre.dynamic_batching.max_queue_delay_microseconds),
-        max_samples_per_run=int(parameters.get("max_samples_per_run", default.max_samples_per_run)),
-    )
+    record = json.loads((repository / BUILD_RECORD).read_text())[task]
+    return {key: str(value) for key, value in record.items() if isinstance(value, str)}
 
 
-def _instances(config: Any) -> int:
-    return sum(int(group.count) for group in config.instance_group) or 1
+def time_in_process(pipeline: InProcess, requests: int) -> Measurement:
+    """(a) or (c): this process, sequential, after a short warm-up."""
+    warmup = min(SEQUENTIAL_WARMUP, requests)
+    return time_sequential(pipeline.name, pipeline, pipeline.pool, requests, warmup)

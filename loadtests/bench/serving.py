@@ -40,11 +40,9 @@ from abdoserve.loadtests.bench.transports import (
 )
 
 if TYPE_CHECKING:
-    from abdoserve.loadtests.bench.breakdown import Breakdown, Snapshot
-    from abdoserve.loadtests.bench.pipelines import InProcess
+    from abdoserve.loadtests.bench.breakdown import Breakdown, Probe
     from abdoserve.loadtests.bench.report import SweepPoint, TaskResult, TaskRounds
     from abdoserve.loadtests.bench.served_target import Observed, Target
-    from abdoserve.loadtests.bench.split import Probe
     from abdoserve.loadtests.bench.workload import Measurement, Study
 
 DEFAULT_REPOSITORY = BUILD_DIR / "bench_repository"
@@ -61,7 +59,6 @@ class Mode:
 FULL = Mode(requests=200, concurrency=(1, 4, 16, 64), images=(1, 4, 16, 64), pool=4)
 QUICK = Mode(requests=10, concurrency=(1, 4), images=(), pool=2)
 QUICK_TASK = "liver_fibrosis_ct"  # clinical features and a small series: every stage runs
-SEQUENTIAL_WARMUP = 3
 THREAD_WARMUP = 1  # requests per worker thread before the timed ones
 SWEEP_TASK = "esophageal_cancer_ct"  # one sample per image: cost grows with the study
 SWEEP_POOL = 2
@@ -70,7 +67,6 @@ SWEEP_CONCURRENCY = (1, 16)
 SWEEP_BASE_IMAGES = 8  # sweep points of more images get proportionally fewer requests
 PEER_ATTEMPTS = 3  # starts of the PyTriton peer before its rows are skipped
 IN_PROCESS, SERVED_SIDE = "in process", "served"  # the two sides of every round
-RUNTIMES = ("onnxruntime", "pytorch")  # the in-process side, in this order
 
 
 @dataclass(frozen=True)
@@ -237,10 +233,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def requested_tuning(args: argparse.Namespace) -> Tuning:
-    return tuning_from(args)
-
-
 def run(args: argparse.Namespace) -> int:
     from abdoserve.deploy.embedded import ServerError
     from abdoserve.loadtests.bench.served_target import observer
@@ -252,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         pools = study_pools(plan)
-        with serving(plan, requested_tuning(args), args.log_file, pools, observer(args)) as target:
+        with serving(plan, tuning_from(args), args.log_file, pools, observer(args)) as target:
             tuning = target.tuning
             results, sweep = measure_all(plan, target, pools)
     except KeyboardInterrupt:
@@ -277,12 +269,11 @@ def serving(
     tuning: Tuning,
     log_file: Path,
     pools: dict[str, list[Study]],
-    observed: Observed | None = None,
+    observed: Observed,
 ) -> Iterator[Target]:
     """The server measured: a running one, or our own, stopped after."""
     from abdoserve.export.repository import build_repository, is_built
-    from abdoserve.loadtests.bench.pipelines import served_tuning
-    from abdoserve.loadtests.bench.served_target import Observed, own_server, running_server
+    from abdoserve.loadtests.bench.served_target import own_server, running_server, served_tuning
     from abdoserve.loadtests.bench.transports import slot_bytes
 
     if plan.url:
@@ -292,7 +283,6 @@ def serving(
         build_repository(plan.repository, plan.built_tasks, tuning=tuning)
     slot = slot_bytes(list(pools.values()))
     if plan.url:
-        observed = observed or Observed()
         with running_server(plan.url, plan.tasks, tuning, observed, slot) as target:
             yield target
         return
@@ -305,34 +295,18 @@ def serving(
 def measure_all(
     plan: Plan, target: Target, pools: dict[str, list[Study]]
 ) -> tuple[list[TaskRounds], list[SweepPoint]]:
+    from abdoserve.loadtests.bench.report import format_sweep, task_blocks
+
     results = []
     for task in plan.tasks:
         results.append(measure_task(plan, target, task, pools[task]))
-        print_task(results[-1])
+        for block in task_blocks(results[-1]):
+            print(block + "\n", flush=True)
     url, tuning = target.url, target.tuning
     sweep = [measure_sweep_point(plan, url, tuning, images) for images in plan.images]
     if sweep:
-        from abdoserve.loadtests.bench.report import format_sweep
-
         print(format_sweep(SWEEP_TASK, sweep) + "\n", flush=True)
     return results, sweep
-
-
-def print_task(result: TaskRounds) -> None:
-    """The task's table and ratios; the last round's breakdown; the split's medians."""
-    from abdoserve.loadtests.bench.breakdown import format_breakdown
-    from abdoserve.loadtests.bench.report import format_task
-    from abdoserve.loadtests.bench.split import format_split
-
-    print(format_task(result) + "\n", flush=True)
-    last = result.last
-    if last.breakdown:
-        in_process_cpu = 1e3 * last.onnxruntime.cpu_seconds / last.onnxruntime.requests
-        rounds = len(result.rounds)
-        table = format_breakdown(result.task, list(last.breakdown), in_process_cpu)
-        print(f"round {rounds} of {rounds}: {table}\n", flush=True)
-    if last.probes:
-        print(format_split(result) + "\n", flush=True)
 
 
 def usable_forms(plan: Plan, target: Target, task: str) -> tuple[str, ...]:
@@ -353,11 +327,14 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
     """Both sides in interleaved rounds (in process, served, in process, served, ...),
     each round's ratios taken within it. The null model runs once (a transport's cost,
     not a ratio); the PyTriton peer starts once and serves every round."""
+    from abdoserve.loadtests.bench.pipelines import RUNTIMES, in_process_pipeline, time_in_process
     from abdoserve.loadtests.bench.report import TaskRounds
 
     forms = usable_forms(plan, target, task)
     probes = measure_probes(plan, target, task, pool, forms)
-    pipelines = [in_process_pipeline(plan, target.tuning, task, pool, name) for name in RUNTIMES]
+    pipelines = [
+        in_process_pipeline(plan.repository, target.tuning, task, pool, name) for name in RUNTIMES
+    ]
     local: list[Measurement] = []
     results: list[TaskResult] = []
     with ExitStack() as stack:
@@ -436,49 +413,25 @@ def observed_levels(
     form: str = GRPC_PACKED,
     scores: bool = True,
 ) -> tuple[list[Measurement], list[Breakdown]]:
-    """Each level in `form`, with the server's statistics and CPU read around it."""
-    from abdoserve.loadtests.bench.breakdown import breakdown
-    from abdoserve.loadtests.bench.pipelines import Served
+    """Each level in `form`, with the server's statistics and CPU read around it where
+    its admin key is known."""
+    from abdoserve.loadtests.bench.breakdown import breakdown, snapshot
+    from abdoserve.loadtests.bench.transports import Served
     from abdoserve.loadtests.bench.workload import time_concurrent
 
     rows, parts = [], []
     model = model_of(form, task)
     for level in levels:
-        served = Served(target.url, task, pool, form, region=target.region, scores=scores)
-        try:
-            before = server_snapshot(target, task, model)
+        with Served(target.url, task, pool, form, region=target.region, scores=scores) as served:
+            before = snapshot(target, task, model)
             row = time_concurrent(
                 served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
             )
             rows.append(row)
-            after = server_snapshot(target, task, model)
-        finally:
-            served.close()
+            after = snapshot(target, task, model)
         if before is not None and after is not None:
-            parts.append(
-                breakdown(
-                    task,
-                    before,
-                    after,
-                    concurrency=level,
-                    round_trip_ms=sum(row.latencies_ms) / len(row.latencies_ms),
-                    encode_ms=served.encode_ms,
-                    client_cpu_s=row.cpu_seconds,
-                    form=form,
-                    model=model,
-                )
-            )
+            parts.append(breakdown(task, model, before, after, row=row, encode_ms=served.encode_ms))
     return rows, parts
-
-
-def server_snapshot(target: Target, task: str, model: str) -> Snapshot | None:
-    """The server's statistics and CPU now, where its admin key is known."""
-    from abdoserve.loadtests.bench.breakdown import snapshot
-
-    if target.admin_headers is None:
-        return None
-    url, headers, pid = target.url, target.admin_headers, target.server_pid
-    return snapshot(url, task, headers, pid, model, metrics_url=target.metrics_url)
 
 
 def start_peer(stack: ExitStack, plan: Plan, target: Target, task: str) -> Target | None:
@@ -505,87 +458,39 @@ def start_peer(stack: ExitStack, plan: Plan, target: Target, task: str) -> Targe
 def measure_probe(target: Target, task: str, pool: list[Study], requests: int, form: str) -> Probe:
     """The null model on the same studies in the same form, one at a time: what moving
     the bytes costs (time, and server CPU where the server is local)."""
-    from abdoserve.loadtests.bench.breakdown import server_cpu_seconds
-    from abdoserve.loadtests.bench.pipelines import Served
-    from abdoserve.loadtests.bench.split import Probe
+    from abdoserve.loadtests.bench.breakdown import Probe, server_cpu_seconds
+    from abdoserve.loadtests.bench.transports import Served
     from abdoserve.loadtests.bench.workload import time_concurrent
 
-    served = Served(target.url, task, pool, form, model=PROBE, region=target.region)
     pid = target.server_pid
-    try:
+    with Served(target.url, task, pool, form, model=PROBE, region=target.region) as served:
         before = None if pid is None else server_cpu_seconds(pid)
         row = time_concurrent(served.new_call, pool, requests, 1, THREAD_WARMUP, pipeline=PROBE)
         after = None if pid is None else server_cpu_seconds(pid)
-    finally:
-        served.close()
     cpu = None if before is None or after is None else 1e3 * (after - before) / row.requests
     return Probe(form, row, cpu)
 
 
 def measure_sweep_point(plan: Plan, url: str, tuning: Tuning, images: int) -> SweepPoint:
+    from abdoserve.loadtests.bench.pipelines import in_process_pipeline, time_in_process
     from abdoserve.loadtests.bench.report import SweepPoint
     from abdoserve.loadtests.bench.workload import study_pool
 
     pool = study_pool(SWEEP_TASK, SWEEP_POOL, images)
     requests = plan.sweep_requests(images)
-    local = in_process(plan, tuning, SWEEP_TASK, pool, requests, runtime="onnxruntime")
+    pipeline = in_process_pipeline(plan.repository, tuning, SWEEP_TASK, pool, "onnxruntime")
+    local = time_in_process(pipeline, requests)
     served = served_levels(url, SWEEP_TASK, pool, SWEEP_CONCURRENCY, requests)
     return SweepPoint(images, local, tuple(served))
-
-
-def in_process(
-    plan: Plan, tuning: Tuning, task: str, pool: list[Study], requests: int, *, runtime: str
-) -> Measurement:
-    """(a) or (c): this process, sequential, after a short warm-up."""
-    return time_in_process(in_process_pipeline(plan, tuning, task, pool, runtime), requests)
-
-
-def in_process_pipeline(
-    plan: Plan, tuning: Tuning, task: str, pool: list[Study], runtime: str
-) -> InProcess:
-    """Our preprocessing, `runtime` (onnxruntime on the served `model.onnx`, or pytorch)
-    and the answer, as one callable."""
-    from abdoserve.loadtests.bench.pipelines import OnnxInProcess, TorchInProcess
-    from abdoserve.preprocessing.tasks import get_task
-    from abdoserve.serving.answer import ModelIdentity
-
-    spec = get_task(task)
-    identity = ModelIdentity.from_parameters(task, "1", build_record(plan.repository, task))
-    if runtime == "onnxruntime":
-        onnx_path = plan.repository / f"{task}_net" / "1" / "model.onnx"
-        return OnnxInProcess(spec, pool, identity, tuning, onnx_path)
-    return TorchInProcess(spec, pool, identity, tuning)
-
-
-def time_in_process(pipeline: InProcess, requests: int) -> Measurement:
-    from abdoserve.loadtests.bench.workload import time_sequential
-
-    warmup = min(SEQUENTIAL_WARMUP, requests)
-    return time_sequential(pipeline.name, pipeline, pipeline.pool, requests, warmup)
-
-
-def build_record(repository: Path, task: str) -> dict[str, str]:
-    """The weights' provenance the build wrote, as the served models read it."""
-    from abdoserve.export.repository import BUILD_RECORD
-
-    record = json.loads((repository / BUILD_RECORD).read_text())[task]
-    return {key: str(value) for key, value in record.items() if isinstance(value, str)}
 
 
 def served_levels(
     url: str, task: str, pool: list[Study], levels: tuple[int, ...], requests: int
 ) -> list[Measurement]:
     """(b): each concurrency level with fresh clients, after each thread's warm-up."""
-    from abdoserve.loadtests.bench.pipelines import Served
-    from abdoserve.loadtests.bench.workload import time_concurrent
+    from abdoserve.loadtests.bench.served_target import Target
 
-    rows = []
-    for level in levels:
-        served = Served(url, task, pool)
-        try:
-            rows.append(time_concurrent(served.new_call, pool, requests, level, THREAD_WARMUP))
-        finally:
-            served.close()
+    rows, _ = observed_levels(Target(url, Tuning()), task, pool, levels, requests)
     return rows
 
 
@@ -596,7 +501,8 @@ def write_outputs(
     results: list[TaskRounds],
     sweep: list[SweepPoint],
 ) -> None:
-    from abdoserve.loadtests.bench.report import document
+    from abdoserve.loadtests.bench.pipelines import SEQUENTIAL_WARMUP
+    from abdoserve.loadtests.bench.report import document, write_plot
 
     if args.json:
         settings = {**asdict(plan), "repository": str(plan.repository)}
@@ -606,7 +512,5 @@ def write_outputs(
         args.json.write_text(json.dumps(content, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        from abdoserve.loadtests.bench.plot import write_plot
-
         write_plot(args.plot, results, sweep)
         print(f"wrote {args.plot}")

@@ -1,4 +1,4 @@
-"""The ways `abdoserve bench serving` sends a study, and the null model that prices them.
+"""The ways `abdoserve bench serving` sends a study: the forms, their requests, the callers.
 
 Forms, each measured side by side in one run:
 
@@ -16,24 +16,30 @@ Forms, each measured side by side in one run:
 
 `transport_probe` is a null Python model that reads a study out of its input as the
 preprocess model does and answers its size: the same bytes over the same transport with
-no work. It is installed into the bench's own repository only.
+no work (`served_target.py` installs it into the bench's own repository).
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from tritonclient.grpc import model_config_pb2 as mc
-
-from abdoserve.export.configs import MAX_BATCH_SIZE, to_text
-from abdoserve.export.locations import PYTHON_MODELS
-from abdoserve.loadtests.bench.workload import Study
+from abdoserve.loadtests.bench.pytriton_peer import MODEL_PREFIX as PYTRITON_PREFIX
+from abdoserve.loadtests.bench.workload import Call, Study
 from abdoserve_client.protocol import OUTPUT_NAMES, clinical_json, dicom_tensors
 from abdoserve_client.shared_memory import SharedMemoryRegion
-from abdoserve_client.wire import SharedMemoryRef, WireTensor, bytes_tensor, encode_infer_request
+from abdoserve_client.wire import (
+    MODEL_INFER,
+    SharedMemoryRef,
+    WireTensor,
+    bytes_tensor,
+    encode_infer_request,
+    open_channel,
+)
 
 PROBE = "transport_probe"
 PROBE_OUTPUTS = ("BYTES_SEEN",)
@@ -42,7 +48,9 @@ FUSED, FUSED_SHARED_MEMORY = "fused", "fused_shared_memory"
 PYTRITON = "pytriton"  # the peer: PyTriton serving the pipeline as one callable
 FORMS = (GRPC_BYTES, GRPC_PACKED, SHARED_MEMORY, FUSED, FUSED_SHARED_MEMORY, PYTRITON)
 FUSED_PREFIX = "fused_"
-PYTRITON_PREFIX = "pytriton_"
+WITHOUT_SCORES = tuple(name for name in OUTPUT_NAMES if name != "SCORES")
+SLOT_ALIGNMENT = 1 << 16
+SERVED_TIMEOUT_S = 300.0
 
 
 def transport_of(form: str) -> str:
@@ -62,46 +70,12 @@ def model_of(form: str, task: str) -> str:
     return PYTRITON_PREFIX + task if form == PYTRITON else task
 
 
-def install_fused(repository: Path, tasks: Sequence[str]) -> None:
-    """Write each task's fused pipeline beside its ensemble, as `fused_<task>`."""
-    from abdoserve.export.fused import fuse_task
-
-    for task in tasks:
-        if not (repository / (FUSED_PREFIX + task) / "config.pbtxt").is_file():
-            fuse_task(repository, task, PYTHON_MODELS, name=FUSED_PREFIX + task)
-
-
-SLOT_ALIGNMENT = 1 << 16
-
-
-def install_probe(repository: Path, instances: int) -> None:
-    """Write the null model into `repository` (the bench's own; loaded with the rest)."""
-    folder = repository / PROBE
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PYTHON_MODELS / "transport_probe.py", folder / "1" / "model.py")
-    (folder / "config.pbtxt").write_text(to_text(probe_config(instances)))
-
-
-def probe_config(instances: int) -> mc.ModelConfig:
-    """The preprocess model's inputs and scheduling, one tiny output."""
-    config = mc.ModelConfig(name=PROBE, backend="python", max_batch_size=MAX_BATCH_SIZE)
-    config.dynamic_batching.max_queue_delay_microseconds = 0
-    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.KIND_CPU, count=instances)
-    for name, data_type in (
-        ("DICOM", mc.DataType.TYPE_STRING),
-        ("DICOM_PACKED", mc.DataType.TYPE_UINT8),
-        ("DICOM_OFFSETS", mc.DataType.TYPE_INT64),
-    ):
-        config.input.add(
-            name=name, data_type=data_type, dims=[-1], allow_ragged_batch=True, optional=True
-        )
-    config.input.add(name="CLINICAL", data_type=mc.DataType.TYPE_STRING, dims=[1], optional=True)
-    config.output.add(name="BYTES_SEEN", data_type=mc.DataType.TYPE_INT64, dims=[1])
-    return config
-
-
-def has_probe(repository: Path) -> bool:
-    return (repository / PROBE / "config.pbtxt").is_file()
+def outputs_of(model: str, scores: bool = True) -> tuple[str, ...]:
+    """What a request asks for: the probe's one output; else SCORES, STUDY and ANSWER, or
+    without the per-image SCORES (the ANSWER holds each image's values too)."""
+    if model == PROBE:
+        return PROBE_OUTPUTS
+    return OUTPUT_NAMES if scores else WITHOUT_SCORES
 
 
 def slot_bytes(pools: Sequence[Sequence[Study]]) -> int:
@@ -120,15 +94,15 @@ class Placement:
     offset: int
 
 
+def study_tensors(study: Study, *, packed: bool) -> list[WireTensor]:
+    clinical = bytes_tensor("CLINICAL", [clinical_json(study.clinical)])
+    return [*dicom_tensors(study.instances, packed=packed), clinical]
+
+
 def inline_request(model: str, study: Study, form: str, outputs: Sequence[str]) -> bytes:
     """A whole request, encoded once per study (as perf_analyzer prepares its inputs)."""
     packed = transport_of(form) != GRPC_BYTES
     return encode_infer_request(model, study_tensors(study, packed=packed), outputs)
-
-
-def study_tensors(study: Study, *, packed: bool) -> list[WireTensor]:
-    clinical = bytes_tensor("CLINICAL", [clinical_json(study.clinical)])
-    return [*dicom_tensors(study.instances, packed=packed), clinical]
 
 
 def placed_request(model: str, study: Study, where: Placement, outputs: Sequence[str]) -> bytes:
@@ -141,12 +115,89 @@ def placed_request(model: str, study: Study, where: Placement, outputs: Sequence
     return encode_infer_request(model, [placed, offsets, clinical], outputs)
 
 
-WITHOUT_SCORES = tuple(name for name in OUTPUT_NAMES if name != "SCORES")
+class Served:
+    """Makes one gRPC caller (own channel) per worker thread, sending each study in `form`
+    to `model` (the form's, or the null probe); closes the channels on leaving `with`.
 
+    Inline requests are encoded once per study here, as perf_analyzer prepares its
+    inputs: the load generator shares the cores with the server, whose cost is what is
+    measured. Through shared memory each caller owns one slot of `region` and writes
+    every study into it before sending, the copy a real sender makes.
+    """
 
-def outputs_of(model: str, scores: bool = True) -> tuple[str, ...]:
-    """What a request asks for: the probe's one output; else SCORES, STUDY and ANSWER, or
-    without the per-image SCORES (the ANSWER holds each image's values too)."""
-    if model == PROBE:
-        return PROBE_OUTPUTS
-    return OUTPUT_NAMES if scores else WITHOUT_SCORES
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        pool: Sequence[Study],
+        form: str = GRPC_PACKED,
+        *,
+        model: str | None = None,
+        region: SharedMemoryRegion | None = None,
+        scores: bool = True,
+    ) -> None:
+        self.transport = transport_of(form)
+        if self.transport == SHARED_MEMORY and region is None:
+            raise ValueError(f"the {form} form needs a shared-memory region")
+        self.url = url
+        self.model = model or model_of(form, task)
+        self.pool = pool
+        self.region = region
+        self.outputs = outputs_of(self.model, scores)
+        started = time.perf_counter()
+        self.requests = [inline_request(self.model, study, form, self.outputs) for study in pool]
+        # The client's encode time per study (done once here, as perf_analyzer does).
+        self.encode_ms = 1e3 * (time.perf_counter() - started) / max(len(pool), 1)
+        self.channels: list[Any] = []
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def new_call(self) -> Call:
+        from tritonclient.grpc import service_pb2
+
+        channel = open_channel(
+            self.url, ssl=False, root_certificates=None, private_key=None, certificate_chain=None
+        )
+        with self.lock:
+            slot = len(self.channels)
+            self.channels.append(channel)
+        infer = channel.unary_unary(
+            MODEL_INFER, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
+        request = self.request_maker(slot)
+
+        def call(number: int) -> object:
+            response = infer(request(number), timeout=SERVED_TIMEOUT_S)
+            if {output.name for output in response.outputs} != set(self.outputs):
+                raise RuntimeError(f"{self.model}: the response lacks {self.outputs}")
+            return response
+
+        return call
+
+    def request_maker(self, slot: int) -> Callable[[int], bytes]:
+        """Request number -> the bytes to send, for the caller that owns `slot`."""
+        region = self.region
+        if self.transport != SHARED_MEMORY or region is None:
+            return lambda number: self.requests[number % len(self.requests)]
+        if slot >= region.slots:
+            raise ValueError(f"{region.slots} slots in the region: fewer than the callers")
+        where = Placement(region, slot * region.slot_bytes)
+        return lambda number: placed_request(
+            self.model, self.pool[number % len(self.pool)], where, self.outputs
+        )
+
+    def close(self) -> None:
+        with self.lock:
+            channels, self.channels = self.channels, []
+        for channel in channels:
+            channel.close()

@@ -62,6 +62,15 @@ class Measurement:
     def images_per_second(self) -> float:
         return self.studies_per_second * self.images_per_study
 
+    @property
+    def mean_ms(self) -> float:
+        return sum(self.latencies_ms) / len(self.latencies_ms)
+
+    @property
+    def cpu_ms_per_study(self) -> float:
+        """This process's CPU per timed request, in ms."""
+        return 1e3 * self.cpu_seconds / self.requests
+
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
 
@@ -73,7 +82,7 @@ class Measurement:
             "requests": self.requests,
             "images_per_study": self.images_per_study,
             "wall_seconds": self.wall_seconds,
-            "this_process_cpu_ms_per_study": 1e3 * self.cpu_seconds / self.requests,
+            "this_process_cpu_ms_per_study": self.cpu_ms_per_study,
             "studies_per_second": self.studies_per_second,
             "images_per_second": self.images_per_second,
             **{f"p{q}_ms": self.percentile_ms(q) for q in PERCENTILES},
