@@ -9,6 +9,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,7 @@ def _plot_task(throughput: Any, tail: Any, result: TaskRounds, colour: str) -> N
     grouped = result.grouped()
     served = [grouped[row.pipeline, row.concurrency] for row in result.last.served]
     levels = [rows[0].concurrency for rows in served]
-    for axis, figure in ((throughput, _median_rate), (tail, _pooled_p95)):
+    for axis, figure in ((throughput, _median_rate), (tail, partial(pooled_percentile, q=95))):
         values = [figure(rows) for rows in served]
         axis.plot(levels, values, marker="o", color=colour, label=result.task)
     throughput.axhline(_median_rate(grouped["onnxruntime", 1]), color=colour, linestyle="--")
@@ -352,10 +353,6 @@ def _plot_task(throughput: Any, tail: Any, result: TaskRounds, colour: str) -> N
 
 def _median_rate(rows: Sequence[Measurement]) -> float:
     return float(np.median([row.studies_per_second for row in rows]))
-
-
-def _pooled_p95(rows: Sequence[Measurement]) -> float:
-    return pooled_percentile(rows, 95)
 
 
 def _plot_sweep(axis: Any, sweep: Sequence[SweepPoint]) -> None:

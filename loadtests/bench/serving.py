@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -236,6 +236,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def run(args: argparse.Namespace) -> int:
     from abdoserve.deploy.embedded import ServerError
     from abdoserve.loadtests.bench.served_target import observer
+    from abdoserve.loadtests.bench.workload import study_pool
 
     try:
         plan = make_plan(args)
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     try:
-        pools = study_pools(plan)
+        pools = {task: study_pool(task, plan.pool) for task in plan.tasks}
         with serving(plan, tuning_from(args), args.log_file, pools, observer(args)) as target:
             tuning = target.tuning
             results, sweep = measure_all(plan, target, pools)
@@ -255,12 +256,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     write_outputs(args, plan, tuning, results, sweep)
     return 0
-
-
-def study_pools(plan: Plan) -> dict[str, list[Study]]:
-    from abdoserve.loadtests.bench.workload import study_pool
-
-    return {task: study_pool(task, plan.pool) for task in plan.tasks}
 
 
 @contextmanager
@@ -422,7 +417,8 @@ def observed_levels(
     rows, parts = [], []
     model = model_of(form, task)
     for level in levels:
-        with Served(target.url, task, pool, form, region=target.region, scores=scores) as served:
+        served = Served(target.url, task, pool, form, region=target.region, scores=scores)
+        with closing(served):
             before = snapshot(target, task, model)
             row = time_concurrent(
                 served.new_call, pool, requests, level, THREAD_WARMUP, pipeline=form
@@ -463,7 +459,8 @@ def measure_probe(target: Target, task: str, pool: list[Study], requests: int, f
     from abdoserve.loadtests.bench.workload import time_concurrent
 
     pid = target.server_pid
-    with Served(target.url, task, pool, form, model=PROBE, region=target.region) as served:
+    served = Served(target.url, task, pool, form, model=PROBE, region=target.region)
+    with closing(served):
         before = None if pid is None else server_cpu_seconds(pid)
         row = time_concurrent(served.new_call, pool, requests, 1, THREAD_WARMUP, pipeline=PROBE)
         after = None if pid is None else server_cpu_seconds(pid)

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from abdoserve.loadtests.bench.pytriton_peer import MODEL_PREFIX as PYTRITON_PREFIX
@@ -117,7 +116,7 @@ def placed_request(model: str, study: Study, where: Placement, outputs: Sequence
 
 class Served:
     """Makes one gRPC caller (own channel) per worker thread, sending each study in `form`
-    to `model` (the form's, or the null probe); closes the channels on leaving `with`.
+    to `model` (the form's, or the null probe); `close` closes their channels.
 
     Inline requests are encoded once per study here, as perf_analyzer prepares its
     inputs: the load generator shares the cores with the server, whose cost is what is
@@ -150,17 +149,6 @@ class Served:
         self.encode_ms = 1e3 * (time.perf_counter() - started) / max(len(pool), 1)
         self.channels: list[Any] = []
         self.lock = threading.Lock()
-
-    def __enter__(self) -> Served:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def new_call(self) -> Call:
         from tritonclient.grpc import service_pb2

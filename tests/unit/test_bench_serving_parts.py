@@ -244,9 +244,9 @@ def test_a_placed_request_refers_to_the_callers_slot() -> None:
 
 def test_each_caller_cycles_the_pool_and_owns_one_slot() -> None:
     pool = [study((3,)), study((4,)), study((5,))]
-    with Served("localhost:1", TASK, pool, "grpc_bytes") as served:
-        maker = served.request_maker(0)
-        assert [maker(number) for number in (0, 4)] == [served.requests[0], served.requests[1]]
+    served = Served("localhost:1", TASK, pool, "grpc_bytes")
+    maker = served.request_maker(0)
+    assert [maker(number) for number in (0, 4)] == [served.requests[0], served.requests[1]]
     region = FakeRegion(slots=2)
     served = Served("localhost:1", TASK, pool, "shared_memory", region=cast(Any, region))
     served.request_maker(1)(5)  # study 5 % 3 = 2, in slot 1
