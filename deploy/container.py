@@ -40,7 +40,6 @@ from abdoserve.deploy.serve import (
     announce,
     server_options,
     supervisor_options,
-    wait_for_signal,
 )
 from abdoserve.deploy.supervisor import Supervisor
 
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> int:
     try:
         supervisor.start()
         announce(supervisor)
-        why = wait_for_signal()
+        why = processes.wait_for_signal()
     except (ServerError, OSError) as error:
         print(f"error: {error}", flush=True)
         return 1

@@ -202,6 +202,32 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+class Signals:
+    """SIGTERM and SIGINT caught from the moment this is made: one that arrives while a
+    server starts must not end the process before it can stop that server. `wait`
+    blocks until one comes and says which."""
+
+    def __init__(self) -> None:
+        self.received = threading.Event()
+        self.number = signal.SIGTERM
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, number: int, _frame: FrameType | None) -> None:
+        self.number = signal.Signals(number)
+        self.received.set()
+
+    def wait(self) -> signal.Signals:
+        self.received.wait()
+        return self.number
+
+
+def wait_for_signal() -> str:
+    """Block until SIGINT or SIGTERM arrives; say which. A supervisor keeps its server
+    running meanwhile (it restarts one that exits)."""
+    return Signals().wait().name
+
+
 def run(
     command: Sequence[str], *, timeout_s: float, **popen: Any
 ) -> subprocess.CompletedProcess[Any]:

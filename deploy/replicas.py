@@ -1,6 +1,14 @@
 """`abdoserve serve --replicas N`: N supervised Triton replicas behind Debian's nginx.
 
-Each replica is a process of its own (abdoserve.deploy.replica) with its Triton on
+The one home of replicas: the command line's side (`run_replicas`), the set and its
+balancer (`ReplicaSet`), and one replica's process (`run_replica`, run as `python -m
+abdoserve.deploy.replicas OPTIONS.json`). A process per replica is what makes a replica a
+unit that can die and drain, as a pod does: SIGTERM drains it (its readiness turns false,
+the balancer takes it out within a second, what it holds finishes, then it exits);
+SIGINT stops it at once (Triton still finishes the requests in flight); the launcher
+starts a replica that exited again. Its options file holds its keys: written mode 0600.
+
+Each replica is a process of its own with its Triton on
 loopback ports; nginx (the guard's configuration: limits, TLS, the inference key)
 balances gRPC and HTTP over them round robin on the public ports, and publishes each
 replica's Triton metrics and supervisor health on ports of its own:
@@ -18,7 +26,9 @@ A request whose replica dies under it is sent once more to another (nginx's
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -28,20 +38,71 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
 from abdoserve.deploy import processes
-from abdoserve.deploy.embedded import Ports, ServerError, free_port
-from abdoserve.deploy.guard import Backend, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
-from abdoserve.deploy.isolation import ShmIsolation
+from abdoserve.deploy.embedded import Ports, ServerError, ServerOptions, free_port
+from abdoserve.deploy.guard import (
+    Backend,
+    GuardError,
+    GuardOptions,
+    NginxGuard,
+    ProxiedPort,
+    TlsFiles,
+)
+from abdoserve.deploy.isolation import IsolationError, ShmIsolation
 from abdoserve.deploy.prometheus_server import render_config
-from abdoserve.deploy.replica import ReplicaSpec
-from abdoserve.deploy.supervisor import GuardLimits
+from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 
 log = logging.getLogger(__name__)
 PORT_STRIDE = 10  # replica i's public metrics and health ports: base + 10 (i - 1)
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """Everything one replica process needs (written to its 0600 options file, read by
+    `python -m abdoserve.deploy.replicas FILE`); Triton and its health port on loopback."""
+
+    index: int
+    repository: str
+    log_file: str
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    health_port: int
+    admin_key: str
+    inference_key: str  # only the balancer adds it: clients cannot bypass it
+    shm_private: bool = True
+    shm_size_bytes: int | None = None
+    deregister_s: float = 2.0  # not ready this long before Triton stops: the balancer learns
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> ReplicaOptions:
+        return cls(**json.loads(path.read_text()))
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(
+            repository=Path(self.repository),
+            ports=Ports(grpc=self.grpc_port, http=self.http_port, metrics=self.metrics_port),
+            log_file=Path(self.log_file),
+            admin_key=self.admin_key,
+            inference_key=self.inference_key,
+            shm=ShmIsolation(private=self.shm_private, size_bytes=self.shm_size_bytes),
+        )
+
+    def supervisor_options(self) -> SupervisorOptions:
+        return SupervisorOptions(
+            health_host="127.0.0.1", health_port=self.health_port, admin_key=self.admin_key
+        )
 
 
 @dataclass(frozen=True)
@@ -69,9 +130,9 @@ class ReplicaSetOptions:
 class Replica:
     """One replica process: started, asked whether it is ready, restarted, stopped."""
 
-    def __init__(self, spec: ReplicaSpec, spec_file: Path, output: Path) -> None:
-        self.spec = spec
-        self.spec_file = spec.write(spec_file)
+    def __init__(self, options: ReplicaOptions, options_file: Path, output: Path) -> None:
+        self.options = options
+        self.options_file = options.write(options_file)
         self.output = output
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -79,7 +140,7 @@ class Replica:
 
     def start(self) -> None:
         self._out = self.output.open("ab")
-        command = [sys.executable, "-m", "abdoserve.deploy.replica", str(self.spec_file)]
+        command = [sys.executable, "-m", "abdoserve.deploy.replicas", str(self.options_file)]
         # Its own group: Ctrl-C reaches the launcher, which stops replicas in order.
         # SIGTERM if the launcher dies: the replica drains and stops its server.
         self.process = processes.start(
@@ -90,7 +151,7 @@ class Replica:
         return self.process is not None and self.process.poll() is None
 
     def is_ready(self) -> bool:
-        url = f"http://127.0.0.1:{self.spec.health_port}/health/ready"
+        url = f"http://127.0.0.1:{self.options.health_port}/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=1) as reply:
                 return bool(reply.status == 200)
@@ -133,7 +194,7 @@ class ReplicaSet:
 
     def _replica(self, index: int) -> Replica:
         folder = self.options.run_dir / f"replica-{index}"
-        spec = ReplicaSpec(
+        replica_options = ReplicaOptions(
             index=index,
             repository=str(self.options.repository),
             log_file=str(folder / "triton.log"),
@@ -146,7 +207,7 @@ class ReplicaSet:
             shm_private=self.options.shm.private,
             shm_size_bytes=self.options.shm.size_bytes,
         )
-        return Replica(spec, folder / "spec.json", folder / "replica.log")
+        return Replica(replica_options, folder / "options.json", folder / "replica.log")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -169,8 +230,8 @@ class ReplicaSet:
                 if not replica.is_alive():
                     self.stop()
                     raise ServerError(
-                        f"replica {replica.spec.index} exited while starting; see "
-                        f"{replica.output} and {replica.spec.log_file}"
+                        f"replica {replica.options.index} exited while starting; see "
+                        f"{replica.output} and {replica.options.log_file}"
                     )
             if time.monotonic() > deadline:
                 self.stop()
@@ -202,16 +263,18 @@ class ReplicaSet:
     def _guard_options(self) -> GuardOptions:
         options, limits = self.options, self.options.guard
         backends = tuple(
-            Backend(replica.spec.grpc_port, replica.spec.http_port, up)
+            Backend(replica.options.grpc_port, replica.options.http_port, up)
             for replica, up in zip(self.replicas, self.up, strict=True)
         )
         proxied = []
         for replica in self.replicas:
-            index = replica.spec.index
+            index = replica.options.index
             proxied.append(
-                ProxiedPort(options.public_metrics_port(index), replica.spec.metrics_port)
+                ProxiedPort(options.public_metrics_port(index), replica.options.metrics_port)
             )
-            proxied.append(ProxiedPort(options.public_health_port(index), replica.spec.health_port))
+            proxied.append(
+                ProxiedPort(options.public_health_port(index), replica.options.health_port)
+            )
         return GuardOptions(
             host=options.public_host,
             grpc_port=options.public_ports.grpc,
@@ -241,7 +304,7 @@ class ReplicaSet:
             self.guard.start()
         for replica in self.replicas:
             if not replica.is_alive():
-                log.warning("replica %d exited; starting it again", replica.spec.index)
+                log.warning("replica %d exited; starting it again", replica.options.index)
                 replica.restart()
         up = tuple(replica.is_ready() for replica in self.replicas)
         if up != self.up and self.guard is not None:
@@ -264,9 +327,9 @@ class ReplicaSet:
             else self.options.public_host
         )
         return {
-            f"{host}:{self.options.public_metrics_port(replica.spec.index)}": {
+            f"{host}:{self.options.public_metrics_port(replica.options.index)}": {
                 "namespace": "local",
-                "pod": f"abdoserve-replica-{replica.spec.index}",
+                "pod": f"abdoserve-replica-{replica.options.index}",
             }
             for replica in self.replicas
         }
@@ -279,9 +342,103 @@ class ReplicaSet:
         targets = self.scrape_targets()
         host = next(iter(targets)).rsplit(":", 1)[0]
         supervisors = [
-            f"{host}:{self.options.public_health_port(replica.spec.index)}"
+            f"{host}:{self.options.public_health_port(replica.options.index)}"
             for replica in self.replicas
         ]
         text = render_config(list(targets), target_labels=targets, supervisor_targets=supervisors)
         path.write_text(text)
         return path
+
+
+def run_replica(options: ReplicaOptions) -> int:
+    """One replica process: its supervised server until a signal; SIGTERM drains first."""
+    signals = processes.Signals()
+    supervisor = Supervisor(options.server_options(), options.supervisor_options())
+    try:
+        supervisor.start()
+        print(f"replica {options.index} ready", flush=True)
+        if signals.wait() == signal.SIGTERM:
+            supervisor.drain()
+            print(f"replica {options.index} draining", flush=True)
+            threading.Event().wait(options.deregister_s)
+    finally:
+        code = supervisor.stop()  # Triton finishes the requests it holds, then exits
+    print(f"replica {options.index} stopped (tritonserver exit code {code})", flush=True)
+    return 0
+
+
+def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
+    """The set's options from `abdoserve serve`'s arguments (imported here: a replica
+    process itself needs none of the command line)."""
+    from abdoserve.deploy.serve import (
+        ADMIN_KEY_VARIABLE,
+        guard_limits,
+        read_key,
+        shm_isolation,
+        tls_files,
+    )
+
+    if args.shared_region is not None:
+        raise IsolationError("--shared-region shares one region with one server: not with replicas")
+    limits = guard_limits(args)
+    if limits is None:
+        raise GuardError("replicas are balanced by nginx: it must be installed and --guard not off")
+    return ReplicaSetOptions(
+        replicas=args.replicas,
+        repository=args.repository,
+        public_host=args.host,
+        public_ports=Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port),
+        health_port=args.supervisor_port,
+        run_dir=args.log_file.parent / "replicas",
+        guard=limits,
+        tls=tls_files(args),
+        admin_key=read_key(args.admin_key_file, ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(32),
+        shm=shm_isolation(args),
+    )
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    """`abdoserve serve --replicas N`: the set, until SIGINT or SIGTERM."""
+    from abdoserve.deploy.serve import warn_if_exposed
+
+    try:
+        options = replica_set_options(args)
+    except (GuardError, IsolationError, OSError) as error:
+        print(f"error: {error}")
+        return 2
+    warn_if_exposed(args, SupervisorOptions(tls=options.tls))
+    print(f"starting {options.replicas} replicas (each loads every model) ...", flush=True)
+    replicas = ReplicaSet(options)
+    try:
+        replicas.start()
+        announce(replicas)
+        stop = processes.wait_for_signal()
+    except (ServerError, GuardError, OSError) as error:
+        print(f"error: {error}")
+        return 1
+    finally:  # whatever happened: no replica, server or balancer outlives the command
+        replicas.stop()
+    print(f"replicas stopped ({stop}); {replicas.restarts} restarted while serving")
+    return 0
+
+
+def announce(replicas: ReplicaSet) -> None:
+    options = replicas.options
+    scheme = "http" if options.tls is None else "https"
+    host = options.public_host
+    print(f"AbdoServe ready: {options.replicas} replicas behind nginx (round robin)")
+    print(f"  gRPC     {host}:{options.public_ports.grpc}")
+    print(f"  HTTP     {scheme}://{host}:{options.public_ports.http}/v2/health/ready")
+    for replica in replicas.replicas:
+        index = replica.options.index
+        print(
+            f"  replica {index}: metrics {scheme}://{host}:{options.public_metrics_port(index)}"
+            f"/metrics, health {scheme}://{host}:{options.public_health_port(index)}"
+            f"/health/ready, log {replica.options.log_file}"
+        )
+    print(f"  Prometheus scrape config: {options.run_dir / 'prometheus.yml'}")
+    print("Ctrl-C stops them all.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_replica(ReplicaOptions.read(Path(sys.argv[1]))))

@@ -7,15 +7,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import signal
 import stat
-import threading
 from pathlib import Path
-from types import FrameType
 
 from abdoserve.deploy.embedded import Ports, ServerError, ServerOptions
 from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
+from abdoserve.deploy.processes import wait_for_signal
 from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import (
     TUNING_OPTIONS,
@@ -153,7 +151,7 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prepare_repository(args)
     if args.replicas > 1:
-        from abdoserve.deploy.serve_replicas import run_replicas
+        from abdoserve.deploy.replicas import run_replicas
 
         return run_replicas(args)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
@@ -364,19 +362,3 @@ def announce(supervisor: Supervisor) -> None:
         )
     print(f"  log      {server.options.log_file}")
     print("Ctrl-C stops the server.", flush=True)
-
-
-def wait_for_signal() -> str:
-    """Block until SIGINT or SIGTERM arrives; say which. The supervisor keeps the
-    server running meanwhile (it restarts one that exits)."""
-    stopped = threading.Event()
-    reason = {"why": ""}
-
-    def handle(number: int, _frame: FrameType | None) -> None:
-        reason["why"] = signal.Signals(number).name
-        stopped.set()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    stopped.wait()
-    return reason["why"]

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from abdoserve.deploy.gateway.scp import ScpOptions
     from abdoserve.deploy.gateway.sender import Destination
     from abdoserve.deploy.gateway.service import Gateway, GatewayOptions, client_infer
-    from abdoserve.deploy.serve import wait_for_signal
+    from abdoserve.deploy.processes import wait_for_signal
 
     # highdicom says at INFO which modules it copies, per report: not for an operator's log
     logging.getLogger("highdicom").setLevel(logging.WARNING)
