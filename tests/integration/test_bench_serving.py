@@ -218,7 +218,9 @@ def check_split(result: dict[str, Any], forms: tuple[str, ...], requests: int) -
     for transport in {TRANSPORTS.get(form, form) for form in forms}:
         probe = result["transport_probe"][transport]
         check_measurement(probe, "transport_probe", 1, requests)
-        assert probe["form"] == transport and probe["server_cpu_ms"] > 0
+        # Read (the server is local), but it may be 0: /proc counts CPU in clock ticks
+        # (10 ms), and a few null requests can fall within one.
+        assert probe["form"] == transport and probe["server_cpu_ms"] >= 0
     assert len(result["transport_probe"]) == len({TRANSPORTS.get(f, f) for f in forms})
     assert [split["form"] for split in result["split"]] == list(forms)
     for split in result["split"]:
@@ -229,7 +231,7 @@ def check_split(result: dict[str, Any], forms: tuple[str, ...], requests: int) -
         assert parts == pytest.approx(c1["served_ms"])
         assert c1["else_over_work"] == pytest.approx(c1["else_ms"] / c1["work_ms"])
         assert saturation["concurrency"] in (1, 4)
-        assert saturation["server_cpu_ms"] > 0 and saturation["transport_cpu_ms"] > 0
+        assert saturation["server_cpu_ms"] > 0 and saturation["transport_cpu_ms"] >= 0
         ratio = saturation["server_cpu_ms"] / (
             saturation["work_cpu_ms"] + saturation["transport_cpu_ms"]
         )
