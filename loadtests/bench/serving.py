@@ -322,7 +322,7 @@ def measure_task(plan: Plan, target: Target, task: str, pool: list[Study]) -> Ta
     """Both sides in interleaved rounds (in process, served, in process, served, ...),
     each round's ratios taken within it. The null model runs once (a transport's cost,
     not a ratio); the PyTriton peer starts once and serves every round."""
-    from abdoserve.loadtests.bench.pipelines import RUNTIMES, in_process_pipeline, time_in_process
+    from abdoserve.loadtests.bench.in_process import RUNTIMES, in_process_pipeline, time_in_process
     from abdoserve.loadtests.bench.report import TaskRounds
 
     forms = usable_forms(plan, target, task)
@@ -469,7 +469,7 @@ def measure_probe(target: Target, task: str, pool: list[Study], requests: int, f
 
 
 def measure_sweep_point(plan: Plan, url: str, tuning: Tuning, images: int) -> SweepPoint:
-    from abdoserve.loadtests.bench.pipelines import in_process_pipeline, time_in_process
+    from abdoserve.loadtests.bench.in_process import in_process_pipeline, time_in_process
     from abdoserve.loadtests.bench.report import SweepPoint
     from abdoserve.loadtests.bench.workload import study_pool
 
@@ -498,7 +498,7 @@ def write_outputs(
     results: list[TaskRounds],
     sweep: list[SweepPoint],
 ) -> None:
-    from abdoserve.loadtests.bench.pipelines import SEQUENTIAL_WARMUP
+    from abdoserve.loadtests.bench.in_process import SEQUENTIAL_WARMUP
     from abdoserve.loadtests.bench.report import document, write_plot
 
     if args.json:

@@ -34,7 +34,7 @@ from abdoserve.loadtests.bench.breakdown import (
     splits,
     stage_models,
 )
-from abdoserve.loadtests.bench.pipelines import InProcess, build_record, time_in_process
+from abdoserve.loadtests.bench.in_process import InProcess, build_record, time_in_process
 from abdoserve.loadtests.bench.report import (
     SweepPoint,
     TaskResult,

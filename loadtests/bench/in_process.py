@@ -1,6 +1,6 @@
-"""The in-process pipelines the served one is compared with: (a) ONNX Runtime on the
-served `model.onnx` and (c) PyTorch eager, each turning a request number into one
-answered study, and their timing (sequential, after a short warm-up).
+"""The in-process side `abdoserve bench serving` compares the served one with: (a) ONNX
+Runtime on the served `model.onnx` and (c) PyTorch eager, each turning a request number
+into one answered study, and their timing (sequential, after a short warm-up).
 
 Both runtimes do exactly what the served models do between gRPC and gRPC:
 `StudyPreparer`, the network on every sample of the study (in chunks of
