@@ -42,6 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a calling AE title allowed to send (repeat; default: any)",
     )
     dicom.add_argument(
+        "--max-associations",
+        type=int,
+        default=16,
+        help="associations at once, from all callers (%(default)s)",
+    )
+    dicom.add_argument(
+        "--max-associations-per-caller",
+        type=int,
+        default=4,
+        help="open connections one network address may hold; more are closed at once (%(default)s)",
+    )
+    dicom.add_argument(
         "--destination",
         action="append",
         default=[],
@@ -93,6 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from abdoserve.deploy.gateway.connections import ConnectionLimits
     from abdoserve.deploy.gateway.inference import RetryOptions
     from abdoserve.deploy.gateway.routing import RulesError, load_rules
     from abdoserve.deploy.gateway.scp import ScpOptions
@@ -119,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             tuple(args.allow_caller),
             max_instance_bytes=int(args.max_instance_mib * 1024 * 1024),
             min_free_bytes=int(args.min_free_mib * 1024 * 1024),
+            max_associations=args.max_associations,
+            connections=ConnectionLimits(per_caller=args.max_associations_per_caller),
         ),
         destinations=destinations,
         quiet_s=args.quiet_s,

@@ -23,6 +23,13 @@ REFUSAL_REASONS = (
     "disk_full",  # under --min-free-mib free in the spool (A700: the sender retries)
     "unparsable",  # not a data set pydicom can read
 )
+# Why a connection was dropped before pynetdicom read it whole (connections.py).
+CONNECTION_REASONS = (
+    "pdu_too_large",  # a PDU header claiming more than the cap: its body is never read
+    "bad_pdu",  # a header with no PDU type
+    "too_slow",  # a PDU not whole within its total time
+    "caller_limit",  # an address already holding its share of the association slots
+)
 FAILURE_REASONS = ("invalid_argument", "not_found", "gave_up", "report_error", "server_error")
 
 # From the last instance to the report stored: seconds to minutes (server down: hours).
@@ -40,6 +47,13 @@ class GatewayMetrics:
         self.instances_refused = self._counter(
             "instances_refused_total", "C-STOREs refused, by reason", ["reason"]
         )
+        self.connections_refused = self._counter(
+            "connections_refused_total",
+            "DICOM connections dropped for size, slowness or their address's share, by reason",
+            ["reason"],
+        )
+        for reason in CONNECTION_REASONS:  # present from the start, at zero
+            self.connections_refused.labels(reason)
         self.studies_received = self._counter(
             "studies_received_total", "Studies that went quiet and were taken for routing"
         )

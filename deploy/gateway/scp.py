@@ -10,8 +10,9 @@ Logs and status comments name UIDs and attribute keywords only.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from abdoserve.deploy.gateway.connections import ConnectionLimits, GuardedServer
 from abdoserve.deploy.gateway.metrics import GatewayMetrics
 from abdoserve.deploy.gateway.spool import Spool, SpoolError
 
@@ -64,6 +66,8 @@ TRANSFER_SYNTAXES = (
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # the sender keeps the instance and tries again
 CANNOT_UNDERSTAND = 0xC000  # not an instance we can take: the sender is told why
+# The P-DATA PDU length we advertise (pynetdicom's default); a peer's PDUs are held to it.
+MAXIMUM_PDU_LENGTH = 16382
 
 
 class SeriesFilter(Protocol):
@@ -80,12 +84,17 @@ class ScpOptions:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_callers: Sequence[str] = ()  # empty: any calling AE title
-    max_associations: int = 8  # bounds the instances in flight (received to temporary files)
+    # Bounds the instances in flight (received to temporary files, not memory). Sixteen,
+    # with at most `connections.per_caller` (4) from one address: one address that
+    # trickles or floods holds a quarter of the slots, never all of them.
+    max_associations: int = 16
     # The server refuses a request over 256 MiB: an instance that large can never be answered.
     max_instance_bytes: int = 256 * 1024 * 1024
     # Below this much free space in the spool, instances are refused (A700, retried).
     min_free_bytes: int = 1024 * 1024 * 1024
-    network_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0  # between PDUs, and for one send
+    # PDU sizes and times, and connections per address (connections.py).
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 def refusal(status: int, comment: str) -> Dataset:
@@ -177,8 +186,11 @@ def build_ae(options: ScpOptions) -> AE:
     ae.add_supported_context(Verification)
     ae.require_calling_aet = list(options.allowed_callers)
     ae.maximum_associations = options.max_associations
+    ae.maximum_pdu_size = MAXIMUM_PDU_LENGTH
     ae.network_timeout = options.network_timeout_s
-    ae.acse_timeout = options.network_timeout_s
+    # The acceptor waits this long for the A-ASSOCIATE-RQ: the same total as the
+    # guarded socket gives it, so a connection that sends nothing is gone as soon.
+    ae.acse_timeout = options.connections.association_s
     ae.dimse_timeout = options.network_timeout_s
     return ae
 
@@ -194,9 +206,18 @@ class StorageServer:
 
     def start(self) -> None:
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handler), (evt.EVT_REJECTED, _rejected)]
-        self._server = self.ae.start_server(
-            (self.options.host, self.options.port), block=False, evt_handlers=handlers
+        refused = self.handler.metrics.connections_refused
+        self._server = self.ae.make_server(
+            (self.options.host, self.options.port),
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            limits=self.options.connections,
+            on_refused=lambda reason: refused.labels(reason).inc(),
         )
+        # What AE.start_server(block=False) does, with our server class.
+        threading.Thread(
+            target=self._server.serve_forever, name="AcceptorServer", daemon=True
+        ).start()
         log.info(
             "DICOM gateway %s listening on %s:%d",
             self.options.ae_title,
