@@ -67,6 +67,67 @@ def deflate_bomb(inflated_bytes: int = 1024**3) -> bytes:
     return b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(parts)
 
 
+PRIVATE_CREATOR = b"\xdf\x7f\x10\x00LO\x0a\x00ABDOSERVE "  # (7FDF,0010), before Pixel Data
+PRIVATE_OB = b"\xdf\x7f\x10\x10OB\x00\x00"  # (7FDF,1010) OB, its length follows
+
+
+def inflation_flood(
+    count: int, private_bytes: int, task: str = "esophageal_cancer_ct"
+) -> tuple[bytes, ...]:
+    """`count` real, distinct slices of `task`, each deflated with a private OB element of
+    `private_bytes` zeros before its Pixel Data: every instance is under the per-instance
+    bound, but together they inflate to about `count` x `private_bytes` (issue 19's probe:
+    96 x 60 MiB from 30 MB sent)."""
+    slices = build_study(task, seed=1, slices=min(count, 64)).instances
+    return tuple(
+        _with_private_zeros(slices[number % len(slices)], private_bytes) for number in range(count)
+    )
+
+
+def _with_private_zeros(explicit: bytes, private_bytes: int) -> bytes:
+    """An explicit VR little endian instance, deflated, with `private_bytes` zeros in a
+    private element: its header and pixels are deflated around one cached run of zeros."""
+    source = dcmread(io.BytesIO(explicit))
+    meta = io.BytesIO()
+    source.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, source.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+    body = explicit[explicit.index(b"DICM") + 4 :]
+    body = body[_meta_group_length(body) :]
+    at = body.rindex(PIXEL_DATA_LE + b"OW")
+    element = PRIVATE_CREATOR + PRIVATE_OB + struct.pack("<I", private_bytes)
+    before = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    after = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"".join(
+        (
+            b"\0" * 128 + b"DICM" + meta.getvalue(),
+            # A full flush ends byte-aligned with no back references: raw deflate blocks
+            # made apart then join into one stream (only the last block is final).
+            before.compress(body[:at] + element) + before.flush(zlib.Z_FULL_FLUSH),
+            _deflated_zeros(private_bytes),
+            after.compress(body[at:]) + after.flush(),
+        )
+    )
+
+
+def _meta_group_length(body: bytes) -> int:
+    """Bytes of the file meta group (0002,xxxx) at the start of `body`: its first element,
+    (0002,0000) UL, holds the length of the rest."""
+    (rest,) = struct.unpack_from("<I", body, 8)
+    return 12 + int(rest)
+
+
+@cache
+def _deflated_zeros(count: int) -> bytes:
+    """`count` zeros as non-final raw deflate blocks, ending on a full flush."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = b"\0" * (16 * 1024 * 1024)
+    parts = [
+        compressor.compress(chunk[: min(len(chunk), count - start)])
+        for start in range(0, count, len(chunk))
+    ]
+    return b"".join(parts) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
 def j2k_size_lie(rows: int = 65535, columns: int = 65535) -> bytes:
     """A JPEG 2000 slice whose header says 512 x 512 but whose SIZ marker says otherwise."""
     data = bytearray(phantom_instance(syntax="JPEG2000Lossless"))

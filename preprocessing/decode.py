@@ -28,6 +28,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from abdoserve.preprocessing import header
+from abdoserve.preprocessing.budget import RequestBudget
 from abdoserve.preprocessing.codestream import FrameHeader, check_codestreams
 from abdoserve.preprocessing.deflate import inflate_to_explicit, is_deflated
 from abdoserve.preprocessing.errors import (
@@ -95,16 +96,24 @@ class DecodedInstance:
 
 
 def decode_instance(
-    data: bytes, index: int, limits: IntakeLimits, extra_tags: tuple[int, ...] = ()
+    data: bytes,
+    index: int,
+    limits: IntakeLimits,
+    extra_tags: tuple[int, ...] = (),
+    budget: RequestBudget | None = None,
 ) -> DecodedInstance:
-    """Parse one DICOM instance from bytes; raise an IntakeError naming what is wrong."""
+    """Parse one DICOM instance from bytes; raise an IntakeError naming what is wrong.
+    `budget` is the request's running total (a study passes one for all its instances)."""
     if len(data) > limits.max_bytes_per_instance:
         raise InputTooLargeError(
             f"{len(data)} bytes exceed the limit of {limits.max_bytes_per_instance} per instance",
             instance=index,
         )
-    if is_deflated(data):
-        data = inflate_to_explicit(data, index, limits.max_bytes_per_instance)
+    budget = RequestBudget(limits) if budget is None else budget
+    inflated = is_deflated(data)
+    if inflated:
+        data = inflate_to_explicit(data, index, budget.inflate_bound())
+    budget.spend_bytes(len(data), index)
     try:
         parsed = parse_dataset(data, index)
     except RecursionError as error:  # pydicom reads nested sequences recursively
@@ -112,10 +121,14 @@ def decode_instance(
     dataset = parsed.dataset
     check_sequence_depth(dataset, limits.max_sequence_depth, index)
     check_is_image(parsed, index)
-    check_pixel_budget(dataset, index, limits)
+    budget.spend_pixels(check_pixel_budget(dataset, index, limits), index)
     modality = (header.text(dataset, MODALITY) or "").upper()
     check_compressed_frames(parsed, index)
     pixels = decode_pixels(data, parsed, index)
+    if inflated and not pixels.flags.owndata:
+        # A view into the inflated dataset would keep all of it (a private element of
+        # 60 MiB, say) alive until the study is prepared: keep the pixels alone.
+        pixels = pixels.copy()
     return DecodedInstance(
         index=index,
         modality=modality,
@@ -218,8 +231,9 @@ def not_an_image(sop_class: str) -> str:
     return f"{name} is not an image object"
 
 
-def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> None:
-    """Refuse oversized images from the header alone, before decoding anything."""
+def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> int:
+    """Refuse oversized images from the header alone, before decoding anything; the bytes
+    the decoded pixels will take (1-bit data is unpacked to a byte a pixel)."""
     frames, rows, columns = frame_shape(dataset, index)
     pixels = frames * rows * columns
     if pixels > limits.max_pixels_per_instance:
@@ -228,6 +242,8 @@ def check_pixel_budget(dataset: Dataset, index: int, limits: IntakeLimits) -> No
             f"limit of {limits.max_pixels_per_instance}",
             instance=index,
         )
+    bits = header.unsigned(dataset, BITS_ALLOCATED, 8, index)
+    return pixels * max(1, -(-bits // 8))
 
 
 def check_compressed_frames(parsed: Parsed, index: int) -> None:

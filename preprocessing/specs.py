@@ -236,6 +236,12 @@ class IntakeLimits:
     max_pixels_per_instance: int = 4096 * 4096
     max_instances_per_request: int = 256
     max_bytes_per_request: int = 256 * 1024 * 1024  # all instances together
+    # All instances together as parsed (a deflated one inflated), counted while inflating:
+    # a plain request may bring no more than this either (max_bytes_per_request).
+    max_inflated_bytes_per_request: int = 256 * 1024 * 1024
+    # Decoded pixel values of all instances together (Rows x Columns x frames x bytes per
+    # sample, from each header before its decode): compressed frames may be tiny on the wire.
+    max_pixel_bytes_per_request: int = 256 * 1024 * 1024
     max_sequence_depth: int = 16  # DICOM sequences within sequences
     max_clinical_bytes: int = 64 * 1024  # the CLINICAL JSON document
     max_json_depth: int = 8  # arrays and objects within each other in CLINICAL
@@ -248,6 +254,8 @@ class IntakeLimits:
             "max_pixels_per_instance",
             "max_instances_per_request",
             "max_bytes_per_request",
+            "max_inflated_bytes_per_request",
+            "max_pixel_bytes_per_request",
             "max_sequence_depth",
             "max_clinical_bytes",
             "max_json_depth",
@@ -256,6 +264,14 @@ class IntakeLimits:
         _require(
             self.max_bytes_per_request >= self.max_bytes_per_instance,
             "max_bytes_per_request below max_bytes_per_instance",
+        )
+        _require(
+            self.max_inflated_bytes_per_request >= self.max_bytes_per_request,
+            "max_inflated_bytes_per_request below max_bytes_per_request",
+        )
+        _require(  # one 16-bit instance at the pixel limit must fit
+            self.max_pixel_bytes_per_request >= 2 * self.max_pixels_per_instance,
+            "max_pixel_bytes_per_request below 2 x max_pixels_per_instance",
         )
         _require(self.max_sequence_depth >= 2, "max_sequence_depth below 2")
         _require(self.max_json_depth >= 2, "max_json_depth below 2")

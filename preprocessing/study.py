@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from abdoserve.preprocessing.arrangement import Image, arrange
+from abdoserve.preprocessing.budget import RequestBudget
 from abdoserve.preprocessing.clinical import ROI_KEY, check_keys, clinical_value, feature_vector
 from abdoserve.preprocessing.decode import DecodedInstance, decode_instance
 from abdoserve.preprocessing.errors import (
@@ -71,7 +72,8 @@ class StudyPreparer:
             if clinical.get(item.name) is not None
         }
         started = time.perf_counter()
-        decoded = [self.decode(data, index) for index, data in enumerate(instances)]
+        budget = RequestBudget(spec.limits)  # inflated and pixel bytes, across the instances
+        decoded = [self.decode(data, index, budget) for index, data in enumerate(instances)]
         decoded_at = time.perf_counter()
         images = [
             Image(item, number, frame)
@@ -93,8 +95,10 @@ class StudyPreparer:
         }
         return replace(prepared, stage_seconds=stages)
 
-    def decode(self, data: bytes, index: int) -> DecodedInstance:
-        decoded = decode_instance(data, index, self.spec.limits, self.fallback_tags)
+    def decode(
+        self, data: bytes, index: int, budget: RequestBudget | None = None
+    ) -> DecodedInstance:
+        decoded = decode_instance(data, index, self.spec.limits, self.fallback_tags, budget)
         if decoded.modality != self.spec.modality:
             raise WrongModalityError(modality_problem(self.spec, decoded.modality), instance=index)
         return decoded

@@ -112,6 +112,15 @@ INVALID_PARTS: list[tuple[Any, str]] = [
     (lambda: Output("classification", ("a",), ("",), "", "none"), "two or more labels"),
     (lambda: IntakeLimits(max_bytes_per_instance=10), "below 1 KiB"),
     (lambda: IntakeLimits(max_instances_per_request=0), "below 1"),
+    (
+        lambda: IntakeLimits(max_inflated_bytes_per_request=128 * 1024 * 1024),
+        "max_inflated_bytes_per_request below max_bytes_per_request",
+    ),
+    (
+        lambda: IntakeLimits(max_pixel_bytes_per_request=16 * 1024 * 1024),
+        "max_pixel_bytes_per_request below 2 x max_pixels_per_instance",
+    ),
+    (lambda: IntakeLimits(max_pixel_bytes_per_request=2.5e8), "must be an integer"),
 ]
 
 
