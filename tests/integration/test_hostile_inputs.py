@@ -5,13 +5,14 @@ stub restarts, and the server stays ready."""
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
-from abdoserve.loadtests.hostile import HostileRequest, catalogue, send
+from abdoserve.loadtests.hostile import HostileRequest, catalogue, flood_request, send
 from abdoserve.loadtests.resources import peak_rss_mib
 from tests.mutations import random_mutation
 
@@ -68,3 +69,42 @@ def test_mutated_studies_are_answered_or_refused_and_no_stub_restarts(
 def answer_or_refusal(url: str, instances: tuple[bytes, ...]) -> str:
     refusal = send(url, HostileRequest("fuzzed", "bone_density_ct", instances, b"", ""))
     return "answered" if refusal is None else refusal.code
+
+
+HONEST_BESIDE_FLOOD = 6
+FLOOD_STUB_PEAK_MIB = 1024  # issue 19's probe took the stub to 5.96 GB (96 x 60 MiB kept)
+
+
+def test_a_request_that_inflates_past_its_total_is_refused_and_its_neighbours_answered(
+    server: EmbeddedServer, grpc_url: str
+) -> None:
+    """Issue 19's probe (96 x 60 MiB private elements from 30 MB) sent among honest
+    studies, plain and deflated, queued for the same preprocess model at once."""
+    assert server.process is not None
+    task = "esophageal_cancer_ct"
+    before = stubs.stubs_of(server.process.pid)
+    preprocess = [pid for pid, stub in before.items() if stub.model == f"{task}_preprocess"]
+    flood = flood_request()
+    honest = [
+        HostileRequest(
+            "honest", task, build_study(task, seed=n, transfer_syntax=syntax).instances, b"", ""
+        )
+        for n, syntax in enumerate(
+            ["ExplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian"]
+            * (HONEST_BESIDE_FLOOD // 2)
+        )
+    ]
+    with ThreadPoolExecutor(len(honest) + 1) as pool:
+        refusal = pool.submit(send, grpc_url, flood)
+        answers = list(pool.map(lambda request: send(grpc_url, request), honest))
+    assert answers == [None] * HONEST_BESIDE_FLOOD, answers
+    error = refusal.result()
+    assert error is not None and error.code == "INVALID_ARGUMENT", error
+    assert (
+        "instance 4: the request's instances inflate past the limit of 268435456 bytes "
+        "per request" in error.message
+    )
+    peaks = [peak_rss_mib(pid) for pid in preprocess]
+    assert max(peaks) < FLOOD_STUB_PEAK_MIB, f"preprocess stubs' peak RSS {peaks} MiB"
+    assert set(stubs.stubs_of(server.process.pid)) == set(before), "a stub was replaced"
+    assert server.is_ready()
