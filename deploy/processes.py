@@ -191,8 +191,9 @@ def sweep(process: subprocess.Popen[Any]) -> None:
 
 
 def interrupt_on_sigterm() -> None:
-    """From now on SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does,
-    so that `finally` blocks and context managers stop children and unlink regions. A
+    """From now on SIGTERM and SIGINT raise KeyboardInterrupt in the main thread, as
+    Ctrl-C does, so that `finally` blocks and context managers stop children and unlink
+    regions. A
     command that waits for signals itself (`abdoserve serve`) installs its own handler
     after this one."""
 
@@ -200,6 +201,10 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # A command started in the background of a non-interactive shell (`cmd &` in a
+    # script, CI) inherits SIGINT ignored, and Python then keeps it ignored: a
+    # `kill -INT` did nothing and the bench ran on (seen in CI). Ctrl-C's path, always.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Signals:
