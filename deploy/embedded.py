@@ -155,19 +155,63 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+class PortInUse(ServerError):
+    """A port this launch would listen on is taken (or named twice)."""
+
+
+# The option that chooses each public port, for the refusal's advice.
+PORT_FLAGS = {
+    "gRPC": "--grpc-port",
+    "HTTP": "--http-port",
+    "metrics": "--metrics-port",
+    "supervisor": "--supervisor-port",
+}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One listening socket a launch will open: what it is for, where."""
+
+    name: str  # "gRPC", "supervisor", "Triton's gRPC behind the guard", ...
+    host: str
+    port: int
+    flag: str | None = None  # the option that chooses it; None: chosen free by us
+
+    def refusal(self) -> str:
+        advice = f"; choose another with {self.flag}" if self.flag else ""
+        return f"port {self.port} ({self.name}) is already in use on {self.host}{advice}"
+
+
+def public_bindings(host: str, ports: Ports) -> list[Binding]:
+    return [Binding(name, host, port, PORT_FLAGS[name]) for name, port in ports.named().items()]
+
+
+def check_bindings(bindings: list[Binding]) -> None:
+    """Refuse, naming the port, before anything starts: a port given twice, or one that
+    another process holds. A server that starts anyway finds out late: an orphaned nginx
+    on the guard's ports answered our readiness probe, so `serve` printed ready and then
+    restarted its own nginx every 2.6 s on "address already in use" (issue 19)."""
+    seen: dict[int, Binding] = {}
+    for binding in bindings:
+        if binding.port in seen:
+            first = seen[binding.port]
+            raise PortInUse(f"port {binding.port} is given twice ({first.name}, {binding.name})")
+        seen[binding.port] = binding
+        _check_bindable(binding)
+
+
+def _check_bindable(binding: Binding) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the servers will: connections closing in TIME_WAIT do not block a listener.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((binding.host, binding.port))
+        except OSError as error:
+            raise PortInUse(binding.refusal()) from error
+
+
 def check_ports_free(host: str, ports: Ports) -> None:
-    for name, port in ports.named().items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            # As the server will: connections closing in TIME_WAIT do not block a listener.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as error:
-                flag = {"gRPC": "--grpc-port", "HTTP": "--http-port", "metrics": "--metrics-port"}
-                raise ServerError(
-                    f"port {port} ({name}) on {host} is already in use; "
-                    f"choose another with {flag[name]}"
-                ) from error
+    check_bindings(public_bindings(host, ports))
 
 
 def free_port() -> int:

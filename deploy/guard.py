@@ -39,6 +39,12 @@ from abdoserve.deploy.model_control import GRPC_HEADER_PREFIX, GUARD_HEADER
 
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_UNAUTHENTICATED = 16
+# Mozilla's "intermediate" TLS 1.2 list without its DHE suites: ECDHE, AES-GCM, ChaCha20.
+TLS12_CIPHERS = ":".join(
+    f"ECDHE-{auth}-{cipher}"
+    for cipher in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")
+    for auth in ("ECDSA", "RSA")
+)
 
 
 class GuardError(RuntimeError):
@@ -127,6 +133,11 @@ def _tls_settings(tls: TlsFiles | None) -> str:
         f"ssl_certificate {tls.certificate};",
         f"ssl_certificate_key {tls.key};",
         "ssl_protocols TLSv1.2 TLSv1.3;",
+        # TLS 1.2: forward secrecy and AEAD only. nginx's default (HIGH:!aNULL:!MD5)
+        # also let a client agree on AES128-SHA: RSA key exchange, CBC (issue 19, 8c).
+        # TLS 1.3's suites are all forward secret and AEAD, and unaffected by this list.
+        f"ssl_ciphers {TLS12_CIPHERS};",
+        "ssl_prefer_server_ciphers on;",
         "ssl_session_cache shared:abdoserve_tls:1m;",
     ]
     if tls.client_ca is not None:
@@ -197,6 +208,7 @@ error_log {prefix}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    server_tokens off;  # "Server: nginx", no version, in headers and error pages
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -268,8 +280,13 @@ class NginxGuard:
         self._reap_workers()
         self._write_config()
         self._check_config()
+        # SIGTERM, not SIGKILL, when we die: the master then stops its workers and exits.
+        # A SIGKILLed master leaves its worker running as an orphan that holds every
+        # listening port (seen: 4 of 4 ports held after `serve` was SIGKILLed).
         self.process = processes.start(
-            [*self._command(), "-g", "daemon off;"], stderr=subprocess.DEVNULL
+            [*self._command(), "-g", "daemon off;"],
+            stderr=subprocess.DEVNULL,
+            death_signal=signal.SIGTERM,
         )
         self._wait_listening(timeout_s)
         return self

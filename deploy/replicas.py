@@ -43,7 +43,16 @@ from pathlib import Path
 from typing import IO
 
 from abdoserve.deploy import processes
-from abdoserve.deploy.embedded import Ports, ServerError, ServerOptions, free_port
+from abdoserve.deploy.embedded import (
+    PORT_FLAGS,
+    Binding,
+    PortInUse,
+    Ports,
+    ServerError,
+    ServerOptions,
+    check_bindings,
+    free_port,
+)
 from abdoserve.deploy.guard import (
     Backend,
     GuardError,
@@ -191,6 +200,42 @@ class ReplicaSet:
         self.balancer_restarts = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        check_bindings(self.bindings())  # before any replica starts: PortInUse
+
+    def bindings(self) -> list[Binding]:
+        """The balancer's public ports (gRPC, HTTP, each replica's metrics and health)
+        and each replica's loopback ports (its Triton's and its supervisor's)."""
+        options, host = self.options, self.options.public_host
+        found = [
+            Binding("gRPC", host, options.public_ports.grpc, PORT_FLAGS["gRPC"]),
+            Binding("HTTP", host, options.public_ports.http, PORT_FLAGS["HTTP"]),
+        ]
+        for replica in self.replicas:
+            index, inner = replica.options.index, replica.options
+            found += [
+                Binding(
+                    f"replica {index}'s metrics",
+                    host,
+                    options.public_metrics_port(index),
+                    PORT_FLAGS["metrics"],
+                ),
+                Binding(
+                    f"replica {index}'s supervisor",
+                    host,
+                    options.public_health_port(index),
+                    PORT_FLAGS["supervisor"],
+                ),
+            ]
+            found += [
+                Binding(f"replica {index}'s {name}, internal", "127.0.0.1", port)
+                for name, port in (
+                    ("Triton gRPC", inner.grpc_port),
+                    ("Triton HTTP", inner.http_port),
+                    ("Triton metrics", inner.metrics_port),
+                    ("supervisor", inner.health_port),
+                )
+            ]
+        return found
 
     def _replica(self, index: int) -> Replica:
         folder = self.options.run_dir / f"replica-{index}"
@@ -408,7 +453,11 @@ def run_replicas(args: argparse.Namespace) -> int:
         return 2
     warn_if_exposed(args, SupervisorOptions(tls=options.tls))
     print(f"starting {options.replicas} replicas (each loads every model) ...", flush=True)
-    replicas = ReplicaSet(options)
+    try:
+        replicas = ReplicaSet(options)  # refuses a taken port before anything starts
+    except PortInUse as error:
+        print(f"error: {error}")
+        return 2
     try:
         replicas.start()
         announce(replicas)

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from abdoserve.deploy.embedded import Ports, ServerError, ServerOptions
+from abdoserve.deploy.embedded import PortInUse, Ports, ServerError, ServerOptions
 from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.processes import wait_for_signal
@@ -156,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
         return run_replicas(args)
     print("starting tritonserver (all models load before it reports ready) ...", flush=True)
     try:
+        # It refuses a port that is taken before anything starts (PortInUse).
         supervisor = Supervisor(server_options(args), supervisor_options(args))
-    except (GuardError, IsolationError, OSError) as error:
+    except (GuardError, IsolationError, PortInUse, OSError) as error:
         print(f"error: {error}")
         return 2
     warn_if_exposed(args, supervisor.supervision)
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         supervisor.start()
         announce(supervisor)
         stop = wait_for_signal()
-    except (ServerError, OSError) as error:
+    except (ServerError, GuardError, OSError) as error:
         print(f"error: {error}")
         return 1
     finally:  # whatever happened: no server, stub or shm region outlives the command

@@ -26,11 +26,15 @@ from dataclasses import dataclass, replace
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import (
+    PORT_FLAGS,
+    Binding,
     EmbeddedServer,
     Ports,
     ServerError,
     ServerOptions,
+    check_bindings,
     free_port,
+    public_bindings,
 )
 from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.health import HealthServer
@@ -106,6 +110,9 @@ class Supervisor:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._health: HealthServer | None = None
+        # Before anything starts (every caller makes the supervisor first: serve, a
+        # replica, the container): a taken port is refused here, by name (PortInUse).
+        check_bindings(self.bindings())
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -126,6 +133,28 @@ class Supervisor:
         internal = Ports(grpc=free_port(), http=free_port(), metrics=free_port())
         key = secrets.token_urlsafe(32)
         return replace(options, host="127.0.0.1", ports=internal, inference_key=key)
+
+    def bindings(self) -> list[Binding]:
+        """Every port this supervisor's processes will listen on: the public ones (the
+        guard's, or Triton's without it), the supervisor's, and behind a guard the
+        loopback ports of Triton and of the health endpoint."""
+        found = public_bindings(self.public_host, self.public_ports)
+        port = self.supervision.health_port
+        if port is not None:
+            host = self.public_host if self._health_proxied() else self.supervision.health_host
+            found.append(Binding("supervisor", host, port, PORT_FLAGS["supervisor"]))
+        if self.supervision.guard is not None:
+            internal = self.base_options.ports.named().items()
+            found += [
+                Binding(f"Triton's {name} behind the guard", "127.0.0.1", number)
+                for name, number in internal
+            ]
+        if self._health_proxied() and self.health_address is not None:
+            found.append(Binding("supervisor behind the guard", *self.health_address))
+        return found
+
+    def _health_proxied(self) -> bool:
+        return self.supervision.guard is not None and self.supervision.health_behind_guard
 
     def start(self) -> Supervisor:
         self._launch()
