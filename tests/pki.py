@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_FOR = datetime.timedelta(days=2)
@@ -36,7 +36,7 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> Path:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -53,7 +53,7 @@ def _write_certificate(certificate: x509.Certificate, path: Path) -> Path:
 
 
 def _builder(
-    subject: str, issuer: str, public_key: ec.EllipticCurvePublicKey
+    subject: str, issuer: str, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -113,4 +113,16 @@ def make_pki(folder: Path) -> Pki:
             "stranger", (stranger_key, "stranger-ca"), ExtendedKeyUsageOID.CLIENT_AUTH, folder
         ),
         stranger_ca=stranger_ca,
+    )
+
+
+def make_rsa_server(folder: Path) -> Identity:
+    """A self-signed RSA server certificate: the only kind that can agree on the old
+    RSA-key-exchange suites (AES128-SHA), which an ECDSA certificate never offers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    certificate = _builder("rsa-server", "rsa-server", key.public_key()).sign(key, hashes.SHA256())
+    return Identity(
+        _write_certificate(certificate, folder / "rsa-server.pem"),
+        _write_key(key, folder / "rsa-server.key"),
     )

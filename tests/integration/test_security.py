@@ -5,11 +5,13 @@ launcher's output), and a client that hangs up mid-request."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX, SHM
 from abdoserve.export.phantom import build_study
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
-from tests.pki import Pki, make_pki
+from tests.pki import Pki, make_pki, make_rsa_server
 
 pytestmark = [
     # The identifier sent as a Modality on purpose (a CS value may not hold it).
@@ -156,6 +158,103 @@ def test_https_serves_health_and_metrics_and_plain_http_is_refused(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(plain, timeout=10)
     assert refused.value.code == 400  # nginx: "plain HTTP request was sent to HTTPS port"
+
+
+@pytest.fixture(scope="module")
+def rsa_guard(
+    server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NginxGuard]:
+    """TLS with an RSA certificate: the one kind with which a client could agree on an
+    RSA-key-exchange suite at all."""
+    identity = make_rsa_server(tmp_path_factory.mktemp("rsa"))
+    guard = tls_guard(
+        server, TlsFiles(identity.certificate, identity.key), tmp_path_factory.mktemp("rsa-guard")
+    )
+    yield guard
+    guard.stop()
+
+
+def tls12_client(cipher: str) -> ssl.SSLContext:
+    """A TLS 1.2 client that offers `cipher` alone (it need not trust the server)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(cipher)
+    return context
+
+
+def handshake(port: int, context: ssl.SSLContext) -> str:
+    """The suite the server agreed on (ssl.SSLError where it agreed on none)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        agreed = tls.cipher()
+        assert agreed is not None
+        return agreed[0]
+
+
+@pytest.mark.parametrize("port", ["gRPC", "HTTP", "metrics"])
+def test_tls_refuses_a_suite_without_forward_secrecy_and_agrees_on_ecdhe_aes_gcm(
+    rsa_guard: NginxGuard, port: str
+) -> None:
+    options = rsa_guard.options
+    number = {"gRPC": options.grpc_port, "HTTP": options.http_port}.get(
+        port, options.proxied[0].public
+    )
+    with pytest.raises(ssl.SSLError):
+        handshake(number, tls12_client("AES128-SHA"))  # RSA key exchange, CBC
+    modern = "ECDHE-RSA-AES128-GCM-SHA256"
+    assert handshake(number, tls12_client(modern)) == modern
+
+
+def https_reply(
+    port: int, context: ssl.SSLContext, method: str, path: str, headers: dict[str, str]
+) -> tuple[int, str | None, bytes]:
+    """Status, Server header and body of one HTTP/1.1 request over TLS."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        connection.request(method, path, headers=headers)
+        reply = connection.getresponse()
+        return reply.status, reply.getheader("Server"), reply.read()
+    finally:
+        connection.close()
+
+
+def test_the_guard_names_no_version_in_replies_or_error_pages(
+    tls_only: NginxGuard, pki: Pki
+) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    options = tls_only.options
+    too_large = {"Content-Length": str(options.max_body_bytes + 1)}  # refused on the header
+    replies = {
+        "health": https_reply(options.http_port, context, "GET", "/v2/health/ready", {}),
+        "metrics": https_reply(options.proxied[0].public, context, "GET", "/metrics", {}),
+        "a 413": https_reply(options.http_port, context, "POST", "/v2/models/x/infer", too_large),
+    }
+    # The gRPC port's own error page: plain HTTP sent to its TLS listener (a 400).
+    plain = http.client.HTTPConnection("127.0.0.1", options.grpc_port, timeout=30)
+    try:
+        plain.request("GET", "/")
+        reply = plain.getresponse()
+        replies["plain HTTP to the gRPC port"] = (
+            reply.status,
+            reply.getheader("Server"),
+            reply.read(),
+        )
+    finally:
+        plain.close()
+    statuses = {what: reply[0] for what, reply in replies.items()}
+    assert statuses == {
+        "health": 200,
+        "metrics": 200,
+        "a 413": 413,
+        "plain HTTP to the gRPC port": 400,
+    }
+    assert {what: reply[1] for what, reply in replies.items()} == dict.fromkeys(replies, "nginx")
+    for what in ("a 413", "plain HTTP to the gRPC port"):  # the error pages: no version
+        assert b"<center>nginx</center>" in replies[what][2], replies[what][2]
 
 
 def test_mutual_tls_admits_a_client_certificate_the_ca_signed(

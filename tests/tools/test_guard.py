@@ -101,3 +101,28 @@ def test_replicas_are_balanced_and_one_not_up_gets_no_new_request(tmp_path: Path
     # A request whose Triton died mid-way is sent once more, elsewhere (idempotent).
     assert "grpc_next_upstream error timeout non_idempotent;" in text
     assert_nginx_accepts(text, tmp_path)
+
+
+def test_tls_1_2_agrees_only_on_forward_secret_aead_suites(tmp_path: Path) -> None:
+    """OpenSSL's own reading of the list: ECDHE key exchange, AES-GCM or ChaCha20 only
+    (nginx's default, HIGH:!aNULL:!MD5, held AES128-SHA: RSA key exchange, CBC)."""
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    text = render_config(
+        replace(OPTIONS, tls=TlsFiles(pki.server.certificate, pki.server.key)), tmp_path
+    )
+    assert_nginx_accepts(text, tmp_path)
+    listed = text.split("ssl_ciphers ", 1)[1].split(";", 1)[0]
+    assert "ssl_prefer_server_ciphers on;" in text
+    suites = subprocess.run(
+        ["openssl", "ciphers", "-v", listed], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    tls12 = [line.split() for line in suites if " TLSv1.2 " in line]
+    assert len(tls12) == 6, suites  # AES128-GCM, AES256-GCM, ChaCha20; ECDSA and RSA
+    assert {(fields[2], fields[5]) for fields in tls12} == {("Kx=ECDH", "Mac=AEAD")}
+    assert "AES128-SHA" not in {fields[0] for fields in tls12}
+
+
+def test_nginx_names_no_version() -> None:
+    assert "server_tokens off;" in render_config(OPTIONS, Path("/run/guard"))
