@@ -306,7 +306,13 @@ class EmbeddedServer:
             stderr=subprocess.STDOUT,
             env=server_environment() if options.binary is None else dict(os.environ),
         )
-        self.wait_ready()
+        # A `with` block whose __enter__ raises never reaches __exit__: a server that
+        # never came ready (or a Ctrl-C while it loads) is stopped here.
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def url(self, path: str) -> str:

@@ -288,7 +288,11 @@ class NginxGuard:
             stderr=subprocess.DEVNULL,
             death_signal=signal.SIGTERM,
         )
-        self._wait_listening(timeout_s)
+        try:  # stopped here if it never listens: a raising __enter__ gets no __exit__
+            self._wait_listening(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _reap_workers(self) -> None:

@@ -138,13 +138,19 @@ class PrometheusServer:
         self.process = processes.start(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
+        try:  # stopped here if it never comes ready (or on Ctrl-C meanwhile)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.is_ready():
             if self.process.poll() is not None:
-                self.stop()
                 raise PrometheusError(f"prometheus exited early; see {self.log_file}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise PrometheusError(f"prometheus not ready in {self.startup_timeout_s} s")
             time.sleep(0.1)
 
