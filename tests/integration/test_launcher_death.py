@@ -190,12 +190,15 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def kill_leftovers() -> Iterator[list[Proc]]:
-    """Whatever a failed test left running (ours: recorded before the kill) is killed."""
+    """Whatever a failed test left running (ours: recorded before the kill) is killed,
+    and the regions its stubs left in the host's /dev/shm removed."""
     recorded: list[Proc] = []
     yield recorded
     for proc in recorded:
         if alive(proc):
             os.kill(proc.pid, signal.SIGKILL)
+    for region in host_regions([proc.pid for proc in recorded]):
+        region.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -205,6 +208,7 @@ def test_a_sigkilled_launcher_leaves_no_process_and_frees_its_ports(
     ports = fresh_ports()
     launcher = launch(kind, repository, tmp_path, ports)
     try:
+        kill_leftovers += [proc for proc in [read_proc(launcher.pid)] if proc is not None]
         wait_ready(launcher, ports)
         started = descendants(launcher.pid)
         kill_leftovers += started
@@ -221,6 +225,16 @@ def test_a_sigkilled_launcher_leaves_no_process_and_frees_its_ports(
     assert not left, f"{len(left)} processes outlived the launcher: {left}"
     taken = [port for port in ports.public(kind) if not bindable(port)]
     assert not taken, f"ports still held after the launcher died: {taken}"
+    regions = host_regions([launcher.pid, *(proc.pid for proc in started)])
+    # The pod's /dev/shm is its own (shm isolation "host" in the image) and goes with
+    # it; here it is the host's: kill_leftovers removes what the killed stubs left there.
+    if kind != "container":
+        assert not regions, "regions outlived the launcher's private /dev/shm"
+
+
+def host_regions(pids: list[int]) -> list[Path]:
+    """The Python backend's regions of these launches in the host's /dev/shm."""
+    return [path for pid in pids for path in Path("/dev/shm").glob(f"abdoserve_shm_{pid}_*")]
 
 
 def launch_refused(kind: str, repository: Path, folder: Path, ports: Ports) -> str:
