@@ -51,7 +51,7 @@ class Launched:
         return f"127.0.0.1:{self.grpc}"
 
     def replica_pid(self, index: int) -> int:
-        spec = str(self.run_dir / f"replica-{index}" / "spec.json")
+        spec = str(self.run_dir / f"replica-{index}" / "options.json")
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and self._argv(entry)[-1:] == [spec]:
                 return int(entry.name)
