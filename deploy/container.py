@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
         supervisor.start()
         announce(supervisor)
         why = processes.wait_for_signal()
-    except (ServerError, OSError) as error:
+    except (ServerError, GuardError, OSError) as error:  # as `serve`: a message, no traceback
         print(f"error: {error}", flush=True)
         return 1
     finally:
