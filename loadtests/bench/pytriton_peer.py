@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,12 +108,21 @@ def serve(task: str, net_folder: Path, ports: tuple[int, int, int]) -> None:
         )
         triton.run()
         print(READY, flush=True)
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        stopping.wait()
+
+
+# Set by SIGTERM or SIGINT, from the start: one that arrives while PyTriton starts is
+# kept until it is up, then the `with` above stops it. Handlers, not a blocked signal
+# mask: the mask is inherited across fork and exec, and PyTriton's own tritonserver then
+# ignored the SIGINT PyTriton stops it with, and outlived us (seen after every SIGKILL of
+# the bench, when no one swept our group).
+stopping = threading.Event()
 
 
 def main(argv: list[str]) -> int:
     task, net_folder, *ports = argv
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda _number, _frame: stopping.set())
     grpc, http, metrics = (int(port) for port in ports)
     try:
         serve(task, Path(net_folder), (grpc, http, metrics))

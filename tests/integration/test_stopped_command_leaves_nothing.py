@@ -106,3 +106,35 @@ def test_a_signalled_bench_leaves_no_process_and_no_shared_memory(
     assert left == {}, f"left running after {number.name}: {left}"
     leaked = set(os.listdir(HOST_SHM)) - shm_before
     assert not leaked, f"left in {HOST_SHM}: {sorted(leaked)}"
+
+
+def test_a_killed_bench_leaves_no_process(tmp_path: Path) -> None:
+    """SIGKILL gives the bench no chance to stop anything: its children's death signals
+    must, down to PyTriton's own tritonserver, a grandchild. (It inherited the peer's
+    blocked SIGTERM and SIGINT, and left only when PyTriton escalated, about 45 s here;
+    a bench started with SIGINT ignored left it running for good.) Only the bench's own
+    shared-memory region may stay: no process is left to unlink it."""
+    mark = uuid.uuid4().hex
+    shm_before = set(os.listdir(HOST_SHM))
+    command = [str(ABDOSERVE), "bench", "serving", "--tasks", "bone_density_ct"]
+    command += ["--requests", "400", "--concurrency", "1", "--images", "none", "--pool", "1"]
+    command += ["--forms", "pytriton,served"]
+    command += ["--repository", str(tmp_path / "repository"), "--log-file", str(tmp_path / "t.log")]
+    with (tmp_path / "bench.out").open("wb") as out:
+        bench = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {MARK: mark}
+        )
+    try:
+        wait_for(lambda: peer_server_up(mark), "the PyTriton peer's server", bench)
+    finally:
+        bench.kill()
+        bench.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while started_programs(mark) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert started_programs(mark) == {}
+    leaked = set(os.listdir(HOST_SHM)) - shm_before
+    own_region = {f"abdoserve-bench-{bench.pid}"}
+    for name in leaked & own_region:
+        (Path(HOST_SHM) / name).unlink()
+    assert not leaked - own_region, f"left in {HOST_SHM}: {sorted(leaked - own_region)}"
