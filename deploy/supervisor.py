@@ -71,8 +71,12 @@ class SupervisorOptions:
     # killed: Triton 2.51 keeps a model version with a dead instance until shutdown.
     drain_s: float = 10.0
     # A model whose stubs' shared memory together outgrew this is reloaded in place,
-    # at most once per `trim_every_s`: the Python backend's regions never shrink.
-    trim_shm_bytes: int = 64 * 1024 * 1024
+    # at most once per `trim_every_s`: the Python backend's regions never shrink. Set at
+    # twice the steady state measured under load, not just under it: at 64 MiB steady
+    # bone-density traffic (regions at 66-71 MiB) reloaded its preprocess model every
+    # 30-40 s; mixed traffic of 512x512 studies from 8 clients held 50 MiB at most
+    # (docs/reliability.md). A study near the request limit still grows them far past it.
+    trim_shm_bytes: int = 144 * 1024 * 1024
     trim_every_s: float = 30.0
     # nginx on every public port (gRPC, HTTP, metrics, health), Triton and the health
     # endpoint behind it on loopback; None: no guard, Triton listens itself.
