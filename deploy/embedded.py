@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -214,11 +215,24 @@ def check_ports_free(host: str, ports: Ports) -> None:
     check_bindings(public_bindings(host, ports))
 
 
+# Every port free_port handed out in this process: the kernel may offer a port it just
+# released again, and two ports of one launch then collided (seen: Triton's HTTP and
+# metrics ports behind the guard both 33301, refused as "given twice").
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A loopback port free now, and never one this process was given before."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                port: int = probe.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise ServerError("no free loopback port that this process was not given before")
 
 
 def free_ports() -> Ports:

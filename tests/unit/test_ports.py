@@ -107,3 +107,11 @@ def test_a_replica_set_knows_its_public_and_loopback_ports(tmp_path: Path) -> No
         pytest.raises(PortInUse, match="replica 2's supervisor, internal"),
     ):
         check_bindings(bindings)
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """The kernel offers just-released ports again: 2,000 draws from its ~28,000
+    ephemeral ports would repeat one almost surely (the birthday bound), and two ports
+    of one launch collided that way."""
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)
