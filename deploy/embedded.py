@@ -332,6 +332,14 @@ class EmbeddedServer:
     def url(self, path: str) -> str:
         return f"http://{self.options.host}:{self.ports.http}{path}"
 
+    def is_live(self, timeout_s: float = 2.0) -> bool:
+        """Whether its HTTP server answers at all (a frozen process does not)."""
+        try:
+            with urllib.request.urlopen(self.url("/v2/health/live"), timeout=timeout_s) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(self.url("/v2/health/ready"), timeout=2) as reply:

@@ -6,12 +6,21 @@ half-sent request. nginx, on the public ports, refuses those at once:
 
 - a body over `max_body_bytes` (the largest request any task's spec allows): gRPC
   RESOURCE_EXHAUSTED / HTTP 413, as soon as the bytes cross the limit;
-- more than `max_inflight` requests at a time (HTTP/2 streams count one each):
-  RESOURCE_EXHAUSTED / HTTP 503, before the body is read, so overload costs nothing;
-  with the body limit this bounds the bytes in flight to `max_inflight` x
-  `max_body_bytes`;
-- a client that stops sending its headers or body for `body_timeout_s`: the
-  request is dropped (HTTP 408) and its memory freed.
+- more than `max_inflight` requests at a time (HTTP/2 streams count one each), or more
+  than `max_inflight_per_client` from one client address: RESOURCE_EXHAUSTED / HTTP 503,
+  at once, so overload costs nothing; with the body limit this bounds the bytes in
+  flight to `max_inflight` x `max_body_bytes`, and one address cannot lock others out;
+- a gRPC call not finished within `request_timeout_s`, however slowly its body trickles
+  in: the guard sets the call's deadline (`grpc-timeout`), and Triton's gRPC server ends
+  it with DEADLINE_EXCEEDED, freeing its slot;
+- an HTTP request counts against the budget only once its body is whole (nginx reads it
+  first, then hands it to a second server on a private socket that holds the budget): a
+  slow HTTP sender holds a slot of its own address's share, never the budget;
+- a client that stops sending its headers or body for `body_timeout_s`: the request is
+  dropped (HTTP 408) and its memory freed.
+
+Health checks (gRPC ServerLive/ServerReady/ModelReady, HTTP /v2/health/*) have a small
+budget of their own: a full inference budget never makes a server look dead.
 
 Triton itself listens on loopback ports only the guard uses; so do Triton's metrics
 and the supervisor's health endpoint, which the guard proxies without the in-flight
@@ -19,13 +28,15 @@ budget (a busy server must still answer its probes and scrapes).
 
 With `tls`, every public port speaks TLS (Triton 2.51 has none for HTTP), and with a
 client CA, only clients holding a certificate it signed get past the handshake's end:
-gRPC callers without one get UNAUTHENTICATED.
+gRPC callers without one get UNAUTHENTICATED. Started as root, nginx's workers run as a
+dedicated user, so no other account's process can read the keys and TLS key they hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -85,16 +96,39 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class GuardLimits:
+    """What the guard refuses: sizes, counts and times, one set for every deployment."""
+
+    max_body_bytes: int
+    max_inflight_bytes: int = 8 * 1024**3
+    body_timeout_s: int = 30
+    # The longest a legitimate call may take, body and queue included (docs/reliability.md
+    # has the measurement): past it a call is ended, a frozen backend's included.
+    request_timeout_s: int = 120
+    # The largest share of the in-flight budget one client address may hold. Behind a
+    # proxy or load balancer every call comes from its address: give it 1.0 there.
+    client_share: float = 0.25
+    probes_per_client: int = 16  # health checks in flight from one address
+
+    @property
+    def max_inflight(self) -> int:
+        """Requests in flight such that even requests of the largest size stay within the
+        byte budget (nginx counts requests, not bytes)."""
+        return max(1, self.max_inflight_bytes // self.max_body_bytes)
+
+    @property
+    def max_inflight_per_client(self) -> int:
+        return max(1, min(self.max_inflight, int(self.max_inflight * self.client_share)))
+
+
+@dataclass(frozen=True)
 class GuardOptions:
     host: str
     grpc_port: int  # public
     http_port: int  # public
     upstream_grpc_port: int  # one Triton's, on loopback (or see `backends`)
     upstream_http_port: int
-    max_body_bytes: int
-    max_inflight: int = 32
-    body_timeout_s: int = 30
-    read_timeout_s: int = 300  # a whole study's inference, as the client deadline allows
+    limits: GuardLimits
     tls: TlsFiles | None = None
     proxied: tuple[ProxiedPort, ...] = ()
     # Added to every forwarded request: Triton serves inference only to the guard.
@@ -193,77 +227,176 @@ def _proxied_servers(options: GuardOptions) -> str:
     )
 
 
-def render_config(options: GuardOptions, prefix: Path) -> str:
-    """The nginx.conf for `options`, with every runtime file under `prefix`."""
-    too_large = (
-        f"request exceeds the limit of {options.max_body_bytes} bytes (the guard in front "
-        "of Triton)"
+# The gRPC health methods: outside the inference budget, under the probes' own.
+GRPC_PROBES = r"^/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)$"
+WORKER_USER = "abdoserve-guard"
+
+
+def ensure_worker_user() -> pwd.struct_passwd:
+    """The workers' system account (root only), made on first use: no login, no home."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(WORKER_USER)
+    made = subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            WORKER_USER,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
     )
-    busy = f"server busy: {options.max_inflight} requests in flight (the guard's budget)"
+    if made.returncode != 0 and "already exists" not in made.stderr:
+        raise GuardError(f"cannot create the guard's worker user {WORKER_USER}: {made.stderr}")
+    return pwd.getpwnam(WORKER_USER)
+
+
+def worker_directory(prefix: Path) -> Path:
+    """What nginx's workers write (request bodies, the HTTP budget's socket): theirs alone."""
+    return prefix / "worker"
+
+
+def _refusals(options: GuardOptions) -> str:
+    limits = options.limits
+    too_large = (
+        f"request exceeds the limit of {limits.max_body_bytes} bytes (the guard in front of Triton)"
+    )
+    busy = (
+        f"server busy: {limits.max_inflight} requests in flight (the guard's budget), at "
+        f"most {limits.max_inflight_per_client} from one client address"
+    )
     unauthenticated = "a client certificate signed by the server's client CA is required"
-    return f"""# Written by abdoserve (deploy/guard.py); regenerated at every start.
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;  # "Server: nginx", no version, in headers and error pages
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    client_max_body_size {options.max_body_bytes};
-    client_body_timeout {options.body_timeout_s}s;
-    client_header_timeout {options.body_timeout_s}s;
-    send_timeout {options.read_timeout_s}s;
-    keepalive_timeout 75s;
-    # nginx ends a connection after 1000 requests or 1 h by default (HTTP/2 GOAWAY): a
-    # long-lived gRPC channel then sees UNAVAILABLE on the calls it raced in (a soak
-    # found it). Clients reconnect anyway; there is no reason to make them.
-    keepalive_requests 100000000;
-    keepalive_time 7d;{_tls_settings(options.tls)}
-    # One budget for gRPC and HTTP together: every request has the same (non-empty) key.
-    map $request_method $inflight_key {{ default all; }}
-    limit_conn_zone $inflight_key zone=inflight:1m;
-    limit_conn_status 503;
-    limit_conn_log_level warn;
+    return (
+        _grpc_refusal("too_large", too_large)
+        + _grpc_refusal("busy", busy)
+        + _grpc_refusal("unauthenticated", unauthenticated, GRPC_UNAUTHENTICATED)
+    )
 
-    {_upstreams(options)}
 
+def _grpc_server(options: GuardOptions) -> str:
+    limits = options.limits
+    key = _upstream_key("grpc_set_header", options)
+    return f"""
     server {{
         {_listen(options, options.grpc_port, "http2")}
-        limit_conn inflight {options.max_inflight};
         error_page 495 496 = @unauthenticated;
+        location ~ {GRPC_PROBES} {{
+            limit_conn probes {limits.probes_per_client};
+            grpc_pass grpc://triton_grpc;{key}
+            grpc_read_timeout 10s;
+            error_page 503 = @busy;
+        }}
         location / {{
-            grpc_pass grpc://triton_grpc;{_upstream_key("grpc_set_header", options)}
-            grpc_read_timeout {options.read_timeout_s}s;
-            grpc_send_timeout {options.read_timeout_s}s;
+            limit_conn inflight {limits.max_inflight};
+            limit_conn per_client {limits.max_inflight_per_client};
+            grpc_pass grpc://triton_grpc;{key}
+            # The call's deadline, set here whatever the client asked: Triton's gRPC
+            # server ends it at this time with DEADLINE_EXCEEDED however slowly its body
+            # arrives, and its slot comes back (a client's shorter deadline ends it first).
+            grpc_set_header grpc-timeout {limits.request_timeout_s}S;
+            grpc_read_timeout {limits.request_timeout_s}s;
+            grpc_send_timeout {limits.request_timeout_s}s;
             # Inference is idempotent: a request whose Triton failed (refused the
             # connection, reset it mid-request) is sent once more, to another one.
             grpc_next_upstream error timeout non_idempotent;
             grpc_next_upstream_tries 2;
             error_page 413 = @too_large;
             error_page 503 = @busy;
-        }}{_grpc_refusal("too_large", too_large)}{_grpc_refusal("busy", busy)}{
-        _grpc_refusal("unauthenticated", unauthenticated, GRPC_UNAUTHENTICATED)
-    }
+        }}{_refusals(options)}
+    }}"""
+
+
+def _http_servers(options: GuardOptions, prefix: Path) -> str:
+    """The public HTTP server reads each body whole, then passes the request to a second
+    server on a socket only nginx's workers can reach, which holds the in-flight budget."""
+    limits = options.limits
+    budget_socket = f"unix:{worker_directory(prefix) / 'http-budget.sock'}"
+    key = _upstream_key("proxy_set_header", options)
+    return f"""
+    server {{
+        {_listen(options, options.http_port)}
+        location /v2/health/ {{
+            limit_conn probes {limits.probes_per_client};
+            proxy_pass http://triton_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 10s;
+        }}
+        location / {{
+            limit_conn per_client {limits.max_inflight_per_client};
+            proxy_pass http://{budget_socket}:;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering on;
+            proxy_read_timeout {limits.request_timeout_s}s;
+        }}
     }}
 
     server {{
-        {_listen(options, options.http_port)}
-        limit_conn inflight {options.max_inflight};
+        listen {budget_socket};
         location / {{
+            limit_conn inflight {limits.max_inflight};
             proxy_pass http://triton_http;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";{_upstream_key("proxy_set_header", options)}
-            proxy_read_timeout {options.read_timeout_s}s;
+            proxy_set_header Connection "";{key}
+            proxy_read_timeout {limits.request_timeout_s}s;
             proxy_request_buffering off;
             proxy_next_upstream error timeout non_idempotent;
             proxy_next_upstream_tries 2;
         }}
-    }}{_proxied_servers(options)}
+    }}"""
+
+
+def _worker_user() -> str:
+    """As root, nginx's workers drop to a user of their own (not `nobody`, whose other
+    processes could read a worker's memory: the upstream key, the TLS key)."""
+    return f"user {WORKER_USER};\n" if os.geteuid() == 0 else ""
+
+
+def render_config(options: GuardOptions, prefix: Path) -> str:
+    """The nginx.conf for `options`, with every runtime file under `prefix`."""
+    limits = options.limits
+    workers = worker_directory(prefix)
+    return f"""# Written by abdoserve (deploy/guard.py); regenerated at every start.
+{_worker_user()}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server_tokens off;  # "Server: nginx", no version, in headers and error pages
+    client_body_temp_path {workers}/body;
+    proxy_temp_path {workers}/proxy;
+    fastcgi_temp_path {workers}/fastcgi;
+    uwsgi_temp_path {workers}/uwsgi;
+    scgi_temp_path {workers}/scgi;
+    client_max_body_size {limits.max_body_bytes};
+    client_body_timeout {limits.body_timeout_s}s;
+    client_header_timeout {limits.body_timeout_s}s;
+    send_timeout {limits.request_timeout_s}s;
+    keepalive_timeout 75s;
+    # nginx ends a connection after 1000 requests or 1 h by default (HTTP/2 GOAWAY): a
+    # long-lived gRPC channel then sees UNAVAILABLE on the calls it raced in (a soak
+    # found it). Clients reconnect anyway; there is no reason to make them.
+    keepalive_requests 100000000;
+    keepalive_time 7d;{_tls_settings(options.tls)}
+    # One budget for gRPC and HTTP together: every request has the same (non-empty) key;
+    # and each client address's share of it, and its probes, counted apart.
+    map $request_method $inflight_key {{ default all; }}
+    limit_conn_zone $inflight_key zone=inflight:1m;
+    limit_conn_zone $binary_remote_addr zone=per_client:4m;
+    limit_conn_zone $binary_remote_addr zone=probes:1m;
+    limit_conn_status 503;
+    limit_conn_log_level warn;
+
+    {_upstreams(options)}
+{_grpc_server(options)}
+{_http_servers(options, prefix)}{_proxied_servers(options)}
 }}
 """
 
@@ -278,6 +411,7 @@ class NginxGuard:
 
     def start(self, timeout_s: float = 10.0) -> NginxGuard:
         self._reap_workers()
+        self._prepare_directories()
         self._write_config()
         self._check_config()
         # SIGTERM, not SIGKILL, when we die: the master then stops its workers and exits.
@@ -304,8 +438,20 @@ class NginxGuard:
     def _command(self) -> list[str]:
         return [nginx_binary(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")]
 
+    def _prepare_directories(self) -> None:
+        """The prefix is traversable (0711) for the workers, never listable; their own
+        directory is theirs alone, emptied of a socket a killed master left behind."""
+        self.prefix.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.prefix.chmod(0o711)
+        workers = worker_directory(self.prefix)
+        workers.mkdir(mode=0o700, exist_ok=True)
+        workers.chmod(0o700)
+        if os.geteuid() == 0:
+            user = ensure_worker_user()
+            os.chown(workers, user.pw_uid, user.pw_gid)
+        (workers / "http-budget.sock").unlink(missing_ok=True)
+
     def _write_config(self) -> None:
-        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
         # It holds the key Triton asks of inference: for this user's eyes only.
         descriptor = os.open(
             self.prefix / "nginx.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600

@@ -56,6 +56,7 @@ from abdoserve.deploy.embedded import (
 from abdoserve.deploy.guard import (
     Backend,
     GuardError,
+    GuardLimits,
     GuardOptions,
     NginxGuard,
     ProxiedPort,
@@ -63,7 +64,7 @@ from abdoserve.deploy.guard import (
 )
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation
 from abdoserve.deploy.prometheus_server import render_config
-from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 
 log = logging.getLogger(__name__)
 PORT_STRIDE = 10  # replica i's public metrics and health ports: base + 10 (i - 1)
@@ -326,9 +327,7 @@ class ReplicaSet:
             http_port=options.public_ports.http,
             upstream_grpc_port=backends[0].grpc_port,
             upstream_http_port=backends[0].http_port,
-            max_body_bytes=limits.max_body_bytes,
-            max_inflight=limits.max_inflight,
-            body_timeout_s=limits.body_timeout_s,
+            limits=limits,
             tls=options.tls,
             proxied=tuple(proxied),
             upstream_key=self.inference_key,

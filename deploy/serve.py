@@ -11,10 +11,10 @@ import stat
 from pathlib import Path
 
 from abdoserve.deploy.embedded import PortInUse, Ports, ServerError, ServerOptions
-from abdoserve.deploy.guard import GuardError, TlsFiles, nginx_binary
+from abdoserve.deploy.guard import GuardError, GuardLimits, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.processes import wait_for_signal
-from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import (
     TUNING_OPTIONS,
     add_tuning_arguments,
@@ -89,6 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=30,
         help="drop a request whose headers or body stall this long (default %(default)s)",
+    )
+    guard.add_argument(
+        "--request-timeout-s",
+        type=int,
+        default=120,
+        help="end a call not answered in this time, its body included: the longest "
+        "legitimate study (default %(default)s; measured in docs/reliability.md)",
+    )
+    guard.add_argument(
+        "--client-share",
+        type=float,
+        default=0.25,
+        help="the largest share of the in-flight budget one client address may hold "
+        "(default %(default)s; 1.0 behind a proxy that hides client addresses)",
     )
     add_security_arguments(parser)
     parser.add_argument(
@@ -315,6 +329,8 @@ def guard_limits(args: argparse.Namespace) -> GuardLimits | None:
         max_body_bytes=largest + ENVELOPE_BYTES,
         max_inflight_bytes=args.max_inflight_bytes,
         body_timeout_s=args.body_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+        client_share=args.client_share,
     )
 
 
@@ -358,8 +374,9 @@ def announce(supervisor: Supervisor) -> None:
     if limits is not None:
         print(
             f"  guard    nginx: bodies over {limits.max_body_bytes >> 20} MiB, more than "
-            f"{limits.max_inflight} requests ({limits.max_inflight_bytes >> 30} GiB) in flight, "
-            f"stalls of {limits.body_timeout_s} s refused"
+            f"{limits.max_inflight} requests ({limits.max_inflight_bytes >> 30} GiB) in flight "
+            f"({limits.max_inflight_per_client} per client address), stalls of "
+            f"{limits.body_timeout_s} s and calls past {limits.request_timeout_s} s refused"
         )
     print(f"  log      {server.options.log_file}")
     print("Ctrl-C stops the server.", flush=True)

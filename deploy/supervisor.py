@@ -9,7 +9,11 @@ Triton 2.51 heals none of these itself; the supervisor does, with Triton's own m
   has given up on it, a stub that resumes writes into freed shared memory and crashes
   the whole server (see docs/architecture.md), so it must never resume;
 - a `tritonserver` that exited: its orphaned stubs are killed, its /dev/shm regions
-  (all named with this launch's prefix) removed, and it is started again.
+  (all named with this launch's prefix) removed, and it is started again;
+- a `tritonserver` that is frozen (stopped by a signal, or not answering its liveness
+  endpoint for `frozen_after_s`): killed, then restarted as one that exited. Its calls
+  in flight end at once (UNAVAILABLE, which clients retry; with replicas, the guard
+  sends the retries to another one) instead of waiting for their deadlines.
 
 While a model is being reloaded or the server restarted, `/health/ready` on the
 supervisor's port answers 503; `/metrics` there counts restarts and reloads.
@@ -22,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import (
@@ -36,28 +40,20 @@ from abdoserve.deploy.embedded import (
     free_port,
     public_bindings,
 )
-from abdoserve.deploy.guard import GuardError, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
+from abdoserve.deploy.guard import (
+    GuardError,
+    GuardLimits,
+    GuardOptions,
+    NginxGuard,
+    ProxiedPort,
+    TlsFiles,
+)
 from abdoserve.deploy.health import HealthServer
 from abdoserve.deploy.model_control import ModelControl, ModelControlError, ModelControlTimeout
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abdoserve_shm_"
-
-
-@dataclass(frozen=True)
-class GuardLimits:
-    """What the nginx guard in front of Triton refuses (see abdoserve.deploy.guard)."""
-
-    max_body_bytes: int
-    max_inflight_bytes: int = 8 * 1024**3
-    body_timeout_s: int = 30
-
-    @property
-    def max_inflight(self) -> int:
-        """Requests in flight such that even requests of the largest size stay within the
-        byte budget (nginx counts requests, not bytes)."""
-        return max(1, self.max_inflight_bytes // self.max_body_bytes)
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,10 @@ class SupervisorOptions:
     # (docs/reliability.md). A study near the request limit still grows them far past it.
     trim_shm_bytes: int = 144 * 1024 * 1024
     trim_every_s: float = 30.0
+    # A server whose /v2/health/live has not answered for this long is frozen. Under
+    # full load on two cores it answered within 0.2 s (docs/reliability.md).
+    frozen_after_s: float = 5.0
+    live_timeout_s: float = 1.0
     # nginx on every public port (gRPC, HTTP, metrics, health), Triton and the health
     # endpoint behind it on loopback; None: no guard, Triton listens itself.
     guard: GuardLimits | None = None
@@ -85,6 +85,19 @@ class SupervisorOptions:
     # Behind the guard, health is proxied by nginx (with its TLS). A pod keeps it on its
     # own plain port instead: the kubelet's probes present no client certificate.
     health_behind_guard: bool = True
+
+
+@dataclass
+class Liveness:
+    """A server is frozen once it has not answered its liveness for `frozen_after_s`."""
+
+    frozen_after_s: float
+    answered_at: float = field(default_factory=time.monotonic)
+
+    def frozen(self, answered: bool, now: float) -> bool:
+        if answered:
+            self.answered_at = now
+        return now - self.answered_at > self.frozen_after_s
 
 
 class Supervisor:
@@ -110,6 +123,7 @@ class Supervisor:
         self.trimmed_at: dict[str, float] = {}
         self.restarting = False
         self.draining = False
+        self.liveness = Liveness(supervision.frozen_after_s)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -210,6 +224,7 @@ class Supervisor:
         self.known = stubs.stubs_of(self.server.process.pid)
         self.retired = {}
         self.degraded = set()
+        self.liveness = Liveness(self.supervision.frozen_after_s)
         self.metrics.server_up.set(1)
 
     def _start_guard(self) -> None:
@@ -226,9 +241,7 @@ class Supervisor:
             http_port=self.public_ports.http,
             upstream_grpc_port=self.base_options.ports.grpc,
             upstream_http_port=self.base_options.ports.http,
-            max_body_bytes=limits.max_body_bytes,
-            max_inflight=limits.max_inflight,
-            body_timeout_s=limits.body_timeout_s,
+            limits=limits,
             tls=self.supervision.tls,
             proxied=tuple(proxied),
             upstream_key=self.base_options.inference_key,
@@ -286,6 +299,12 @@ class Supervisor:
         if server.process.poll() is not None:
             self._restart(server.process.returncode)
             return
+        frozen = self._frozen(server)
+        if frozen is not None:
+            log.error("tritonserver is frozen (%s): killing it, to restart it", frozen)
+            self.metrics.server_freezes.labels(kind=frozen).inc()
+            self._kill_server()
+            return
         if self.guard is not None and not self.guard.is_running():
             log.error("the guard (nginx) exited; starting it again")
             self.metrics.guard_restarts.inc()
@@ -296,6 +315,15 @@ class Supervisor:
             self._reload(model, "stub_failed")
         self._trim()
         self._end_drained()
+
+    def _frozen(self, server: EmbeddedServer) -> str | None:
+        """'stopped' (SIGSTOP: seen at once), 'unresponsive' (no liveness answer for
+        `frozen_after_s`), or None."""
+        assert server.process is not None
+        if stubs.process_state(server.process.pid) in stubs.STOPPED_STATES:
+            return "stopped"
+        answered = server.is_live(self.supervision.live_timeout_s)
+        return "unresponsive" if self.liveness.frozen(answered, time.monotonic()) else None
 
     def _failed_models(self, server_pid: int) -> set[str]:
         """Models with a stub that died or stopped since the last look; stopped ones are

@@ -33,6 +33,13 @@ class SupervisorMetrics:
             ["model", "kind"],
             registry=registry,
         )
+        self.server_freezes = Counter(
+            "abdoserve_supervisor_server_freezes",
+            "tritonserver processes found stopped or not answering liveness, then killed "
+            "(and restarted, counted in server_restarts)",
+            ["kind"],
+            registry=registry,
+        )
         self.guard_restarts = Counter(
             "abdoserve_supervisor_guard_restarts",
             "nginx guard processes started again after they exited",

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from abdoserve.deploy.embedded import PROJECT_ROOT, Ports, free_port
+from abdoserve.deploy.guard import GuardLimits
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
 from abdoserve.deploy.serve import prepared_repository
-from abdoserve.deploy.supervisor import GuardLimits
 from abdoserve.export.locations import BUILD_DIR
 from abdoserve.loadtests.cli import SCENARIOS_DIR, execute
 from abdoserve.loadtests.profiles import step_users

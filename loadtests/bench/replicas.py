@@ -24,9 +24,9 @@ from abdoserve.deploy.embedded import (
     free_port,
     free_ports,
 )
+from abdoserve.deploy.guard import GuardLimits
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
 from abdoserve.deploy.serve import prepared_repository
-from abdoserve.deploy.supervisor import GuardLimits
 from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
 from abdoserve.loadtests.bench.autoscale import add_ramp_arguments, run_ramp
 from abdoserve.loadtests.bench.serving import served_levels

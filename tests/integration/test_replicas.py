@@ -4,6 +4,7 @@ failure, every answer equals the in-process reference, and the replicas rejoin."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,6 +179,7 @@ class Traffic:
         self.expected = expected
         self.studies = {task: build_study(task, seed=7) for task in SERVED}
         self.answered = 0
+        self.longest_s = 0.0  # the longest call, answered or not
         self.failures: list[str] = []
         self.wrong: list[str] = []
         self._stop = threading.Event()
@@ -190,11 +192,14 @@ class Traffic:
                 task = SERVED[turn % len(SERVED)]
                 turn += 1
                 study = self.studies[task]
+                started = time.monotonic()
                 try:
                     values = client.infer(task, study.instances, study.clinical).study_values
                 except Exception as error:  # every failure is a finding: keep it
                     self.failures.append(f"{task}: {error}")
                     continue
+                finally:
+                    self.longest_s = max(self.longest_s, time.monotonic() - started)
                 self.answered += 1
                 if relative_error(values, self.expected[task]) > RELATIVE_TOLERANCE:
                     self.wrong.append(task)
@@ -231,6 +236,29 @@ def test_a_killed_replica_loses_no_request_and_rejoins(
         for _ in range(8):  # round robin: half of them reach replica 1
             client.infer(SERVED[0], study.instances)
     assert launched.successes(1) > served_before
+
+
+def test_a_frozen_replica_is_restarted_and_its_calls_fail_over(
+    launched: Launched, expected: dict[str, np.ndarray]
+) -> None:
+    """SIGSTOP of one replica's tritonserver for 30 s: before, the calls on it waited
+    their whole deadline and none completed for 30 s; nothing restarted it."""
+    wait_until(lambda: launched.ready(1) and launched.ready(2), "both replicas ready")
+    frozen = launched.triton_pid(1)
+    with Traffic(launched.url, expected) as traffic:
+        time.sleep(TRAFFIC_S / 3)
+        before = traffic.answered
+        os.kill(frozen, signal.SIGSTOP)
+        time.sleep(TRAFFIC_S)  # as long as the freeze that stalled every call before
+        with contextlib.suppress(ProcessLookupError):  # it should be long gone
+            os.kill(frozen, signal.SIGCONT)
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.wrong == []
+    assert traffic.answered > before
+    assert traffic.longest_s < TRAFFIC_S / 2, f"a call took {traffic.longest_s:.1f} s"
+    assert stubs.process_state(frozen) is None, "the frozen server was not killed"
+    wait_until(lambda: launched.ready(1) and launched.ready(2), "both replicas ready")
+    assert launched.triton_pid(1) != frozen
 
 
 def test_a_drained_replica_loses_no_request(

@@ -19,8 +19,9 @@ import pytest
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import ServerOptions, free_port, free_ports
+from abdoserve.deploy.guard import GuardLimits
 from abdoserve.deploy.isolation import server_shm
-from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.export.configs import Tuning
 from abdoserve.export.phantom import build_study
 from abdoserve.loadtests.resources import peak_rss_mib
@@ -266,6 +267,32 @@ def test_a_killed_server_is_restarted_and_leaves_no_stub_or_region_behind(
     assert stubs.stale_regions(old_prefix) == []
     assert supervisor.region_prefix != old_prefix
     assert_whole(supervisor, reference)
+
+
+def test_a_frozen_server_is_killed_and_restarted_and_its_calls_end_at_once(
+    supervisor: Supervisor,
+) -> None:
+    """SIGSTOP of tritonserver: before, every call waited for its deadline (or the
+    guard's 300 s read timeout), and nothing restarted the server."""
+    study = build_study(TASK, seed=9)
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=60) as client:
+        reference = client.bone_density_ct(study.instances).value
+    assert supervisor.server is not None and supervisor.server.process is not None
+    frozen = supervisor.server.process.pid
+    os.kill(frozen, signal.SIGSTOP)
+    started = time.monotonic()
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=60, retries=0) as client:
+        with pytest.raises(AbdoServeError) as caught:
+            client.bone_density_ct(study.instances)
+    ended_after = time.monotonic() - started
+    assert caught.value.code == "UNAVAILABLE", caught.value
+    assert ended_after < 30, f"the call waited {ended_after:.1f} s on a frozen server"
+    assert metric(supervisor, "abdoserve_supervisor_server_freezes_total", kind="stopped") == 1
+    wait_until(lambda: stubs.process_state(frozen) is None, "the frozen server to be gone")
+    wait_until(supervisor.is_ready, "the restarted server")
+    assert metric(supervisor, "abdoserve_supervisor_server_restarts_total") == 1
+    with AbdoServeClient(grpc_url(supervisor), timeout_s=60) as client:
+        assert client.bone_density_ct(study.instances).value == pytest.approx(reference)
 
 
 def test_stop_is_graceful_with_a_dead_stub_and_leaves_nothing_behind(

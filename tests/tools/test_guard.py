@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 from abdoserve.deploy.guard import (
     Backend,
+    GuardLimits,
     GuardOptions,
     ProxiedPort,
     TlsFiles,
+    ensure_worker_user,
     nginx_binary,
     render_config,
+    worker_directory,
 )
-from abdoserve.deploy.supervisor import GuardLimits
 
 OPTIONS = GuardOptions(
     host="127.0.0.1",
@@ -22,14 +25,15 @@ OPTIONS = GuardOptions(
     http_port=18000,
     upstream_grpc_port=28001,
     upstream_http_port=28000,
-    max_body_bytes=257 * 1024 * 1024,
-    max_inflight=31,
-    body_timeout_s=30,
+    limits=GuardLimits(257 * 1024 * 1024, max_inflight_bytes=31 * 257 * 1024 * 1024),
 )
 
 
 def assert_nginx_accepts(text: str, folder: Path) -> None:
     """The real nginx's `-t` on the configuration `text`."""
+    if os.geteuid() == 0:  # as root, the workers' own user must exist
+        ensure_worker_user()
+    worker_directory(folder).mkdir(exist_ok=True)
     config = folder / "nginx.conf"
     config.write_text(text)
     checked = subprocess.run(
@@ -50,6 +54,9 @@ def test_the_configuration_carries_every_limit() -> None:
     assert f"client_max_body_size {257 * 1024 * 1024};" in text
     assert "client_body_timeout 30s;" in text and "client_header_timeout 30s;" in text
     assert text.count("limit_conn inflight 31;") == 2  # gRPC and HTTP share one budget
+    assert text.count("limit_conn per_client 7;") == 2  # a quarter of it per address
+    assert text.count("limit_conn probes 16;") == 2  # health outside the budget
+    assert "grpc_set_header grpc-timeout 120S;" in text  # the call's whole time
     assert "grpc_pass grpc://triton_grpc;" in text
     assert "server 127.0.0.1:28001 max_fails=1 fail_timeout=5s;" in text
     assert "listen 127.0.0.1:18001 http2;" in text

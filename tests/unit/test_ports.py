@@ -19,8 +19,9 @@ from abdoserve.deploy.embedded import (
     check_bindings,
     free_port,
 )
+from abdoserve.deploy.guard import GuardLimits
 from abdoserve.deploy.replicas import ReplicaSet, ReplicaSetOptions
-from abdoserve.deploy.supervisor import GuardLimits, Supervisor, SupervisorOptions
+from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 
 LIMITS = GuardLimits(max_body_bytes=1 << 20)
 
