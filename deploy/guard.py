@@ -105,9 +105,13 @@ class GuardLimits:
     # The longest a legitimate call may take, body and queue included (docs/reliability.md
     # has the measurement): past it a call is ended, a frozen backend's included.
     request_timeout_s: int = 120
-    # The largest share of the in-flight budget one client address may hold. Behind a
-    # proxy or load balancer every call comes from its address: give it 1.0 there.
-    client_share: float = 0.25
+    # The largest share of the in-flight budget one client address may hold: half, so
+    # that one address never locks the others out, and one busy integration engine
+    # still has more calls in flight than the cores can serve.
+    client_share: float = 0.5
+    # Proxies (CIDRs) whose X-Forwarded-For names the client: behind a load balancer
+    # each client keeps its own share, instead of all sharing the balancer's.
+    trusted_proxies: tuple[str, ...] = ()
     probes_per_client: int = 16  # health checks in flight from one address
 
     @property
@@ -352,6 +356,14 @@ def _http_servers(options: GuardOptions, prefix: Path) -> str:
     }}"""
 
 
+def _real_client(limits: GuardLimits) -> str:
+    """The client address from X-Forwarded-For, where a trusted proxy sent the call."""
+    if not limits.trusted_proxies:
+        return ""
+    trusted = "".join(f"\n    set_real_ip_from {cidr};" for cidr in limits.trusted_proxies)
+    return f"{trusted}\n    real_ip_header X-Forwarded-For;\n    real_ip_recursive on;"
+
+
 def _worker_user() -> str:
     """As root, nginx's workers drop to a user of their own (not `nobody`, whose other
     processes could read a worker's memory: the upstream key, the TLS key)."""
@@ -384,7 +396,7 @@ http {{
     # long-lived gRPC channel then sees UNAVAILABLE on the calls it raced in (a soak
     # found it). Clients reconnect anyway; there is no reason to make them.
     keepalive_requests 100000000;
-    keepalive_time 7d;{_tls_settings(options.tls)}
+    keepalive_time 7d;{_tls_settings(options.tls)}{_real_client(limits)}
     # One budget for gRPC and HTTP together: every request has the same (non-empty) key;
     # and each client address's share of it, and its probes, counted apart.
     map $request_method $inflight_key {{ default all; }}

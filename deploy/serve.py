@@ -100,9 +100,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument(
         "--client-share",
         type=float,
-        default=0.25,
+        default=0.5,
         help="the largest share of the in-flight budget one client address may hold "
-        "(default %(default)s; 1.0 behind a proxy that hides client addresses)",
+        "(default %(default)s)",
+    )
+    guard.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=proxy_network,
+        default=[],
+        metavar="CIDR",
+        help="a load balancer whose X-Forwarded-For names the client, so that each client "
+        "keeps its own share (repeatable)",
     )
     add_security_arguments(parser)
     parser.add_argument(
@@ -331,7 +340,16 @@ def guard_limits(args: argparse.Namespace) -> GuardLimits | None:
         body_timeout_s=args.body_timeout_s,
         request_timeout_s=args.request_timeout_s,
         client_share=args.client_share,
+        trusted_proxies=tuple(args.trusted_proxy),
     )
+
+
+def proxy_network(text: str) -> str:
+    """A CIDR (or one address) for nginx's set_real_ip_from, checked here, not by nginx."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an address or network: {text!r}") from error
 
 
 def read_key(path: Path | None, variable: str) -> str | None:

@@ -54,7 +54,7 @@ def test_the_configuration_carries_every_limit() -> None:
     assert f"client_max_body_size {257 * 1024 * 1024};" in text
     assert "client_body_timeout 30s;" in text and "client_header_timeout 30s;" in text
     assert text.count("limit_conn inflight 31;") == 2  # gRPC and HTTP share one budget
-    assert text.count("limit_conn per_client 7;") == 2  # a quarter of it per address
+    assert text.count("limit_conn per_client 15;") == 2  # half of it per address
     assert text.count("limit_conn probes 16;") == 2  # health outside the budget
     assert "grpc_set_header grpc-timeout 120S;" in text  # the call's whole time
     assert "grpc_pass grpc://triton_grpc;" in text
@@ -62,6 +62,14 @@ def test_the_configuration_carries_every_limit() -> None:
     assert "listen 127.0.0.1:18001 http2;" in text
     assert 'grpc-message "request exceeds the limit of 269484032 bytes' in text
     assert "add_header grpc-status 8 always;" in text  # RESOURCE_EXHAUSTED
+
+
+def test_a_trusted_proxy_names_the_client(tmp_path: Path) -> None:
+    limits = replace(OPTIONS.limits, trusted_proxies=("10.0.0.0/8",))
+    text = render_config(replace(OPTIONS, limits=limits), tmp_path)
+    assert_nginx_accepts(text, tmp_path)
+    assert "set_real_ip_from 10.0.0.0/8;" in text and "real_ip_header X-Forwarded-For;" in text
+    assert "set_real_ip_from" not in render_config(OPTIONS, tmp_path)
 
 
 def test_the_byte_budget_becomes_a_request_count_at_the_largest_size() -> None:
