@@ -66,6 +66,10 @@ class SupervisorOptions:
     # After a reload the old instances finish what they hold, then their stubs are
     # killed: Triton 2.51 keeps a model version with a dead instance until shutdown.
     drain_s: float = 10.0
+    # After a trim the old instances may hold a long queue (31 studies of 32 MiB queued
+    # for 24 s; killed at 10 s, 13 failed "Stub process is not healthy"), and
+    # Triton ends their stubs itself once drained: killed only past the longest call.
+    trim_drain_s: float = 150.0
     # A model whose stubs' shared memory together outgrew this is reloaded in place,
     # at most once per `trim_every_s`: the Python backend's regions never shrink. Set at
     # twice the steady state measured under load, not just under it: at 64 MiB steady
@@ -118,7 +122,8 @@ class Supervisor:
         self.control: ModelControl | None = None
         self.generation = 0
         self.known: dict[int, stubs.Stub] = {}
-        self.retired: dict[int, float] = {}  # stubs of replaced instances -> when retired
+        # stubs of replaced instances -> when they may be killed, if still there
+        self.retired: dict[int, float] = {}
         self.degraded: set[str] = set()
         self.trimmed_at: dict[str, float] = {}
         self.restarting = False
@@ -363,10 +368,11 @@ class Supervisor:
     def _reload(self, model: str, reason: str) -> None:
         assert self.control is not None
         # The old instances' stubs are retired: their exit is not a failure.
-        now = time.monotonic()
+        drain_s = self.supervision.trim_drain_s if reason == "memory" else self.supervision.drain_s
+        until = time.monotonic() + drain_s
         for pid, stub in list(self.known.items()):
             if stub.model == model:
-                self.retired[pid] = now
+                self.retired[pid] = until
                 del self.known[pid]
         self.metrics.degraded.set(len(self.degraded))
         try:
@@ -391,11 +397,11 @@ class Supervisor:
     def _end_drained(self) -> None:
         """Kill retired stubs that outlived the drain time (their memory comes back)."""
         now = time.monotonic()
-        for pid, since in list(self.retired.items()):
+        for pid, until in list(self.retired.items()):
             state = stubs.process_state(pid)
             if state is None:
                 del self.retired[pid]
-            elif state not in stubs.DEAD_STATES and now - since > self.supervision.drain_s:
+            elif state not in stubs.DEAD_STATES and now > until:
                 stubs.kill(pid)
                 log.info("killed the drained stub %d of a replaced model instance", pid)
 

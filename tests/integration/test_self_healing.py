@@ -374,6 +374,36 @@ def test_memory_comes_back_after_a_study_near_the_limit(supervisor: Supervisor) 
     assert reloads >= 1
 
 
+def test_a_trim_under_a_queue_loses_no_call(small_repository: Path, tmp_path: Path) -> None:
+    """A memory trim retires instances with calls still queued: they drain, unkilled
+    (31 studies of 32 MiB queued 24 s; killed at the 10 s drain, 13 of them failed)."""
+    options = ServerOptions(
+        repository=small_repository, ports=free_ports(), log_file=tmp_path / "triton.log"
+    )
+    # A drain after a stub failure this short would kill the queue, were it used here.
+    supervision = SupervisorOptions(health_port=None, trim_shm_bytes=TRIM_BYTES, drain_s=0.5)
+    study = build_study(LARGE_TASK, seed=2, slices=64, interval_mm=5.0)  # 32 MiB
+    failures: list[str] = []
+
+    def send(url: str) -> None:
+        with AbdoServeClient(url, timeout_s=120, retries=0) as client:
+            try:
+                client.esophageal_cancer_ct(study.instances)
+            except AbdoServeError as error:
+                failures.append(f"{error.code}: {error.message}")
+
+    with Supervisor(options, supervision) as running:
+        url = f"{running.public_host}:{running.public_ports.grpc}"
+        threads = [threading.Thread(target=send, args=(url,)) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        reloads = metric(running, RELOADS, model=f"{LARGE_TASK}_preprocess", reason="memory")
+    assert reloads >= 1, "no trim happened under the queue: the test proves nothing"
+    assert failures == [], failures[:3]
+
+
 GUARD = GuardLimits(8 * 1024 * 1024, max_inflight_bytes=16 * 1024 * 1024, body_timeout_s=2)
 
 
