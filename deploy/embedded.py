@@ -25,14 +25,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from abdoserve.deploy import processes
+from abdoserve.deploy import processes, triton_keys
 from abdoserve.deploy.isolation import ShmIsolation, prepare_staging, wrap
 from abdoserve.deploy.model_control import ADMIN_HEADER, GUARD_HEADER, SHM_HEADER
+from abdoserve.deploy.triton_keys import LOADED, placeholder
 from abdoserve.export.locations import BUILD_DIR
 
 # The checkout this module sits in; only meaningful in a development checkout.
@@ -242,7 +244,9 @@ def free_ports() -> Ports:
 def triton_command(options: ServerOptions) -> list[str]:
     """The one `tritonserver` command line, for `abdoserve serve`, the tests, the bench
     and the container (abdoserve.deploy.container): closed admin APIs, explicit model
-    control, our ports and the stubs' shared-memory prefix."""
+    control, our ports and the stubs' shared-memory prefix. It holds no key, only
+    placeholders: run it as `EmbeddedServer.start` does, with `triton_key_values` in a
+    key file and the library of abdoserve.deploy.triton_keys preloaded."""
     binary = options.binary or triton_home() / "bin" / "tritonserver"
     backends = options.backends or backend_directory()
     return [
@@ -258,7 +262,8 @@ def triton_command(options: ServerOptions) -> list[str]:
         "--allow-metrics=true",
         f"--allow-gpu-metrics={str(options.gpu_metrics).lower()}",
         "--disable-auto-complete-config",
-        "--exit-on-error=true",
+        # `true` once argv_keys.c has run; Triton refuses the placeholder itself.
+        f"--exit-on-error={placeholder(LOADED)}",
         "--strict-readiness=true",
         f"--log-verbose={options.log_verbose}",
         f"--exit-timeout-secs={options.exit_timeout_s}",
@@ -270,23 +275,42 @@ def triton_command(options: ServerOptions) -> list[str]:
     ]
 
 
+def triton_key_values(options: ServerOptions) -> dict[str, str]:
+    """What each placeholder of `triton_command` stands for (the key file's lines)."""
+    keys = {"admin": options.admin_key, LOADED: "true"}
+    if options.shm_key is not None:
+        keys["shm"] = options.shm_key
+    if options.inference_key is not None:
+        keys["inference"] = options.inference_key
+    return keys
+
+
 def control_args(options: ServerOptions) -> list[str]:
-    """Explicit model control, the restricted APIs and the stubs' region prefix."""
+    """Explicit model control, the restricted APIs (their keys as placeholders: any local
+    user reads a command line) and the stubs' region prefix."""
     admin = list(ADMIN_APIS)
     restricted = []
     if options.shm_key is None:
         admin.append("shared-memory")
     else:
-        restricted.append(f"shared-memory:{SHM_HEADER}={options.shm_key}")
-    restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={options.admin_key}")
+        restricted.append(f"shared-memory:{SHM_HEADER}={placeholder('shm')}")
+    restricted.append(f"{','.join(admin)}:{ADMIN_HEADER}={placeholder('admin')}")
     if options.inference_key is not None:
-        restricted.append(f"inference:{GUARD_HEADER}={options.inference_key}")
+        restricted.append(f"inference:{GUARD_HEADER}={placeholder('inference')}")
     args = ["--model-control-mode=explicit", "--load-model=*"]
     for setting in restricted:
         args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
     if options.shm_region_prefix is not None:
         args.append(f"--backend-config=python,shm-region-prefix-name={options.shm_region_prefix}")
     return args
+
+
+def _keys_step(step: Callable[[], Path]) -> Path:
+    """A step of abdoserve.deploy.triton_keys, its refusal as ours (launchers print it)."""
+    try:
+        return step()
+    except triton_keys.TritonKeysError as error:
+        raise ServerError(str(error)) from error
 
 
 class EmbeddedServer:
@@ -309,16 +333,34 @@ class EmbeddedServer:
         if not options.repository.is_dir():
             raise ServerError(f"no model repository at {options.repository}")
         check_ports_free(options.host, options.ports)
+        preload = _keys_step(triton_keys.library)  # built before anything starts
         options.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = options.log_file.open("ab")
         staging = prepare_staging(options.shm, options.log_file.parent / "shm-staging")
+        keys, folder = triton_key_values(options), options.log_file.parent / "triton-keys"
+        key_file = _keys_step(lambda: triton_keys.write_key_file(keys, folder))
+        try:
+            self._start_process(
+                staging, triton_keys.environment(self._base_env(), key_file, preload)
+            )
+        finally:
+            key_file.unlink(missing_ok=True)  # read before Triton's main (and removed there)
+        return self
+
+    def _base_env(self) -> dict[str, str]:
+        """The wheel's binary needs its libraries and this environment's bin/; a
+        container's own binary (`binary=`) runs in the image's environment as it is."""
+        return server_environment() if self.options.binary is None else dict(os.environ)
+
+    def _start_process(self, staging: Path | None, env: dict[str, str]) -> None:
+        options = self.options
         # Its own process group (Ctrl-C in a terminal reaches us; we stop it in order),
         # and killed with us: a SIGKILLed launcher leaves no server behind.
         self.process = processes.start(
             wrap(self.command(), options.shm, staging),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_environment() if options.binary is None else dict(os.environ),
+            env=env,
         )
         # A `with` block whose __enter__ raises never reaches __exit__: a server that
         # never came ready (or a Ctrl-C while it loads) is stopped here.
@@ -327,7 +369,6 @@ class EmbeddedServer:
         except BaseException:
             self.stop()
             raise
-        return self
 
     def url(self, path: str) -> str:
         return f"http://{self.options.host}:{self.ports.http}{path}"

@@ -48,3 +48,22 @@ def test_the_entrypoint_is_the_supervisor(dockerfile: Path) -> None:
     script = (ROOT / "deploy" / "gpu" / "entrypoint.sh").read_text()
     assert "-m abdoserve.deploy.container" in script
     assert "nginx-light" in " ".join(lines), "the guard runs in the pod"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
+def test_the_image_holds_the_library_that_hands_triton_its_keys(dockerfile: Path) -> None:
+    """The pod's root filesystem is read-only: the library that keeps Triton's keys off
+    its command line (abdoserve.deploy.triton_keys) is compiled into the image, into
+    the folder the supervisor looks in, with a compiler the image installs to do so."""
+    from abdoserve.deploy.triton_keys import LIBRARY_DIR_VARIABLE
+
+    lines = instructions(dockerfile)
+    [folder] = [
+        line.split("=", 1)[1] for line in lines if line.startswith(f"ENV {LIBRARY_DIR_VARIABLE}=")
+    ]
+    assert folder.startswith("/opt/abdoserve/")
+    [build] = [line for line in lines if "abdoserve.deploy.triton_keys import library" in line]
+    assert build.startswith("RUN ")
+    assert re.search(r"apt-get install [^&]*\bgcc\b[^&]*\blibc6-dev\b", build)
+    assert lines.index(build) > lines.index(f"ENV {LIBRARY_DIR_VARIABLE}={folder}")
+    assert lines.index(build) > next(i for i, line in enumerate(lines) if "pip install" in line)

@@ -89,11 +89,16 @@ def test_a_shared_region_needs_its_own_key(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_shared_memory_key_moves_shared_memory_out_of_the_admin_group() -> None:
-    from abdoserve.deploy.embedded import control_args
+    from abdoserve.deploy.embedded import control_args, triton_key_values
+    from abdoserve.deploy.triton_keys import resolve
 
-    closed = control_args(ServerOptions(Path("/r"), admin_key="A"))
+    def resolved(options: ServerOptions) -> list[str]:
+        """As Triton sees them: the keys in place of their placeholders."""
+        return [resolve(arg, triton_key_values(options)) for arg in control_args(options)]
+
+    closed = resolved(ServerOptions(Path("/r"), admin_key="A"))
     admin = "model-repository,statistics,trace,logging"
     assert f"--grpc-restricted-protocol={admin},shared-memory:abdoserve-admin-key=A" in closed
-    args = control_args(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
+    args = resolved(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
     assert "--http-restricted-api=shared-memory:abdoserve-shm-key=S" in args
     assert f"--http-restricted-api={admin}:abdoserve-admin-key=A" in args
