@@ -41,6 +41,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,7 @@ def _proxied_servers(options: GuardOptions) -> str:
 # The gRPC health methods: outside the inference budget, under the probes' own.
 GRPC_PROBES = r"^/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)$"
 WORKER_USER = "abdoserve-guard"
+BUDGET_SOCKET = "http-budget.sock"
 
 
 def ensure_worker_user() -> pwd.struct_passwd:
@@ -261,7 +263,8 @@ def ensure_worker_user() -> pwd.struct_passwd:
 
 
 def worker_directory(prefix: Path) -> Path:
-    """What nginx's workers write (request bodies, the HTTP budget's socket): theirs alone."""
+    """Where nginx's workers write (request bodies, the HTTP budget's socket) when they
+    run as the launching user: inside the prefix. As root see `NginxGuard`."""
     return prefix / "worker"
 
 
@@ -315,11 +318,11 @@ def _grpc_server(options: GuardOptions) -> str:
     }}"""
 
 
-def _http_servers(options: GuardOptions, prefix: Path) -> str:
+def _http_servers(options: GuardOptions, workers: Path) -> str:
     """The public HTTP server reads each body whole, then passes the request to a second
     server on a socket only nginx's workers can reach, which holds the in-flight budget."""
     limits = options.limits
-    budget_socket = f"unix:{worker_directory(prefix) / 'http-budget.sock'}"
+    budget_socket = f"unix:{workers / BUDGET_SOCKET}"
     key = _upstream_key("proxy_set_header", options)
     return f"""
     server {{
@@ -370,10 +373,11 @@ def _worker_user() -> str:
     return f"user {WORKER_USER};\n" if os.geteuid() == 0 else ""
 
 
-def render_config(options: GuardOptions, prefix: Path) -> str:
-    """The nginx.conf for `options`, with every runtime file under `prefix`."""
+def render_config(options: GuardOptions, prefix: Path, workers: Path | None = None) -> str:
+    """The nginx.conf for `options`, with the master's files under `prefix` and the
+    workers' under `workers` (by default the prefix's `worker/`)."""
     limits = options.limits
-    workers = worker_directory(prefix)
+    workers = workers or worker_directory(prefix)
     return f"""# Written by abdoserve (deploy/guard.py); regenerated at every start.
 {_worker_user()}worker_processes 1;
 pid {prefix}/nginx.pid;
@@ -408,7 +412,7 @@ http {{
 
     {_upstreams(options)}
 {_grpc_server(options)}
-{_http_servers(options, prefix)}{_proxied_servers(options)}
+{_http_servers(options, workers)}{_proxied_servers(options)}
 }}
 """
 
@@ -419,6 +423,7 @@ class NginxGuard:
     def __init__(self, options: GuardOptions, prefix: Path) -> None:
         self.options = options
         self.prefix = prefix
+        self.workers = worker_directory(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> NginxGuard:
@@ -436,10 +441,21 @@ class NginxGuard:
         )
         try:  # stopped here if it never listens: a raising __enter__ gets no __exit__
             self._wait_listening(timeout_s)
+            self._hand_socket_to_workers()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _hand_socket_to_workers(self) -> None:
+        """The master (root) made the HTTP budget's socket root's, 0755: the workers, who
+        connect to it, get it as theirs alone (a reload keeps the same socket)."""
+        if os.geteuid() != 0:
+            return
+        user = ensure_worker_user()
+        budget_socket = self.workers / BUDGET_SOCKET
+        os.chown(budget_socket, user.pw_uid, user.pw_gid)
+        budget_socket.chmod(0o600)
 
     def _reap_workers(self) -> None:
         """A master that died (SIGKILL) leaves its workers running, holding the listening
@@ -451,17 +467,23 @@ class NginxGuard:
         return [nginx_binary(), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")]
 
     def _prepare_directories(self) -> None:
-        """The prefix is traversable (0711) for the workers, never listable; their own
-        directory is theirs alone, emptied of a socket a killed master left behind."""
-        self.prefix.mkdir(mode=0o711, parents=True, exist_ok=True)
-        self.prefix.chmod(0o711)
-        workers = worker_directory(self.prefix)
-        workers.mkdir(mode=0o700, exist_ok=True)
-        workers.chmod(0o700)
-        if os.geteuid() == 0:
-            user = ensure_worker_user()
-            os.chown(workers, user.pw_uid, user.pw_gid)
-        (workers / "http-budget.sock").unlink(missing_ok=True)
+        """The prefix (configuration, keys, log) is this user's alone. The workers get a
+        directory of their own; as root, a fresh one under the temporary directory,
+        which every user can traverse (the prefix's parents may not be)."""
+        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.prefix.chmod(0o700)
+        if os.geteuid() != 0:
+            self.workers.mkdir(mode=0o700, exist_ok=True)
+            (self.workers / BUDGET_SOCKET).unlink(missing_ok=True)  # a killed master's
+            return
+        self._remove_workers_directory()
+        self.workers = Path(tempfile.mkdtemp(prefix="abdoserve-guard-"))
+        user = ensure_worker_user()
+        os.chown(self.workers, user.pw_uid, user.pw_gid)
+
+    def _remove_workers_directory(self) -> None:
+        if self.workers != worker_directory(self.prefix):
+            shutil.rmtree(self.workers, ignore_errors=True)
 
     def _write_config(self) -> None:
         # It holds the key Triton asks of inference: for this user's eyes only.
@@ -469,7 +491,7 @@ class NginxGuard:
             self.prefix / "nginx.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
         )
         with os.fdopen(descriptor, "w") as handle:
-            handle.write(render_config(self.options, self.prefix))
+            handle.write(render_config(self.options, self.prefix, self.workers))
 
     def _check_config(self) -> None:
         checked = subprocess.run(
@@ -507,3 +529,4 @@ class NginxGuard:
         """SIGQUIT: finish the requests in flight, then exit; SIGKILL if it hangs."""
         process, self.process = self.process, None
         processes.stop(process, first=signal.SIGQUIT, grace_s=timeout_s)
+        self._remove_workers_directory()

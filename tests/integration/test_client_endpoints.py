@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from abdoserve.deploy import guard as guard_module
 from abdoserve.deploy.cli import main as abdoserve_main
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
-from abdoserve.deploy.guard import GuardOptions, NginxGuard, TlsFiles
+from abdoserve.deploy.guard import GuardLimits, GuardOptions, NginxGuard, TlsFiles
 from abdoserve.export.phantom import build_study, write_study
 from abdoserve_client.aio import AsyncAbdoServeClient
 from abdoserve_client.client import AbdoServeClient
@@ -56,7 +56,7 @@ class Guards:
             http_port=free_port(),
             upstream_grpc_port=self.server.ports.grpc,
             upstream_http_port=self.server.ports.http,
-            max_body_bytes=257 * 1024 * 1024,
+            limits=GuardLimits(257 * 1024 * 1024),
             tls=tls,
         )
         prefix = self.folder / f"guard{len(self.started)}"

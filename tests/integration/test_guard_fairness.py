@@ -8,6 +8,7 @@ other loopback addresses (127.0.0.2, ...) than the honest client (127.0.0.1).
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import time
 import urllib.request
@@ -28,6 +29,7 @@ from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 
 TASK = "bone_density_ct"
+KSERVE_EXAMPLE = Path(__file__).resolve().parents[2] / "clients" / "examples" / "kserve_http.py"
 MIB = 1024 * 1024
 REQUEST_TIMEOUT_S = 6
 WAIT_S = 120.0
@@ -104,6 +106,20 @@ def refusal(supervisor: Supervisor) -> str | None:
     return None
 
 
+def http_answer(supervisor: Supervisor) -> float:
+    """The study's answer over KServe v2 HTTP, the way clients/examples/kserve_http.py
+    sends it: a body far over nginx's 16 KiB in-memory buffer."""
+    spec = importlib.util.spec_from_file_location("kserve_http_example", KSERVE_EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    url = f"http://{supervisor.public_host}:{supervisor.public_ports.http}"
+    study = build_study(TASK, seed=3)
+    assert sum(len(item) for item in study.instances) > 64 * 1024
+    outputs = example.infer(url, TASK, study.instances, timeout=60)
+    return float(example.answer_json(outputs)["result"]["BMD"])
+
+
 def http_ready(supervisor: Supervisor) -> int:
     url = f"http://{supervisor.public_host}:{supervisor.public_ports.http}/v2/health/ready"
     with urllib.request.urlopen(url, timeout=10) as reply:
@@ -174,6 +190,8 @@ def test_slow_http_bodies_never_hold_the_in_flight_budget(small_budget: Supervis
                 stack.callback(sock.close)
                 sock.sendall(head + b"\0" * 1000)
         time.sleep(1.0)  # every body is being read by nginx, none is whole
-        # 10 bodies in progress > the budget of 8, and still every call is answered
+        # 10 bodies in progress > the budget of 8, and still every call is answered,
+        # over gRPC and over HTTP (a whole body, buffered by nginx, then passed on)
         assert np.isfinite(answered_value(small_budget))
         assert http_ready(small_budget) == 200
+        assert http_answer(small_budget) == pytest.approx(answered_value(small_budget), rel=1e-5)

@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
-from abdoserve.deploy.guard import GuardOptions, NginxGuard, ProxiedPort, TlsFiles
+from abdoserve.deploy.guard import GuardLimits, GuardOptions, NginxGuard, ProxiedPort, TlsFiles
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX, SHM_HEADER
 from abdoserve.export.phantom import build_study
 from abdoserve_client import AbdoServeClient
@@ -72,7 +72,7 @@ def tls_guard(server: EmbeddedServer, tls: TlsFiles, prefix: Path) -> NginxGuard
         http_port=free_port(),
         upstream_grpc_port=server.ports.grpc,
         upstream_http_port=server.ports.http,
-        max_body_bytes=257 * 1024 * 1024,
+        limits=GuardLimits(257 * 1024 * 1024),
         tls=tls,
         proxied=(ProxiedPort(free_port(), server.ports.metrics),),
     )

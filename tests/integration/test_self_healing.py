@@ -281,9 +281,11 @@ def test_a_frozen_server_is_killed_and_restarted_and_its_calls_end_at_once(
     frozen = supervisor.server.process.pid
     os.kill(frozen, signal.SIGSTOP)
     started = time.monotonic()
-    with AbdoServeClient(grpc_url(supervisor), timeout_s=60, retries=0) as client:
-        with pytest.raises(AbdoServeError) as caught:
-            client.bone_density_ct(study.instances)
+    with (
+        AbdoServeClient(grpc_url(supervisor), timeout_s=60, retries=0) as client,
+        pytest.raises(AbdoServeError) as caught,
+    ):
+        client.bone_density_ct(study.instances)
     ended_after = time.monotonic() - started
     assert caught.value.code == "UNAVAILABLE", caught.value
     assert ended_after < 30, f"the call waited {ended_after:.1f} s on a frozen server"
