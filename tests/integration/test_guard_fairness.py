@@ -9,7 +9,11 @@ other loopback addresses (127.0.0.2, ...) than the honest client (127.0.0.1).
 from __future__ import annotations
 
 import importlib.util
+import os
+import pwd
+import shutil
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,8 +24,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
+from abdoserve.deploy import stubs
 from abdoserve.deploy.embedded import ServerOptions, free_ports
-from abdoserve.deploy.guard import GuardLimits
+from abdoserve.deploy.guard import WORKER_USER, GuardLimits
 from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.export.phantom import build_study
 from abdoserve.loadtests.slow_streams import SlowStreamOptions, SlowStreams
@@ -195,3 +200,31 @@ def test_slow_http_bodies_never_hold_the_in_flight_budget(small_budget: Supervis
         assert np.isfinite(answered_value(small_budget))
         assert http_ready(small_budget) == 200
         assert http_answer(small_budget) == pytest.approx(answered_value(small_budget), rel=1e-5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="nginx's workers change user only under root")
+def test_the_workers_run_as_their_own_user_whose_memory_nobody_else_reads(
+    guarded: Supervisor,
+) -> None:
+    """Before, the workers ran as `nobody`: any process of that user could read their
+    memory, where the guard's key to Triton was found 9 times."""
+    assert guarded.guard is not None and guarded.guard.process is not None
+    master = guarded.guard.process.pid
+    workers = [pid for pid in all_pids() if stubs.parent_of(pid) == master]
+    assert workers, "no nginx worker under the guard's master"
+    own = pwd.getpwnam(WORKER_USER).pw_uid
+    for pid in workers:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert {int(uid) for uid in uids} == {own}, uids
+        if shutil.which("runuser"):
+            as_nobody = subprocess.run(
+                ["runuser", "-u", "nobody", "--", "cat", f"/proc/{pid}/environ"],
+                capture_output=True,
+                check=False,
+            )
+            assert as_nobody.returncode != 0 and not as_nobody.stdout
+
+
+def all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
