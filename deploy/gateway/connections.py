@@ -167,6 +167,10 @@ class GuardedSocket(socket.socket):
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with guarded sockets and a cap per address."""
 
+    # socketserver's backlog is 5: a burst of connections past it waited for the
+    # kernel's 1 s SYN-ACK resend before being accepted, or refused (bench hostile).
+    request_queue_size = 128
+
     def __init__(
         self,
         *args: Any,

@@ -118,7 +118,7 @@ def test_slow_associators_hold_their_share_while_the_modality_is_answered(
     closed = sorted(s for s in result.closed_s if s is not None)
     assert len(closed) == 8, result.closed_s
     at_once, held = closed[: 8 - PER_CALLER], closed[8 - PER_CALLER :]
-    assert max(at_once) < hostile_peers.AT_ONCE_S, closed
+    assert max(at_once) < 0.5, closed  # accepted and refused: no wait on a full backlog
     assert all(ASSOCIATION_S - 0.5 <= s < ASSOCIATION_S + 3 for s in held), closed
     assert all(sent < result.request_bytes for sent in result.sent), result.sent
     succeeded, attempted = result.echoes
