@@ -2,11 +2,13 @@
 
 Locust runs the `soak` scenario (the hospital-day mix at `--rate` requests per
 second) headless while this process samples the server every `--interval-s` from
-/proc. After `--warmup-s` the first sample is the baseline; the verdict compares the
-last one with it: zero failed requests, the RSS of tritonserver and of every model's
-stubs within `--rss-tolerance` (5 %), and no growth in the Python backend's /dev/shm,
-in file descriptors or in threads. Writes `soak.json` to --out; exit 1 on a failed
-verdict, 2 when locust did not finish.
+/proc. The baseline is the first minute after `--warmup-s`, the end the last minute,
+each the median of its samples (ONNX Runtime's arenas step up and down by a chunk: one
+sample caught in a dip made a flat run read as +6 %). The verdict compares them: zero
+failed requests, the RSS of tritonserver and of every model's stubs within
+`--rss-tolerance` (5 %), and no growth in the Python backend's /dev/shm, in file
+descriptors or in threads. Writes `soak.json` to --out; exit 1 on a failed verdict, 2
+when locust did not finish.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -143,16 +146,40 @@ def checks(baseline: Sample, end: Sample, tolerance: float, shm_tolerance: float
     return found
 
 
+WINDOW_S = 60.0  # the baseline's and the end's span
+
+
+def window_samples(interval_s: float, available: int) -> int:
+    """Samples in a minute, but at most half of those after warm-up (at least one)."""
+    return max(1, min(round(WINDOW_S / interval_s), available // 2))
+
+
+def median_sample(window: list[Sample]) -> Sample:
+    """Each figure's median over `window` (same models in every sample)."""
+    keys = window[0].rss_mib.keys()
+    return Sample(
+        at_s=window[0].at_s,
+        rss_mib={
+            key: float(statistics.median(s.rss_mib.get(key, 0.0) for s in window)) for key in keys
+        },
+        fds=int(statistics.median(s.fds for s in window)),
+        threads=int(statistics.median(s.threads for s in window)),
+        shm_mib=float(statistics.median(s.shm_mib for s in window)),
+    )
+
+
 def report(args: argparse.Namespace, samples: list[Sample], failures: int) -> int:
     after_warmup = [item for item in samples if item.at_s >= args.warmup_s]
     if len(after_warmup) < 2:
         print("error: the run ended before two samples after warm-up")
         return EXIT_LEAK
-    baseline, end = after_warmup[0], after_warmup[-1]
+    count = window_samples(args.interval_s, len(after_warmup))
+    baseline, end = median_sample(after_warmup[:count]), median_sample(after_warmup[-count:])
     found = checks(baseline, end, args.rss_tolerance, args.shm_tolerance)
     passed = failures == 0 and all(check.passed for check in found)
     print(f"failed requests: {failures}")
-    print(f"{'check':<48} {'after warm-up':>14} {'end':>10} {'limit':>10}  verdict")
+    heading = "check (each a minute's median)"
+    print(f"{heading:<48} {'after warm-up':>14} {'end':>10} {'limit':>10}  verdict")
     for check in found:
         verdict = "ok" if check.passed else "GREW"
         print(

@@ -367,3 +367,23 @@ def test_a_failed_call_names_its_grpc_code_for_locust(status: str, kind: type[Ex
     assert f"{code}: instance 0: not a DICOM dataset" in repr(outcome.error)
     assert outcome.error.__cause__ is error
     assert outcome.response_time_ms >= 0 and outcome.response_length == 0
+
+
+def test_the_soak_compares_a_minute_s_medians_not_single_samples() -> None:
+    from abdoserve.loadtests.resources import Sample
+    from abdoserve.loadtests.soak import median_sample, window_samples
+
+    assert window_samples(10.0, 100) == 6 and window_samples(10.0, 5) == 2
+    assert window_samples(10.0, 1) == 1
+    # one sample caught in an arena's dip does not move the baseline
+    levels = [485.4, 463.0, 485.4, 485.4, 490.2, 485.4]
+    window = [
+        Sample(at_s=600.0 + 10 * i, rss_mib={"net": v}, fds=218 + i % 2)
+        for i, v in enumerate(levels)
+    ]
+    settled = median_sample(window)
+    assert settled.rss_mib == {"net": 485.4} and settled.at_s == 600.0
+    assert settled.fds == 218
+    # a real leak moves the median as much as the samples
+    leaking = [Sample(at_s=float(i), rss_mib={"net": 400.0 + 10 * i}) for i in range(6)]
+    assert median_sample(leaking).rss_mib["net"] == 425.0
