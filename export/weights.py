@@ -5,7 +5,8 @@ weights seeded from its name: labelled "reference-untrained" everywhere and neve
 committed. A hospital's checkpoint goes through the same path: a state_dict file
 (`torch.save(model.state_dict())`, or a dict holding it under "state_dict" or
 "model") is loaded into the reference architecture; a TorchScript archive is
-taken as is, provided it answers [N, K] for the spec's inputs.
+taken as is, provided it answers [N, K] for the spec's inputs. A `.npz` file is a
+Chainer `save_npz` model file or trainer snapshot (export/chainer_import.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from abdoserve.export.architectures import build_network, run_network
+from abdoserve.export.chainer_import import load_chainer
 from abdoserve.export.errors import CheckpointError, CheckpointMismatchError
 from abdoserve.export.inputs import example_inputs
 from abdoserve.preprocessing.specs import TaskSpec
@@ -38,14 +40,19 @@ class WeightsProvenance:
     source: str
     weights_sha256: str
     untrained: bool
+    framework: str = "pytorch"  # what wrote the weights: "pytorch" or "chainer"
 
     def to_parameters(self) -> dict[str, str]:
         """Triton config `parameters` entries (Triton parameters are strings)."""
-        return {
+        parameters = {
             "weights_source": self.source,
             "weights_sha256": self.weights_sha256,
             "weights_untrained": "true" if self.untrained else "false",
         }
+        # named only when not PyTorch, so that PyTorch builds' configs stay as they were
+        if self.framework != "pytorch":
+            parameters["weights_framework"] = self.framework
+        return parameters
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,16 @@ def load_checkpoint(spec: TaskSpec, path: Path) -> LoadedNetwork:
         data = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path.name}: {error}") from error
-    if _is_torchscript(data):
+    framework = "pytorch"
+    if path.suffix.lower() == ".npz":
+        module, framework = load_chainer(spec, data, path.name), "chainer"
+    elif _is_torchscript(data):
         module = _load_torchscript(spec, data, path.name)
     else:
         module = build_network(spec)
         apply_state_dict(spec, module, _read_state_dict(data, path.name))
-    provenance = WeightsProvenance(path.name, hashlib.sha256(data).hexdigest(), untrained=False)
+    digest = hashlib.sha256(data).hexdigest()
+    provenance = WeightsProvenance(path.name, digest, untrained=False, framework=framework)
     return LoadedNetwork(module.eval(), provenance)
 
 
