@@ -35,8 +35,8 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 render_config = guard_module.render_config
 
 
-def with_access_log(options: GuardOptions, prefix: Path) -> str:
-    config = render_config(options, prefix)
+def with_access_log(options: GuardOptions, prefix: Path, workers: Path | None = None) -> str:
+    config = render_config(options, prefix, workers)
     assert "access_log off;" in config, "the guard's config changed: update this test"
     return config.replace("access_log off;", f"access_log {prefix / 'access.log'};")
 

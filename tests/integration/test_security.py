@@ -227,7 +227,7 @@ def test_the_guard_names_no_version_in_replies_or_error_pages(
 ) -> None:
     context = ssl.create_default_context(cafile=str(pki.ca))
     options = tls_only.options
-    too_large = {"Content-Length": str(options.max_body_bytes + 1)}  # refused on the header
+    too_large = {"Content-Length": str(options.limits.max_body_bytes + 1)}  # refused at once
     replies = {
         "health": https_reply(options.http_port, context, "GET", "/v2/health/ready", {}),
         "metrics": https_reply(options.proxied[0].public, context, "GET", "/metrics", {}),
