@@ -262,6 +262,35 @@ def ensure_worker_user() -> pwd.struct_passwd:
     return pwd.getpwnam(WORKER_USER)
 
 
+WORKERS_PREFIX = "abdoserve-guard-"
+OWNER_FILE = "launcher.pid"  # the process that made a workers' directory
+
+
+def sweep_abandoned_worker_directories(parent: Path) -> list[Path]:
+    """Remove the workers' directories whose launcher is gone (it was SIGKILLed and could
+    not remove its own); those of running launchers stay."""
+    removed = []
+    for folder in parent.glob(f"{WORKERS_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being made right now
+        if not _alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_directory(prefix: Path) -> Path:
     """Where nginx's workers write (request bodies, the HTTP budget's socket) when they
     run as the launching user: inside the prefix. As root see `NginxGuard`."""
@@ -477,7 +506,9 @@ class NginxGuard:
             (self.workers / BUDGET_SOCKET).unlink(missing_ok=True)  # a killed master's
             return
         self._remove_workers_directory()
-        self.workers = Path(tempfile.mkdtemp(prefix="abdoserve-guard-"))
+        sweep_abandoned_worker_directories(Path(tempfile.gettempdir()))
+        self.workers = Path(tempfile.mkdtemp(prefix=WORKERS_PREFIX))
+        (self.workers / OWNER_FILE).write_text(f"{os.getpid()}\n")
         user = ensure_worker_user()
         os.chown(self.workers, user.pw_uid, user.pw_gid)
 
