@@ -24,6 +24,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("phantom",), "abdoserve.export.phantom.cli", "write a phantom DICOM study for a task"),
     (("build-repository",), "abdoserve.export.cli", "export the networks, build the repository"),
     (("configs",), "abdoserve.export.configs_cli", "re-render the committed model configs"),
+    (
+        ("model", "import"),
+        "abdoserve.deploy.model_cli",
+        "write a hospital's network as a new version of a task's _net (not served yet)",
+    ),
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),

@@ -6,7 +6,9 @@ model sources; weights are never committed. A build renders every config from th
 check, writes the weights' provenance into the configs' parameters (and from there
 into every response), and copies the Python models into place. A CPU runtime other
 than ONNX Runtime FP32 (`export.cpu_runtime`) adds its model file and its measured
-deviation from PyTorch, which the configs' parameters carry into every answer.
+deviation from PyTorch, which the configs' parameters carry into every answer. Each
+`_net` config pins the version the build writes (1), so that a version imported beside
+it later (`abdoserve model import`) is not served by a restart or a reload.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
+
+from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.export.calibration import CalibrationPlan
 from abdoserve.export.configs import Tuning, model_names, render_task, to_text
@@ -35,6 +39,7 @@ from abdoserve.export.gpu_net import (
 from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
 from abdoserve.export.weights import load_network
+from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.tasks import TASKS, get_task
 from abdoserve.serving.cpu_runtimes import (
     CPU_RUNTIMES,
@@ -48,6 +53,8 @@ from abdoserve.serving.warmup import WARMUP_FOLDER, write_warmup
 logger = logging.getLogger(__name__)
 
 ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
+# The `_net` version a build writes, and the only one its config lets Triton load.
+SERVED_VERSION = 1
 BUILD_RECORD = "BUILD.json"
 DEFAULT_TUNING = Tuning()
 DEFAULT_CALIBRATION = CalibrationPlan()
@@ -153,12 +160,17 @@ def build_task(
 ) -> tuple[ExportResult, RuntimeBuild]:
     spec = get_task(task, overrides)
     _, _, net, _ = model_names(task)
-    result = export_task(spec, root / net / "1", checkpoint)
-    built = build_cpu_runtime(
-        spec, root / net / "1", runtime, checkpoint=checkpoint, plan=calibration, tuning=tuning
+    result, built = write_net_version(
+        spec,
+        root / net / str(SERVED_VERSION),
+        checkpoint,
+        runtime=runtime,
+        calibration=calibration,
+        tuning=tuning,
     )
     runs = GPU_RUNTIME_PARAMETERS[gpu_runtime] if gpu_runtime else built.parameters()
     configs = render_task(spec, tuning, {**result.provenance.to_parameters(), **runs})
+    pin_versions(configs[net], (SERVED_VERSION,))
     for name, config in configs.items():
         # Every Python model checks tensors against the spec, the `_net` included.
         if overrides and config.backend == "python":
@@ -168,11 +180,44 @@ def build_task(
         (folder / "config.pbtxt").write_text(to_text(config))
         (folder / "1").mkdir(exist_ok=True)  # ensembles too: Triton needs a version folder
         role = name.removeprefix(task + "_")
-        if role in ROLE_SOURCES:
+        if role in ROLE_SOURCES and role != "net":  # the net's came with its version
             shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES[role], folder / "1" / "model.py")
         if role == "preprocess":
             write_warmup_study(folder / "1", spec.name)
     return result, built
+
+
+def write_net_version(
+    spec: TaskSpec,
+    folder: Path,
+    checkpoint: Path | None,
+    *,
+    runtime: CpuRuntime,
+    calibration: CalibrationPlan,
+    tuning: Tuning,
+) -> tuple[ExportResult, RuntimeBuild]:
+    """One version folder of the CPU server's `_net`: `model.onnx` and `provenance.json`
+    (the export, its parity checked), the CPU runtime's file and its measured deviation,
+    and the Python model. A build writes version 1; `abdoserve model import` the next."""
+    result = export_task(spec, folder, checkpoint)
+    built = build_cpu_runtime(
+        spec, folder, runtime, checkpoint=checkpoint, plan=calibration, tuning=tuning
+    )
+    copy_net_model(folder)
+    return result, built
+
+
+def copy_net_model(folder: Path) -> None:
+    """The `_net` Python model (a CPU runtime in the Python backend) into a version folder."""
+    shutil.copyfile(PYTHON_MODELS / ROLE_SOURCES["net"], folder / "model.py")
+
+
+def pin_versions(config: mc.ModelConfig, versions: Iterable[int]) -> None:
+    """Serve exactly these versions: a version folder added later (an import) is not
+    loaded by a restart or a reload, as Triton's default policy (the latest) would."""
+    pinned = config.version_policy.specific.versions
+    del pinned[:]
+    pinned.extend(sorted(set(versions)))
 
 
 def write_warmup_study(version_folder: Path, task: str) -> None:
@@ -204,6 +249,7 @@ def replace_net_for_gpu(
     (folder / "1" / "model.py").unlink()
     provenance = {**loaded.provenance.to_parameters(), **GPU_RUNTIME_PARAMETERS[runtime]}
     config = gpu_net_config(spec, runtime, provenance, tuning)
+    pin_versions(config, (SERVED_VERSION,))
     (folder / "config.pbtxt").write_text(to_text(config))
     if runtime == "tensorrt":
         script = folder / "build_engine.sh"

@@ -131,7 +131,7 @@ def load_checkpoint(spec: TaskSpec, path: Path) -> LoadedNetwork:
     framework = "pytorch"
     if path.suffix.lower() == ".npz":
         module, framework = load_chainer(spec, data, path.name), "chainer"
-    elif _is_torchscript(data):
+    elif is_torchscript(data):
         module = _load_torchscript(spec, data, path.name)
     else:
         module = build_network(spec)
@@ -141,7 +141,8 @@ def load_checkpoint(spec: TaskSpec, path: Path) -> LoadedNetwork:
     return LoadedNetwork(module.eval(), provenance)
 
 
-def _is_torchscript(data: bytes) -> bool:
+def is_torchscript(data: bytes) -> bool:
+    """Whether checkpoint bytes are a TorchScript archive (else a pickled state_dict)."""
     # both formats are zip archives; only TorchScript carries code/ and constants.pkl
     if not zipfile.is_zipfile(io.BytesIO(data)):
         return False
