@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterator
 
 from abdoserve.deploy import stubs
+from abdoserve.export.phantom import build_study
 from abdoserve.loadtests.bench import hostile_peers as peers
+from abdoserve.loadtests.bench.frozen_server import frozen_server
 from abdoserve.loadtests.hostile import HostileRequest, catalogue, send
 from abdoserve.loadtests.resources import peak_rss_mib
 from abdoserve.preprocessing.tasks import TASKS
@@ -90,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=150.0,
         help="the longest wait for a slow peer to be ended, the guard's request timeout "
         "(120 s by default) included (default %(default)s)",
+    )
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="also SIGSTOP --server-pid: the supervisor must kill and restart it, and a call "
+        "on it end at once (restarts the server; run it last)",
     )
     gateway = parser.add_argument_group("hostile peers: the DICOM gateway (with --gateway)")
     gateway.add_argument("--gateway", type=host_port, metavar="HOST:PORT", help="its DICOM port")
@@ -178,12 +186,18 @@ def gateway_case(args: argparse.Namespace) -> peers.GatewayCase | None:
     )
 
 
-def peer_rows(guard: peers.GuardCase, gateway: peers.GatewayCase | None) -> Iterator[str]:
+def peer_rows(
+    guard: peers.GuardCase, gateway: peers.GatewayCase | None, args: argparse.Namespace
+) -> Iterator[str]:
     yield peers.slow_streams(guard).row().markdown()
     if gateway is not None:
         peers.quiet_pynetdicom()
         yield peers.pdu_bomb(gateway).row().markdown()
         yield peers.slow_associators(gateway).row().markdown()
+    if args.freeze:  # last: it restarts the server
+        study = build_study(args.task, seed=11)
+        frozen = frozen_server(args.host, args.server_pid, study, args.task, args.peer_wait_s)
+        yield frozen.row().markdown()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,6 +210,6 @@ def run(args: argparse.Namespace) -> int:
         print()
     if targets is not None:
         print(peers.PEER_HEADER, flush=True)
-        for row in peer_rows(*targets):
+        for row in peer_rows(*targets, args):
             print(row, flush=True)
     return 0

@@ -182,3 +182,18 @@ def test_the_command_prints_both_tables(guarded: Supervisor, gateway: GatewayPro
     for row in peers:
         assert len(row) == 6 and row[4].endswith(" MiB"), row
         assert row[5].startswith("yes: "), row
+
+
+def test_a_frozen_server_is_reported_killed_and_answering_again(guarded: Supervisor) -> None:
+    """Last in this module: it restarts the server (the supervisor starts a new one)."""
+    from abdoserve.export.phantom import build_study
+    from abdoserve.loadtests.bench.frozen_server import CALL_DEADLINE_S, frozen_server
+
+    url = f"{guarded.public_host}:{guarded.public_ports.grpc}"
+    study = build_study(TASKS[0], seed=11)
+    result = frozen_server(url, server_pid(guarded), study, TASKS[0], wait_s=120.0)
+    assert result.ended_with == "UNAVAILABLE", result
+    assert result.ended_s < CALL_DEADLINE_S / 2, result  # at once, not at its deadline
+    assert result.killed and result.answered_again_s is not None, result
+    row = result.row().markdown()
+    assert "the frozen server killed" in row and "yes: 1/1" in row, row

@@ -204,3 +204,13 @@ def test_a_streams_row_takes_the_cells_of_its_ends() -> None:
         == "1 refused at once (RESOURCE_EXHAUSTED); 2 held, 2 of them ended DEADLINE_EXCEEDED"
     )
     assert cells[5] == "yes: 5/5 bone_density_ct calls from 127.0.0.1 |"
+
+
+def test_the_frozen_server_row_says_what_happened() -> None:
+    from abdoserve.loadtests.bench.frozen_server import FreezeResult
+
+    healed = FreezeResult(0.41, "UNAVAILABLE", 12.3, True, "bone_density_ct").row().markdown()
+    assert "ended UNAVAILABLE; the frozen server killed" in healed
+    assert "call ended in 0.41 s; answered again after 12.3 s" in healed and "yes: 1/1" in healed
+    stuck = FreezeResult(60.0, "DEADLINE_EXCEEDED", None, False, "bone_density_ct").row()
+    assert "NOT killed" in stuck.markdown() and "NO: 0/1" in stuck.markdown()
