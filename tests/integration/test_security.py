@@ -528,7 +528,7 @@ def read_output(process: subprocess.Popen[str], lines: list[str], ready: threadi
     assert process.stdout is not None
     for line in process.stdout:
         lines.append(line)
-        if line.startswith("AbdoServe ready"):
+        if line.startswith("Ctrl-C stops the server."):  # the announcement's last line
             ready.set()
     ready.set()  # exited: the waiter looks at the process
 
