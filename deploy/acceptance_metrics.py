@@ -50,20 +50,13 @@ from typing import Any
 
 import numpy as np
 
+from abdoserve.export.labels import LABEL_COLUMN
 from abdoserve.preprocessing.specs import TaskSpec
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
 LOA_Z = 1.96  # Bland-Altman limits: bias +/- 1.96 SD of the differences
 FIBROSIS_STAGES = (0, 1, 2, 3, 4)
-# The label column each task reads from labels.csv (export/phantom/cohort.py writes them).
-LABEL_COLUMN: Mapping[str, str] = {
-    "liver_mass_ct": "class",
-    "liver_fibrosis_ct": "stage",
-    "liver_fibrosis_mri": "stage",
-    "bone_density_ct": "bmd",
-    "esophageal_cancer_ct": "cancer",
-}
 
 
 class UndefinedMetricError(Exception):

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from abdoserve.export.phantom.cohort import LABELS_FILE, write_cohort
+from abdoserve.export.labels import LABELS_FILE
+from abdoserve.export.phantom.cohort import write_cohort
 from abdoserve.export.phantom.common import write_study
 from abdoserve.export.phantom.dicom_writer import TRANSFER_SYNTAXES
 from abdoserve.export.phantom.studies import BUILDERS, build_study

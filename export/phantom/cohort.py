@@ -28,19 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from abdoserve.export.labels import LABEL_COLUMN, LABELS_FILE
 from abdoserve.export.phantom.common import DEFAULT_SYNTAX, NORMAL_TRABECULAR_HU, write_study
 from abdoserve.export.phantom.studies import BUILDERS, build_study
 from abdoserve.export.phantom.tissues import MASS_CLASSES
 from abdoserve.preprocessing.tasks import get_task
 
-LABEL_COLUMN: Mapping[str, str] = {
-    "liver_mass_ct": "class",
-    "liver_fibrosis_ct": "stage",
-    "liver_fibrosis_mri": "stage",
-    "bone_density_ct": "bmd",
-    "esophageal_cancer_ct": "cancer",
-}
-LABELS_FILE = "labels.csv"
 SEED_STRIDE = 1_000_000  # phantom seeds per cohort seed: the most studies in a cohort
 FIBROSIS_STAGES = (0, 1, 2, 3, 4)
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from abdoserve.deploy.acceptance_metrics import (
-    LABEL_COLUMN,
     Metric,
     Resampling,
     UndefinedMetricError,
@@ -28,7 +27,6 @@ from abdoserve.deploy.acceptance_metrics import (
     report_from_answers,
     spearman,
 )
-from abdoserve.export.phantom.cohort import LABEL_COLUMN as COHORT_LABEL_COLUMN
 from abdoserve.preprocessing.tasks import get_task
 
 FEW = Resampling(resamples=200, seed=3)
@@ -276,10 +274,6 @@ def test_report_from_answers_for_every_task() -> None:
     rows = [{"study": "s1", "class": "B"}]
     report = report_from_answers(get_task("liver_mass_ct"), mass, rows, resampling=FEW)
     assert report.estimate("accuracy").value == 0.0
-
-
-def test_label_columns_match_the_cohort_writer() -> None:
-    assert dict(LABEL_COLUMN) == dict(COHORT_LABEL_COLUMN)
 
 
 def test_read_labels_names_a_missing_column(tmp_path: Any) -> None:
