@@ -138,15 +138,12 @@ def test_a_missing_key_stops_tritonserver_before_it_starts(
         for name, value in KEYS.items()
         if problem != "missing key" or name != "inference"
     }
-    key_file: Path | None = write_key_file(keys, tmp_path / "keys")
-    assert key_file is not None
+    key_file = write_key_file(keys, tmp_path / "keys")
     if problem == "no file":
         key_file.unlink()
     if problem == "readable":
         key_file.chmod(0o644)
-    if problem == "no variable":
-        key_file = None
-    done = run(tmp_path, preload, key_file)
+    done = run(tmp_path, preload, None if problem == "no variable" else key_file)
     assert done.code == 2
     assert done.args == []
     assert done.stderr.startswith("abdoserve argv_keys: ")
