@@ -207,6 +207,10 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# How often a main thread blocked waiting for a signal wakes to run a pending handler.
+SIGNAL_POLL_S = 0.2
+
+
 class Signals:
     """SIGTERM and SIGINT caught from the moment this is made: one that arrives while a
     server starts must not end the process before it can stop that server. `wait`
@@ -223,7 +227,11 @@ class Signals:
         self.received.set()
 
     def wait(self) -> signal.Signals:
-        self.received.wait()
+        # Timed waits: the kernel may hand the signal to any thread, and Python runs the
+        # handler only when the main thread wakes; an untimed wait then never returned
+        # (a SIGTERM'd replica that never drained, seen in CI).
+        while not self.received.wait(timeout=SIGNAL_POLL_S):
+            pass
         return self.number
 
 

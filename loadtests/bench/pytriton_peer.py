@@ -80,6 +80,8 @@ def serve(task: str, net_folder: Path, ports: tuple[int, int, int]) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
+    from abdoserve.deploy import processes
+
     grpc, http, metrics = ports
     config = TritonConfig(
         grpc_address="127.0.0.1",
@@ -108,7 +110,8 @@ def serve(task: str, net_folder: Path, ports: tuple[int, int, int]) -> None:
         )
         triton.run()
         print(READY, flush=True)
-        stopping.wait()
+        while not stopping.wait(timeout=processes.SIGNAL_POLL_S):  # see Signals.wait
+            pass
 
 
 # Set by SIGTERM or SIGINT, from the start: one that arrives while PyTriton starts is

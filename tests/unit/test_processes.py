@@ -111,3 +111,26 @@ def test_sigterm_takes_the_ctrl_c_path(tmp_path: Path) -> None:
 def test_run_returns_what_the_tool_printed() -> None:
     done = processes.run([PYTHON, "-c", "print('out')"], timeout_s=30, text=True)
     assert (done.returncode, done.stdout) == (0, "out\n")
+
+
+def test_a_signal_the_kernel_hands_to_another_thread_still_ends_the_wait() -> None:
+    """The kernel may deliver a process's SIGTERM to any thread; Python runs the handler
+    only in the main thread. An untimed wait slept on until a second signal came (a
+    replica that never drained, in CI)."""
+    script = (
+        "import signal, threading, time\n"
+        "from abdoserve.deploy.processes import Signals\n"
+        "signals = Signals()\n"
+        "def elsewhere():\n"
+        "    time.sleep(0.5)  # the main thread is in wait() by then\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+        "threading.Thread(target=elsewhere).start()\n"
+        "print(signals.wait().name, flush=True)\n"
+    )
+    command = processes.start([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        # The bound detects a hang; the answer comes within a poll of the signal.
+        stdout, _ = command.communicate(timeout=60)
+    finally:
+        processes.stop(command, first=signal.SIGKILL, grace_s=0)
+    assert (command.returncode, stdout) == (0, "SIGTERM\n")
