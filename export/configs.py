@@ -12,8 +12,9 @@ Tensor contract (the ensemble is the public entry point):
                       -> SCORES (FP32 [-1, K]), STUDY (FP32 [K]), ANSWER (BYTES [1], JSON)
   <task>_preprocess   -> SAMPLES (FP32 [-1, C, M, M]), FEATURES (FP32 [F], if F > 0),
                          SAMPLE_SOURCE (INT32 [-1]), STUDY_INFO (BYTES [1], JSON)
-  <task>_net          SAMPLES, FEATURES -> OUTPUT (FP32 [-1, K])
-  <task>_postprocess  OUTPUT, SAMPLE_SOURCE, STUDY_INFO -> SCORES, STUDY, ANSWER
+  <task>_postprocess  SAMPLES, FEATURES, SAMPLE_SOURCE, STUDY_INFO -> SCORES, STUDY, ANSWER
+                      (it calls the version of <task>_net its routing picks, via BLS)
+  <task>_net          SAMPLES, FEATURES -> OUTPUT (FP32 [-1, K]), one or more versions
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def to_text(config: mc.ModelConfig) -> str:
 
 
 def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelConfig:
-    _, preprocess, net, postprocess = model_names(spec.name)
+    _, preprocess, _, postprocess = model_names(spec.name)
     config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
     config.input.extend(_public_inputs(spec))
     config.output.extend(_public_outputs(spec))
@@ -89,27 +90,17 @@ def ensemble_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelCo
         input_map={name: name for name in PUBLIC_INPUTS},
         output_map={name: name.lower() for name in prepared},
     )
-    steps.add(
-        model_name=net,
-        model_version=-1,
-        input_map={name: name.lower() for name in prepared if name in _NET_INPUTS},
-        output_map={"OUTPUT": "output"},
-    )
+    # No `_net` step: the postprocess model calls the version its routing picks.
     steps.add(
         model_name=postprocess,
         model_version=-1,
-        input_map={
-            "OUTPUT": "output",
-            "SAMPLE_SOURCE": "sample_source",
-            "STUDY_INFO": "study_info",
-        },
+        input_map={name: name.lower() for name in prepared},
         output_map={"SCORES": "SCORES", "STUDY": "STUDY", "ANSWER": "ANSWER"},
     )
     _parameters(config, {**describe_task(spec), **provenance})
     return config
 
 
-_NET_INPUTS = ("SAMPLES", "FEATURES")
 PUBLIC_INPUTS = ("DICOM", "DICOM_PACKED", "DICOM_OFFSETS", "CLINICAL")
 
 
@@ -159,19 +150,7 @@ def preprocess_config(spec: TaskSpec, tuning: Tuning) -> mc.ModelConfig:
 
 def net_config(spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_net", tuning.net_instances, tuning)
-    channels, rows, columns = spec.sample_shape
-    config.input.append(
-        mc.ModelInput(
-            name="SAMPLES",
-            data_type=FP32,
-            dims=[-1, channels, rows, columns],
-            allow_ragged_batch=True,
-        )
-    )
-    if spec.feature_width:
-        config.input.append(
-            mc.ModelInput(name="FEATURES", data_type=FP32, dims=[spec.feature_width])
-        )
+    config.input.extend(net_inputs(spec))
     config.output.append(
         mc.ModelOutput(name="OUTPUT", data_type=FP32, dims=[-1, spec.output.width])
     )
@@ -187,14 +166,30 @@ def net_config(spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]) ->
     return config
 
 
+def net_inputs(spec: TaskSpec) -> list[mc.ModelInput]:
+    """SAMPLES and, where the task has clinical inputs, FEATURES: what the preprocess
+    model makes and the net eats (the postprocess passes them on)."""
+    channels, rows, columns = spec.sample_shape
+    inputs = [
+        mc.ModelInput(
+            name="SAMPLES",
+            data_type=FP32,
+            dims=[-1, channels, rows, columns],
+            allow_ragged_batch=True,
+        )
+    ]
+    if spec.feature_width:
+        inputs.append(mc.ModelInput(name="FEATURES", data_type=FP32, dims=[spec.feature_width]))
+    return inputs
+
+
 def postprocess_config(
     spec: TaskSpec, tuning: Tuning, provenance: Mapping[str, str]
 ) -> mc.ModelConfig:
     config = _python_model(f"{spec.name}_postprocess", tuning.postprocess_instances, tuning)
-    width = spec.output.width
+    config.input.extend(net_inputs(spec))
     config.input.extend(
         [
-            mc.ModelInput(name="OUTPUT", data_type=FP32, dims=[-1, width], allow_ragged_batch=True),
             mc.ModelInput(
                 name="SAMPLE_SOURCE", data_type=INT32, dims=[-1], allow_ragged_batch=True
             ),

@@ -239,7 +239,7 @@ def net_model(repository: Path, task: str) -> NetModel:
             f"no model repository at {repository}: build one first "
             "(`abdoserve build-repository`, or `abdoserve serve`)"
         )
-    _, preprocess, net, postprocess = model_names(task)
+    _, preprocess, net, _ = model_names(task)
     folder = repository / net
     if not (folder / "config.pbtxt").is_file():
         fused = (repository / task / "config.pbtxt").is_file()
@@ -263,20 +263,17 @@ def net_model(repository: Path, task: str) -> NetModel:
     runtime = CPU_RUNTIMES.get(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME))
     if runtime is None:
         raise ImportRefused(f"{net}: unknown runtime {parameters.get(RUNTIME_PARAMETER)!r}")
-    contract = net_contract(
-        spec, read_config(repository / preprocess), read_config(repository / postprocess)
-    )
+    contract = net_contract(spec, read_config(repository / preprocess), config)
     return NetModel(task, folder, config, spec, runtime, contract)
 
 
-def net_contract(
-    spec: TaskSpec, preprocess: mc.ModelConfig, postprocess: mc.ModelConfig
-) -> NetContract:
+def net_contract(spec: TaskSpec, preprocess: mc.ModelConfig, net: mc.ModelConfig) -> NetContract:
     """What the `_net` graph must take and answer: the preprocess model's SAMPLES
     [-1, C, M, M] (and FEATURES [F], one row per sample in the graph: [-1, F]) and the
-    postprocess model's OUTPUT [-1, K], each FP32; checked against the spec."""
+    OUTPUT [-1, K] every version of the `_net` gives the postprocess, each FP32; checked
+    against the spec."""
     produced = {item.name: item for item in preprocess.output}
-    read = {item.name: item for item in postprocess.input}
+    read = {item.name: item for item in net.output}
     wanted: list[tuple[str, tuple[int, ...]]] = [("SAMPLES", (-1, *spec.sample_shape))]
     if spec.feature_width:
         wanted.append(("FEATURES", (spec.feature_width,)))
@@ -289,7 +286,7 @@ def net_contract(
         inputs.append(TensorContract(name, name.lower(), rows))
     output = read.get("OUTPUT")
     if output is None or tuple(output.dims) != (-1, spec.output.width):
-        raise ImportRefused(f"{postprocess.name}'s OUTPUT disagrees with the {spec.name} spec")
+        raise ImportRefused(f"{net.name}'s OUTPUT disagrees with the {spec.name} spec")
     return NetContract(tuple(inputs), TensorContract("OUTPUT", "output", tuple(output.dims)))
 
 

@@ -63,6 +63,7 @@ from abdoserve.preprocessing.tags import (
     ROWS,
     SAMPLES_PER_PIXEL,
     SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
 )
 
 # Attributes any image must have; a dataset without one of these is not an image.
@@ -93,6 +94,7 @@ class DecodedInstance:
     inverted: bool  # MONOCHROME1: higher stored values are darker
     acquisition_time: str
     extras: dict[int, object]  # values of the extra tags the caller asked for
+    uid: str = ""  # SOP Instance UID, where the header has one
 
 
 def decode_instance(
@@ -138,6 +140,7 @@ def decode_instance(
             header.text(dataset, ACQUISITION_TIME) or header.text(dataset, CONTENT_TIME) or ""
         ),
         extras={tag: _value(dataset, tag, index) for tag in extra_tags},
+        uid=header.text(dataset, SOP_INSTANCE_UID) or "",
     )
 
 

@@ -7,6 +7,7 @@ where it can, and every refusal is an `IntakeError` naming instance and attribut
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,7 @@ class PreparedStudy:
     roles: tuple[str, ...]  # channel roles (phases, levels) or () for a series
     role_sources: tuple[int, ...]  # request instance index of each role
     stage_seconds: Mapping[str, float] = field(default_factory=dict)  # decode, arrange, pixels
+    study_key: str = ""  # see study_key()
 
 
 class StudyPreparer:
@@ -93,7 +95,7 @@ class StudyPreparer:
             "arrange": arranged_at - decoded_at,
             "pixels": time.perf_counter() - arranged_at,
         }
-        return replace(prepared, stage_seconds=stages)
+        return replace(prepared, stage_seconds=stages, study_key=study_key(decoded, instances))
 
     def decode(
         self, data: bytes, index: int, budget: RequestBudget | None = None
@@ -184,6 +186,18 @@ def fallback_values(
             raise ClinicalInputError(f"clinical input {item.name!r} is missing{where}")
         found[item.name] = clinical_value(item, value)
     return found
+
+
+def study_key(decoded: Sequence[DecodedInstance], instances: Sequence[bytes]) -> str:
+    """A digest that names the study and nothing in it: SHA-256 of its instances' sorted
+    SOP Instance UIDs, so the same study sent again, in any order or transfer syntax,
+    gets the same key (a canary's assignment rests on it). An instance without a UID
+    counts by the digest of its bytes."""
+    names = sorted(
+        item.uid or "sha256:" + hashlib.sha256(data).hexdigest()
+        for item, data in zip(decoded, instances, strict=True)
+    )
+    return hashlib.sha256("\\".join(names).encode()).hexdigest()
 
 
 def assemble(

@@ -15,6 +15,7 @@ def _tag(keyword: str) -> BaseTag:
 
 # Identity and timing
 SOP_CLASS_UID = _tag("SOPClassUID")
+SOP_INSTANCE_UID = _tag("SOPInstanceUID")
 MODALITY = _tag("Modality")
 ACQUISITION_TIME = _tag("AcquisitionTime")
 CONTENT_TIME = _tag("ContentTime")

@@ -17,6 +17,7 @@ from typing import Any
 RUNTIME_PARAMETER = "runtime"
 PRECISION_PARAMETER = "runtime_precision"
 DEVIATION_PARAMETER = "runtime_deviation"  # JSON: measured vs FP32 PyTorch at build time
+CARD_PARAMETER = "card_id"
 
 # The statement every answer from untrained weights carries (the server sends it; a
 # reader shows it where a server marked the weights untrained but sent none).
@@ -47,6 +48,7 @@ class ModelIdentity:
     runtime: str = "unknown"
     precision: str = "unknown"
     deviation: Mapping[str, Any] | None = field(default=None, hash=False)
+    card_id: str = ""  # the version's model card (`abdoserve model import`); "" for a build's
 
     @classmethod
     def from_parameters(
@@ -63,6 +65,7 @@ class ModelIdentity:
             runtime=parameters.get(RUNTIME_PARAMETER, "unknown"),
             precision=parameters.get(PRECISION_PARAMETER, "unknown"),
             deviation=_strict_deviation(parameters.get(DEVIATION_PARAMETER, "")),
+            card_id=parameters.get(CARD_PARAMETER, ""),
         )
 
     @classmethod
@@ -78,6 +81,7 @@ class ModelIdentity:
             weights_sha256=str(values.get("weights_sha256", "")),
             untrained=_untrained(values.get("untrained", values.get("weights_untrained"))),
             **_runtime_fields(values),
+            card_id=str(values.get("card_id", "")),
         )
 
     def to_answer(self) -> dict[str, Any]:
@@ -89,6 +93,7 @@ class ModelIdentity:
             "weights_sha256": self.weights_sha256,
             "untrained": self.untrained,
             "runtime": self.runtime_provenance(),
+            "card_id": self.card_id,
         }
 
     def runtime_provenance(self) -> dict[str, Any]:

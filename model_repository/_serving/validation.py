@@ -13,6 +13,7 @@ value the sender chose. All arrays here are one study's, batch axis already drop
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +28,15 @@ SAMPLE_RANGE = (0.0, 1.0)
 # STUDY_INFO as the preprocess writes it is under 100 bytes; this bounds the JSON a
 # direct caller can make the postprocess parse (and its nesting depth).
 MAX_STUDY_INFO_BYTES = 4096
-STUDY_INFO_KEYS = frozenset({"roles", "instances"})
+STUDY_INFO_KEYS = frozenset({"instances", "roles", "key"})
+STUDY_KEY_PATTERN = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class StudyInfo:
     instances: int
     roles: dict[str, int]
+    key: str  # the study's digest (abdoserve.preprocessing.study.study_key): routing's input
 
 
 def sample_count_range(spec: TaskSpec) -> tuple[int, int]:
@@ -107,15 +110,21 @@ def check_sample_source(sources: np.ndarray, rows: int, instances: int) -> None:
 
 
 def study_info(spec: TaskSpec, array: np.ndarray) -> StudyInfo:
-    """STUDY_INFO (1,) BYTES: {"roles": {role: instance}, "instances": n} as preprocess writes."""
+    """STUDY_INFO (1,) BYTES: {"roles": {role: instance}, "instances": n, "key": digest} as
+    preprocess writes."""
     value = _json_element(array)
     if not isinstance(value, dict) or set(value) != STUDY_INFO_KEYS:
-        raise IntakeError("input 'STUDY_INFO' must be a JSON object with keys instances, roles")
+        raise IntakeError(
+            "input 'STUDY_INFO' must be a JSON object with keys instances, key, roles"
+        )
+    key = value["key"]
+    if not isinstance(key, str) or not STUDY_KEY_PATTERN.fullmatch(key):
+        raise IntakeError("input 'STUDY_INFO' 'key' must be 64 lowercase hexadecimal digits")
     instances = value["instances"]
     limit = spec.limits.max_instances_per_request
     if not _is_int(instances) or not 1 <= instances <= limit:
         raise IntakeError(f"input 'STUDY_INFO' 'instances' must be an integer in [1, {limit}]")
-    return StudyInfo(instances, _roles(spec, value["roles"], instances))
+    return StudyInfo(instances, _roles(spec, value["roles"], instances), key)
 
 
 def check_bytes_input(array: np.ndarray, name: str) -> None:

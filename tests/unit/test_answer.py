@@ -86,6 +86,7 @@ def test_study_answer_with_untrained_weights_carries_the_notice() -> None:
         "weights_sha256": "",
         "untrained": True,
         "runtime": {"name": "unknown", "precision": "unknown"},
+        "card_id": "",
     }
     assert answer["result"]["osteoporosis"] is True
     assert answer["images"] == [

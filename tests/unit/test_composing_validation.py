@@ -104,6 +104,7 @@ def test_what_the_real_preprocess_emits_passes_every_check(task: str) -> None:
     info = {
         "roles": dict(zip(prepared.roles, prepared.role_sources, strict=True)),
         "instances": len(study.instances),
+        "key": prepared.study_key,
     }
     parsed = validation.study_info(spec, study_info_tensor(info))
     rows = prepared.samples.shape[0]
@@ -221,13 +222,18 @@ def study_info_tensor(value: Any) -> np.ndarray:
 
 
 MASS_ROLES = {"non_contrast": 0, "arterial": 1, "delayed": 2}
+KEY = "0123456789abcdef" * 4  # a study key as the preprocess writes it (64 hex digits)
 
 
 def test_study_info_as_the_preprocess_writes_it_is_read() -> None:
-    info = validation.study_info(MASS, study_info_tensor({"roles": MASS_ROLES, "instances": 3}))
-    assert info == validation.StudyInfo(3, MASS_ROLES)
-    series = validation.study_info(BONE, study_info_tensor({"roles": {}, "instances": 32}))
-    assert series == validation.StudyInfo(32, {})
+    info = validation.study_info(
+        MASS, study_info_tensor({"roles": MASS_ROLES, "instances": 3, "key": KEY})
+    )
+    assert info == validation.StudyInfo(3, MASS_ROLES, KEY)
+    series = validation.study_info(
+        BONE, study_info_tensor({"roles": {}, "instances": 32, "key": KEY})
+    )
+    assert series == validation.StudyInfo(32, {}, KEY)
 
 
 @pytest.mark.parametrize(
@@ -238,34 +244,54 @@ def test_study_info_as_the_preprocess_writes_it_is_read() -> None:
         (BONE, b"", r"'STUDY_INFO' is not valid JSON"),
         (BONE, b"[" * 3000, r"'STUDY_INFO' is not valid JSON \(RecursionError\)"),
         (BONE, b" " * 4097, r"'STUDY_INFO' exceeds 4096 bytes"),
-        (BONE, [1, 2], r"'STUDY_INFO' must be a JSON object with keys instances, roles"),
-        (BONE, {"instances": 1}, r"keys instances, roles"),
-        (BONE, {"instances": 1, "roles": {}, SENDER_TEXT: 1}, r"keys instances, roles"),
-        (BONE, {"instances": True, "roles": {}}, r"'instances' must be an integer in \[1, 256\]"),
-        (BONE, {"instances": 0, "roles": {}}, r"'instances' must be an integer in \[1, 256\]"),
-        (BONE, {"instances": 257, "roles": {}}, r"'instances' must be an integer"),
-        (BONE, {"instances": "3", "roles": {}}, r"'instances' must be an integer"),
-        (BONE, {"instances": 2.0, "roles": {}}, r"'instances' must be an integer"),
+        (BONE, [1, 2], r"'STUDY_INFO' must be a JSON object with keys instances, key, roles"),
+        (BONE, {"instances": 1}, r"keys instances, key, roles"),
+        (BONE, {"instances": 1, "roles": {}, SENDER_TEXT: 1}, r"keys instances, key, roles"),
+        (BONE, {"instances": 1, "roles": {}, "key": SENDER_TEXT}, r"'key' must be 64 lowercase"),
+        (BONE, {"instances": 1, "roles": {}, "key": KEY.upper()}, r"'key' must be 64 lowercase"),
+        (BONE, {"instances": 1, "roles": {}, "key": KEY + "0"}, r"'key' must be 64 lowercase"),
+        (BONE, {"instances": 1, "roles": {}, "key": 7}, r"'key' must be 64 lowercase"),
         (
             BONE,
-            {"instances": 3, "roles": MASS_ROLES},
+            {"instances": True, "roles": {}, "key": KEY},
+            r"'instances' must be an integer in \[1, 256\]",
+        ),
+        (
+            BONE,
+            {"instances": 0, "roles": {}, "key": KEY},
+            r"'instances' must be an integer in \[1, 256\]",
+        ),
+        (BONE, {"instances": 257, "roles": {}, "key": KEY}, r"'instances' must be an integer"),
+        (BONE, {"instances": "3", "roles": {}, "key": KEY}, r"'instances' must be an integer"),
+        (BONE, {"instances": 2.0, "roles": {}, "key": KEY}, r"'instances' must be an integer"),
+        (
+            BONE,
+            {"instances": 3, "roles": MASS_ROLES, "key": KEY},
             r"'roles' must map exactly these roles: none",
         ),
-        (MASS, {"instances": 3, "roles": {}}, r"roles: non_contrast, arterial, delayed"),
-        (MASS, {"instances": 3, "roles": [0, 1, 2]}, r"'roles' must map exactly these roles"),
         (
             MASS,
-            {"instances": 3, "roles": {**MASS_ROLES, SENDER_TEXT: 0}},
+            {"instances": 3, "roles": {}, "key": KEY},
+            r"roles: non_contrast, arterial, delayed",
+        ),
+        (
+            MASS,
+            {"instances": 3, "roles": [0, 1, 2], "key": KEY},
             r"'roles' must map exactly these roles",
         ),
         (
             MASS,
-            {"instances": 3, "roles": {**MASS_ROLES, "delayed": 3}},
+            {"instances": 3, "roles": {**MASS_ROLES, SENDER_TEXT: 0}, "key": KEY},
+            r"'roles' must map exactly these roles",
+        ),
+        (
+            MASS,
+            {"instances": 3, "roles": {**MASS_ROLES, "delayed": 3}, "key": KEY},
             r"'roles' must map each role to an instance index in \[0, 2\]",
         ),
         (
             MASS,
-            {"instances": 3, "roles": {**MASS_ROLES, "delayed": SENDER_TEXT}},
+            {"instances": 3, "roles": {**MASS_ROLES, "delayed": SENDER_TEXT}, "key": KEY},
             r"to an instance index in \[0, 2\]",
         ),
     ],
@@ -478,42 +504,6 @@ def test_net_refuses_to_load_a_graph_that_disagrees_with_the_spec(
     tiny_graph(BONE, tmp_path / "1" / "model.onnx")  # no features; liver_fibrosis_ct has 3
     with pytest.raises(ValueError, match="the ONNX graph's inputs disagree with the spec"):
         load_model("net", "liver_fibrosis_ct", tmp_path)
-
-
-def mass_request(output: np.ndarray, sources: np.ndarray, info: Any) -> dict[str, FakeTensor]:
-    return tensors(OUTPUT=output, SAMPLE_SOURCE=sources, STUDY_INFO=study_info_tensor(info))
-
-
-def test_postprocess_answers_the_good_requests_of_a_batch_with_bad_ones(
-    pb_utils: ModelPbUtils, tmp_path: Path
-) -> None:
-    model = load_model("postprocess", "liver_mass_ct", tmp_path)
-    probabilities = np.array([[0.1, 0.6, 0.1, 0.1, 0.1]], dtype=np.float32)
-    one = np.array([1], dtype=np.int32)
-    info = {"roles": MASS_ROLES, "instances": 3}
-    requests = [
-        mass_request(probabilities, one, info),
-        mass_request(probabilities, np.array([0, 1], np.int32), info),
-        mass_request(probabilities, np.array([3], np.int32), info),
-        mass_request(probabilities, one, b"\x00garbage"),
-        mass_request(probabilities * np.nan, one, info),
-        mass_request(np.vstack([probabilities] * 2), np.array([0, 1], np.int32), info),
-        mass_request(probabilities, one, {"roles": {}, "instances": 3}),
-        mass_request(probabilities, one, info),
-    ]
-    replies = model.execute(requests)
-    for good in (replies[0], replies[7]):
-        answer = json.loads(output_of(good, "ANSWER")[0, 0])
-        assert answer["result"]["label"] == "B"
-        assert answer["roles"] == MASS_ROLES
-        assert answer["images"] == [{"instance": 1, "values": [0.1, 0.6, 0.1, 0.1, 0.1]}]
-        np.testing.assert_allclose(output_of(good, "STUDY"), probabilities)
-    assert "one per OUTPUT row" in assert_invalid(replies[1], "SAMPLE_SOURCE")
-    assert "instance indices in [0, 2]" in assert_invalid(replies[2], "SAMPLE_SOURCE")
-    assert "not valid JSON" in assert_invalid(replies[3], "STUDY_INFO")
-    assert "probabilities" in assert_invalid(replies[4], "OUTPUT")
-    assert "exactly 1 sample per study" in assert_invalid(replies[5], "OUTPUT")
-    assert "roles" in assert_invalid(replies[6], "STUDY_INFO")
 
 
 def test_preprocess_checks_its_tensors_and_answers_the_good_request(

@@ -58,7 +58,9 @@ def test_a_server_answer_parses_back_into_the_same_identity(task: str, kind: str
 
 
 def test_the_answer_model_object_keeps_its_wire_form() -> None:
-    identity = ModelIdentity.from_parameters("liver_fibrosis_ct", "2", PARAMETERS["int8"])
+    identity = ModelIdentity.from_parameters(
+        "liver_fibrosis_ct", "2", {**PARAMETERS["int8"], "card_id": "sha256:ab12"}
+    )
     _, answer = study_answer(
         TASKS["liver_fibrosis_ct"], np.array([[1.5]], dtype=np.float32), [0], identity
     )
@@ -66,7 +68,7 @@ def test_the_answer_model_object_keeps_its_wire_form() -> None:
         '{"name": "liver_fibrosis_ct", "version": "2", "weights_source": "unknown", '
         '"weights_sha256": "", "untrained": false, "runtime": {"name": "openvino-int8", '
         '"precision": "int8", "deviation": {"reference": "PyTorch FP32", "max_abs": 0.0123, '
-        '"study_agreement": 1.0}}}'
+        '"study_agreement": 1.0}}, "card_id": "sha256:ab12"}'
     )
     assert ModelIdentity.from_mapping(answer["model"]) == identity
 

@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from abdoserve.export.configs import Tuning, postprocess_config, preprocess_config, to_text
+from abdoserve.export.configs import Tuning, net_config, preprocess_config, to_text
 from abdoserve.export.fused import read_config
 from abdoserve.export.model_import import (
     ContractError,
@@ -41,9 +41,7 @@ Dims = Sequence[int | str]
 
 
 def contract(spec: TaskSpec) -> NetContract:
-    return net_contract(
-        spec, preprocess_config(spec, Tuning()), postprocess_config(spec, Tuning(), {})
-    )
+    return net_contract(spec, preprocess_config(spec, Tuning()), net_config(spec, Tuning(), {}))
 
 
 def graph(
@@ -98,7 +96,7 @@ def test_a_repository_that_disagrees_with_its_spec_is_refused() -> None:
         get_task("liver_fibrosis_ct", {"geometry.matrix": 224}), Tuning()
     )
     with pytest.raises(ImportRefused, match="SAMPLES disagrees with the liver_fibrosis_ct spec"):
-        net_contract(FIBROSIS, preprocess, postprocess_config(FIBROSIS, Tuning(), {}))
+        net_contract(FIBROSIS, preprocess, net_config(FIBROSIS, Tuning(), {}))
 
 
 def test_a_fitting_graph_has_no_problems() -> None:
