@@ -29,6 +29,31 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "abdoserve.deploy.model_cli",
         "write a hospital's network as a new version of a task's _net (not served yet)",
     ),
+    (
+        ("model", "list"),
+        "abdoserve.deploy.version_cli:LIST",
+        "a running server's versions of each task: serving, canary, shadow, retired",
+    ),
+    (
+        ("model", "shadow"),
+        "abdoserve.deploy.version_cli:SHADOW",
+        "run a version beside production on live studies; compared, never answering",
+    ),
+    (
+        ("model", "canary"),
+        "abdoserve.deploy.version_cli:CANARY",
+        "let a version answer a share of studies (the same studies each time)",
+    ),
+    (
+        ("model", "promote"),
+        "abdoserve.deploy.version_cli:PROMOTE",
+        "make a version the one that answers; the replaced one stays loaded for rollback",
+    ),
+    (
+        ("model", "rollback"),
+        "abdoserve.deploy.version_cli:ROLLBACK",
+        "end a shadow or canary, or undo the last promote",
+    ),
     (("bench", "preprocess"), "abdoserve.loadtests.bench.preprocess", "intake vs bare pydicom"),
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
@@ -80,9 +105,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             target = groups[path[0]]
         sub = target.add_parser(path[-1], help=help_text, description=help_text)
         if path == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub)
-            sub.set_defaults(run=module.run)
+            # "module" exposes add_arguments and run; "module:NAME", an object that does.
+            module_path, _, attribute = module_name.partition(":")
+            module = importlib.import_module(module_path)
+            command = getattr(module, attribute) if attribute else module
+            command.add_arguments(sub)
+            sub.set_defaults(run=command.run)
     return parser
 
 

@@ -11,6 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 ADMIN_HEADER = "abdoserve-admin-key"
@@ -76,15 +77,23 @@ class ModelControl:
         config = self.config(model)
         parameters = config.setdefault("parameters", {})
         parameters[GENERATION_PARAMETER] = {"string_value": str(time.time_ns())}
+        self.load(model, config)
+
+    def load(self, model: str, config: Mapping[str, Any]) -> None:
+        """Load `model` with this config in place of its file's (swapped in as `reload`)."""
         self._request(
             f"/v2/repository/models/{model}/load",
             {"parameters": {"config": json.dumps(config)}},
         )
 
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index: each model version's name, version and state."""
+        found: list[dict[str, Any]] = json.loads(self._request("/v2/repository/index", {}))
+        return found
+
     def model_names(self) -> list[str]:
         """Every model in the repository index (a restricted model-repository call)."""
-        index = json.loads(self._request("/v2/repository/index", {}))
-        return [str(item["name"]) for item in index]
+        return [str(item["name"]) for item in self.index()]
 
     def is_ready(self, model: str) -> bool:
         try:

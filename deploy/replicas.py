@@ -443,7 +443,8 @@ def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
 
 def run_replicas(args: argparse.Namespace) -> int:
     """`abdoserve serve --replicas N`: the set, until SIGINT or SIGTERM."""
-    from abdoserve.deploy.serve import warn_if_exposed
+    from abdoserve.deploy.operator_key import forget_operator_key
+    from abdoserve.deploy.serve import keep_generated_key, warn_if_exposed
 
     try:
         options = replica_set_options(args)
@@ -457,8 +458,10 @@ def run_replicas(args: argparse.Namespace) -> int:
     except PortInUse as error:
         print(f"error: {error}")
         return 2
+    kept = None
     try:
         replicas.start()
+        kept = keep_generated_key(args, options.public_ports.grpc, options.admin_key)
         announce(replicas)
         stop = processes.wait_for_signal()
     except (ServerError, GuardError, OSError) as error:
@@ -466,6 +469,8 @@ def run_replicas(args: argparse.Namespace) -> int:
         return 1
     finally:  # whatever happened: no replica, server or balancer outlives the command
         replicas.stop()
+        if kept is not None:
+            forget_operator_key(kept, options.admin_key)
     print(f"replicas stopped ({stop}); {replicas.restarts} restarted while serving")
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from abdoserve.deploy.embedded import PortInUse, Ports, ServerError, ServerOptions
 from abdoserve.deploy.guard import GuardError, GuardLimits, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
+from abdoserve.deploy.operator_key import forget_operator_key, keep_operator_key
 from abdoserve.deploy.processes import wait_for_signal
 from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import (
@@ -185,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     warn_if_exposed(args, supervisor.supervision)
+    kept = None
     try:
         supervisor.start()
+        kept = keep_generated_key(args, supervisor.public_ports.grpc, supervisor.admin_key)
         announce(supervisor)
         stop = wait_for_signal()
     except (ServerError, GuardError, OSError) as error:
@@ -194,8 +197,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:  # whatever happened: no server, stub or shm region outlives the command
         code = supervisor.stop()
+        if kept is not None:
+            forget_operator_key(kept, supervisor.admin_key)
     print(f"tritonserver stopped ({stop}, exit code {code})")
     return 0
+
+
+def keep_generated_key(args: argparse.Namespace, grpc_port: int, key: str) -> Path | None:
+    """The admin key serve generated, kept for its operator (abdoserve.deploy.operator_key);
+    a key the operator gave is theirs already."""
+    if args.admin_key_file is not None or os.environ.get(ADMIN_KEY_VARIABLE):
+        return None
+    path = keep_operator_key(grpc_port, key)
+    print(f"admin key for the model commands on this host: {path} (0600, removed at exit)")
+    return path
 
 
 def prepare_repository(args: argparse.Namespace) -> None:

@@ -82,6 +82,7 @@ from abdoserve.serving.cpu_runtimes import (
     configured_runner,
     open_runner,
 )
+from abdoserve.serving.routing import CARDS_PARAMETER
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def import_model(
             if final.exists():  # another writer despite the lock (a build?): never merge
                 raise ImportRefused(f"{net.folder.name} version {number} appeared meanwhile")
             staging.rename(final)
+            record_card(net.folder, number, card.card_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -464,6 +466,20 @@ def pin_serving_versions(folder: Path) -> PinChange:
     temporary.write_text(to_text(config))
     os.replace(temporary, folder / "config.pbtxt")
     return PinChange(before, versions, changed=True)
+
+
+def record_card(folder: Path, version: int, card_id: str) -> None:
+    """Name the version's card in the `_net` config (its `version_cards` parameter), where
+    the server's model config shows it and `abdoserve model list` reads it; a running
+    server's supervisor reads it in once nothing routes to a replaced version."""
+    config = read_config(folder)
+    parameter = config.parameters[CARDS_PARAMETER]
+    cards = json.loads(parameter.string_value or "{}")
+    cards[str(version)] = card_id
+    parameter.string_value = json.dumps(dict(sorted(cards.items(), key=lambda item: int(item[0]))))
+    temporary = folder / ".config.pbtxt.import"
+    temporary.write_text(to_text(config))
+    os.replace(temporary, folder / "config.pbtxt")
 
 
 def _policy_text(config: mc.ModelConfig) -> str:

@@ -37,7 +37,7 @@ class TritonPythonModel:
         self.identities = VersionIdentities(self.spec.name, parameters, net_folder)
         metrics = RoutingMetrics(pb_utils, self.spec.name)
         self.router = VersionRouter(
-            served_routing(parameters, net_folder),
+            served_routing(parameters),
             net.call,
             metrics,
             CompanionRunner(self.spec.output, net.call_blocking, metrics),

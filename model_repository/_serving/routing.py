@@ -3,8 +3,8 @@
 A task's routing is one small JSON document: the `routing` parameter of its
 `<task>_postprocess` model, which calls `<task>_net` through BLS with the version it
 picks (see docs/architecture.md, "Versions side by side"). `abdoserve model canary |
-shadow | promote | rollback` write it through Triton's model-repository API; the
-supervisor keeps `<task>_net/routing.json` in step so that a restart comes back to it.
+shadow | promote | rollback` set it through Triton's model-repository API; the
+supervisor writes it into the repository's config.pbtxt, so that a restart serves it.
 
 - **production** answers every study not in the canary.
 - **canary**: studies whose bucket is below `percent` are answered by `candidate`.
@@ -25,11 +25,11 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 ROUTING_PARAMETER = "routing"
-ROUTING_FILE = "routing.json"  # in the `<task>_net` folder: what a restart serves
+# `<task>_net`'s parameter naming each imported version's model card: {"2": "sha256:..."}
+CARDS_PARAMETER = "version_cards"
 Mode = Literal["none", "canary", "shadow"]
 MODES: tuple[Mode, ...] = ("none", "canary", "shadow")
 BUCKETS = 10_000  # a study's bucket, out of these: percentages to 0.01 %
@@ -139,16 +139,13 @@ class Routing:
             raise RoutingError(f"routing: {error}") from error
 
 
-def served_routing(parameters: Mapping[str, str], net_folder: Path) -> Routing:
-    """What the postprocess model serves: its `routing` parameter (set by the model
-    commands through a reload), else the repository's `routing.json` (what the last
-    change left, for a fresh start), else the built version alone."""
+def served_routing(parameters: Mapping[str, str]) -> Routing:
+    """What the postprocess model serves: its `routing` parameter (the model commands set
+    it through a reload; the supervisor writes it into config.pbtxt, so that a restart
+    serves it too), else the built version alone."""
     text = parameters.get(ROUTING_PARAMETER)
     if text:
         return Routing.from_json(text)
-    path = net_folder / ROUTING_FILE
-    if path.is_file():
-        return Routing.from_json(path.read_text(encoding="utf-8"))
     return Routing(production=int(parameters.get("model_version", "1")))
 
 

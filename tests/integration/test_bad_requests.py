@@ -191,24 +191,36 @@ def test_200_concurrent_mixed_requests_all_succeed(
     assert len(results) == 200
     for task, study in results:
         np.testing.assert_allclose(study, expected[task], rtol=1e-6)
-    # Dynamic batching really batches: the queued requests reached `execute` together.
+    # Dynamic batching really batches: queued studies reached `execute` together, at the
+    # network above all (the postprocess' BLS calls of one batch reach it at once).
     after = execution_counts(client, admin_headers)
-    inferences = sum(after[name][0] - before[name][0] for name in after)
-    executions = sum(after[name][1] - before[name][1] for name in after)
-    assert inferences == 200
-    assert executions < inferences
+    counts = {
+        role: [sum(after[task, role][n] - before[task, role][n] for task in TASKS) for n in (0, 1)]
+        for role in ROLES
+    }
+    assert {role: inferences for role, (inferences, _) in counts.items()} == dict.fromkeys(
+        ROLES, 200
+    )
+    assert counts["net"][1] < 200, counts
+
+
+ROLES = ("preprocess", "postprocess", "net")
 
 
 def execution_counts(
     client: grpcclient.InferenceServerClient, headers: dict[str, str]
-) -> dict[str, tuple[int, int]]:
-    """(inference_count, execution_count) of every task's preprocess model (statistics
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(inference_count, execution_count) of every task's composing models (statistics
     are an admin API: the key opens them)."""
     counts = {}
     for task in TASKS:
-        stats = client.get_inference_statistics(f"{task}_preprocess", headers=headers)
-        stats = stats.model_stats[0]
-        counts[task] = (stats.inference_count, stats.execution_count)
+        for role in ROLES:
+            stats = client.get_inference_statistics(f"{task}_{role}", headers=headers)
+            found = stats.model_stats
+            counts[task, role] = (
+                sum(item.inference_count for item in found),
+                sum(item.execution_count for item in found),
+            )
     return counts
 
 

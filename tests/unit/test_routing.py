@@ -4,8 +4,6 @@ must stay loaded (abdoserve.serving.routing)."""
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 
 import pytest
 
@@ -108,11 +106,7 @@ def test_a_document_that_cannot_be_served_is_refused_by_field(document: str, mat
         Routing.from_json(document)
 
 
-def test_what_is_served_comes_from_the_parameter_then_the_file_then_the_build(
-    tmp_path: Path,
-) -> None:
-    assert served_routing({"model_version": "1"}, tmp_path) == Routing(production=1)
-    (tmp_path / "routing.json").write_text(json.dumps({"production": 2, "generation": 7}))
-    assert served_routing({}, tmp_path) == Routing(production=2, generation=7)
+def test_what_is_served_comes_from_the_parameter_else_the_build() -> None:
+    assert served_routing({"model_version": "1"}) == Routing(production=1)
     parameter = Routing(production=3, generation=9).to_json()
-    assert served_routing({"routing": parameter}, tmp_path).production == 3
+    assert served_routing({"routing": parameter, "model_version": "1"}).production == 3

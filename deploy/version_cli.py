@@ -1,0 +1,194 @@
+"""`abdoserve model list | shadow | canary | promote | rollback`: a running server's
+versions (abdoserve.deploy.versions does the work).
+
+Each command talks to the server on `--url` with the admin key: `--admin-key-file`,
+else $ABDOSERVE_ADMIN_KEY, else the key `abdoserve serve` kept for the operator who
+started it on this host (abdoserve.deploy.operator_key). deploy/cli.py names each
+command as `abdoserve.deploy.version_cli:NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from abdoserve.preprocessing.tasks import TASKS
+from abdoserve_client.cli import add_connection_arguments
+
+ADMIN_KEY_VARIABLE = "ABDOSERVE_ADMIN_KEY"
+EXIT_REFUSED = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help=f"the admin key (default ${ADMIN_KEY_VARIABLE}, else the key `abdoserve serve` "
+        "kept for the operator who started it on this host)",
+    )
+
+
+def _task_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", metavar="TASK", choices=sorted(TASKS), help="the task")
+    parser.add_argument("version", metavar="VERSION", type=int, help="a version of TASK's _net")
+
+
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "task", metavar="TASK", nargs="?", choices=sorted(TASKS), help="one task (default all)"
+    )
+    _server_arguments(parser)
+
+
+def _shadow_arguments(parser: argparse.ArgumentParser) -> None:
+    _task_version(parser)
+    parser.add_argument(
+        "--percent",
+        type=float,
+        default=100.0,
+        help="the share of studies also sent to VERSION (default %(default)s)",
+    )
+    _server_arguments(parser)
+
+
+def _canary_arguments(parser: argparse.ArgumentParser) -> None:
+    _task_version(parser)
+    parser.add_argument(
+        "--percent", type=float, required=True, help="the share of studies VERSION answers"
+    )
+    _server_arguments(parser)
+
+
+def _promote_arguments(parser: argparse.ArgumentParser) -> None:
+    _task_version(parser)
+    parser.add_argument(
+        "--rollback-window-s",
+        type=float,
+        default=None,
+        help="how long the replaced version stays loaded for `rollback` (default 3600)",
+    )
+    _server_arguments(parser)
+
+
+def _rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", metavar="TASK", choices=sorted(TASKS), help="the task")
+    _server_arguments(parser)
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def _control(args: argparse.Namespace) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    from abdoserve.deploy.operator_key import read_operator_key
+    from abdoserve.deploy.versions import VersionControl
+
+    client = grpcclient.InferenceServerClient(
+        args.url,
+        ssl=args.tls,
+        root_certificates=args.root_cert,
+        private_key=args.client_key,
+        certificate_chain=args.client_cert,
+    )
+    key = read_operator_key(args.admin_key_file, os.environ.get(ADMIN_KEY_VARIABLE), args.url)
+    return VersionControl(client, key)
+
+
+def _guarded(work: Callable[[], int]) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from abdoserve.deploy.operator_key import OperatorKeyError
+    from abdoserve.deploy.versions import VersionError
+    from abdoserve.serving.routing import RoutingError
+
+    try:
+        return work()
+    except (VersionError, RoutingError, OperatorKeyError) as error:
+        print(f"error: {error}")
+        return EXIT_REFUSED
+    except InferenceServerException as error:
+        print(f"error: the server answered: {error.message()}")
+        return EXIT_REFUSED
+
+
+def _list(args: argparse.Namespace) -> int:
+    def work() -> int:
+        control = _control(args)
+        for task in [args.task] if args.task else sorted(TASKS):
+            for line in listing(control.state(task), time.time()):
+                print(line)
+        return 0
+
+    return _guarded(work)
+
+
+def listing(state: Any, now: float) -> list[str]:
+    """`model list`'s lines for one task: each version, its state, Triton's, its card."""
+    lines = [f"{state.task}"]
+    routing = state.routing
+    for version in state.versions():
+        role = routing.state_of(version, now)
+        if role in ("canary", "shadow"):
+            role += f" {routing.percent:g} %"
+        loaded = state.loaded.get(version, "not loaded")
+        card = state.cards.get(version, "-")
+        lines.append(f"  {version:>3}  {role:<14} {loaded:<12} card {card}")
+    if routing.reason:
+        lines.append(f"  last change (generation {routing.generation}): {routing.reason}")
+    return lines
+
+
+def _change(args: argparse.Namespace, name: str) -> int:
+    from abdoserve.deploy import versions
+
+    def transition(current: Any, now: float) -> Any:
+        if name == "shadow":
+            return versions.shadow(current, args.version, args.percent)
+        if name == "canary":
+            return versions.canary(current, args.version, args.percent)
+        if name == "promote":
+            window = args.rollback_window_s
+            return versions.promote(
+                current, args.version, now, versions.ROLLBACK_WINDOW_S if window is None else window
+            )
+        return versions.rollback(current, now)
+
+    def work() -> int:
+        new = _control(args).apply(args.task, transition)
+        print(f"{args.task}: {new.reason} (generation {new.generation})")
+        for line in listing_of_routing(new):
+            print(line)
+        return 0
+
+    return _guarded(work)
+
+
+def listing_of_routing(routing: Any) -> list[str]:
+    lines = [f"  serving  version {routing.production}"]
+    if routing.candidate is not None:
+        lines.append(f"  {routing.mode:<8} version {routing.candidate} at {routing.percent:g} %")
+    if routing.previous is not None:
+        closes = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(routing.previous_until))
+        lines.append(f"  previous version {routing.previous}, loaded for rollback until {closes}")
+    return lines
+
+
+LIST = Command(_list_arguments, _list)
+SHADOW = Command(_shadow_arguments, partial(_change, name="shadow"))
+CANARY = Command(_canary_arguments, partial(_change, name="canary"))
+PROMOTE = Command(_promote_arguments, partial(_change, name="promote"))
+ROLLBACK = Command(_rollback_arguments, partial(_change, name="rollback"))

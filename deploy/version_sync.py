@@ -1,0 +1,203 @@
+"""The supervisor's side of versions: the live routing kept in the repository, carried to
+the other replicas, and versions unloaded once nothing routes to them.
+
+The model commands change a server's versions through Triton's model-repository API
+(abdoserve.deploy.versions); a `--replicas` balancer sends each command to one replica.
+Every supervisor compares, per task, the routing its server serves with the one in the
+repository's `<task>_postprocess/config.pbtxt` (all replicas share the repository):
+- **live newer** (a command reached this server, or its own automatic rollback): it
+  writes the routing and the `_net`'s version policy into the configs, so that a
+  restart of the server, or of `serve`, comes back to it;
+- **repository newer**, or as new but different (another replica's change): it loads
+  the versions that routing needs, then the routing, on this server;
+- **the same**: once a routing has held for `prune_after_s` (the replaced instances
+  have drained), versions it no longer needs are unloaded (a closed rollback window's
+  version, an ended canary's), and model cards imported since are read in.
+
+A repository that cannot be written (a read-only volume in a pod) leaves the change on
+the live server only; that is logged once per task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from abdoserve.deploy.model_control import ModelControl
+from abdoserve.deploy.versions import cards_of, pinned_versions, with_routing, with_versions
+from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing
+
+log = logging.getLogger(__name__)
+# Longer than the guard's call deadline (120 s): a request that started on the replaced
+# postprocess instance has ended by then, so no call routes to an unloaded version.
+PRUNE_AFTER_S = 150.0
+CONFIG_FILE = "config.pbtxt"
+
+
+class VersionSync:
+    def __init__(
+        self,
+        control: ModelControl,
+        repository: Path,
+        *,
+        prune_after_s: float = PRUNE_AFTER_S,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.control = control
+        self.repository = repository
+        self.prune_after_s = prune_after_s
+        self.clock = clock
+        self.monotonic = monotonic
+        self.held_since: dict[str, tuple[int, float]] = {}  # task: (generation, since)
+        self.unwritable: set[str] = set()
+
+    def tasks(self) -> list[str]:
+        """Tasks whose postprocess routes between `_net` versions (not a fused build)."""
+        return sorted(
+            folder.name.removesuffix("_postprocess")
+            for folder in self.repository.glob("*_postprocess")
+            if (folder.parent / folder.name.replace("_postprocess", "_net") / CONFIG_FILE).is_file()
+        )
+
+    def check_once(self) -> None:
+        for task in self.tasks():
+            self.sync(task)
+
+    def sync(self, task: str) -> None:
+        post = f"{task}_postprocess"
+        live_config = self.control.config(post)
+        live = routing_in_config(live_config)
+        on_disk = routing_on_disk(self.repository / post)
+        now = self.clock()
+        if live.generation > on_disk.generation:
+            self.persist(task, live, now)
+        elif on_disk != live:
+            log.warning(
+                "%s: adopting routing generation %d from the repository (%s)",
+                task,
+                on_disk.generation,
+                on_disk.reason or "no reason given",
+            )
+            self.adopt(task, on_disk, live_config, now)
+            return
+        self.settle(task, live, now)
+
+    def persist(self, task: str, routing: Routing, now: float) -> None:
+        try:
+            edit_config(
+                self.repository / f"{task}_postprocess",
+                lambda config: config.parameters[ROUTING_PARAMETER].__setattr__(
+                    "string_value", routing.to_json()
+                ),
+            )
+            edit_config(
+                self.repository / f"{task}_net",
+                lambda config: pin(config, routing.versions(now)),
+            )
+        except OSError as error:
+            if task not in self.unwritable:
+                log.warning(
+                    "%s: routing generation %d serves here only: the repository cannot be "
+                    "written (%s)",
+                    task,
+                    routing.generation,
+                    error,
+                )
+                self.unwritable.add(task)
+            return
+        log.info("%s: routing generation %d written to the repository", task, routing.generation)
+
+    def adopt(
+        self, task: str, routing: Routing, live_config: Mapping[str, Any], now: float
+    ) -> None:
+        net = f"{task}_net"
+        net_config = self.control.config(net)
+        needed = tuple(sorted(set(routing.versions(now)) | set(pinned_versions(net_config))))
+        if not self._ready(net, needed):
+            self.control.load(net, with_versions(net_config, needed))  # returns once loaded
+        self.control.load(f"{task}_postprocess", with_routing(live_config, routing))
+
+    def settle(self, task: str, routing: Routing, now: float) -> None:
+        held = self.held_since.get(task)
+        if held is None or held[0] != routing.generation:
+            self.held_since[task] = (routing.generation, self.monotonic())
+            return
+        if self.monotonic() - held[1] < self.prune_after_s:
+            return
+        net = f"{task}_net"
+        live_net = self.control.config(net)
+        needed = routing.versions(now)
+        disk_cards = cards_on_disk(self.repository / net)
+        stale_cards = disk_cards != cards_of(live_net)
+        if set(pinned_versions(live_net)) == set(needed) and not stale_cards:
+            return
+        changed = with_versions(live_net, needed)
+        if disk_cards:
+            changed.setdefault("parameters", {})[CARDS_PARAMETER] = {
+                "string_value": json.dumps({str(k): v for k, v in sorted(disk_cards.items())})
+            }
+        log.info("%s: loading %s versions %s (unused versions unloaded)", task, net, needed)
+        self.control.load(net, changed)
+
+    def _ready(self, model: str, versions: tuple[int, ...]) -> bool:
+        states = {
+            int(entry["version"]): entry.get("state")
+            for entry in self.control.index()
+            if entry.get("name") == model and str(entry.get("version", "")).isdigit()
+        }
+        return all(states.get(version) == "READY" for version in versions)
+
+
+def routing_in_config(config: Mapping[str, Any]) -> Routing:
+    from abdoserve.deploy.versions import routing_of
+
+    return routing_of(config)
+
+
+def read_config(folder: Path) -> mc.ModelConfig:
+    return text_format.Parse((folder / CONFIG_FILE).read_text(), mc.ModelConfig())
+
+
+def routing_on_disk(folder: Path) -> Routing:
+    parameters = read_config(folder).parameters
+    if ROUTING_PARAMETER in parameters and parameters[ROUTING_PARAMETER].string_value:
+        return Routing.from_json(parameters[ROUTING_PARAMETER].string_value)
+    built = parameters["model_version"].string_value if "model_version" in parameters else "1"
+    return Routing(production=int(built))
+
+
+def cards_on_disk(folder: Path) -> dict[int, str]:
+    parameters = read_config(folder).parameters
+    if CARDS_PARAMETER not in parameters:
+        return {}
+    return cards_of(
+        {
+            "parameters": {
+                CARDS_PARAMETER: {"string_value": parameters[CARDS_PARAMETER].string_value}
+            }
+        }
+    )
+
+
+def pin(config: mc.ModelConfig, versions: tuple[int, ...]) -> None:
+    pinned = config.version_policy.specific.versions
+    del pinned[:]
+    pinned.extend(sorted(versions))
+
+
+def edit_config(folder: Path, change: Callable[[mc.ModelConfig], None]) -> None:
+    """Read, change and write back a model's config.pbtxt (an atomic rename)."""
+    config = read_config(folder)
+    change(config)
+    staging = folder / f".{CONFIG_FILE}.versions"
+    staging.write_text(text_format.MessageToString(config))
+    os.replace(staging, folder / CONFIG_FILE)
