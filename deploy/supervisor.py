@@ -26,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field, replace
 
 from abdoserve.deploy import stubs
@@ -50,7 +51,9 @@ from abdoserve.deploy.guard import (
 )
 from abdoserve.deploy.health import HealthServer
 from abdoserve.deploy.model_control import ModelControl, ModelControlError, ModelControlTimeout
+from abdoserve.deploy.rollback_watch import Breach, RollbackBounds, RollbackWatch
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
+from abdoserve.deploy.version_sync import VersionSync
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abdoserve_shm_"
@@ -89,6 +92,10 @@ class SupervisorOptions:
     # Behind the guard, health is proxied by nginx (with its TLS). A pod keeps it on its
     # own plain port instead: the kubelet's probes present no client certificate.
     health_behind_guard: bool = True
+    # Versions (abdoserve.deploy.version_sync): how often the live routing is compared
+    # with the repository's, and the bounds past which a canary is rolled back.
+    versions_every_s: float = 1.0
+    rollback: RollbackBounds = field(default_factory=RollbackBounds)
 
 
 @dataclass
@@ -129,6 +136,9 @@ class Supervisor:
         self.restarting = False
         self.draining = False
         self.liveness = Liveness(supervision.frozen_after_s)
+        self.watch = RollbackWatch(supervision.rollback)
+        self.versions: VersionSync | None = None
+        self.versions_at = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -222,6 +232,13 @@ class Supervisor:
         )
         self.server = EmbeddedServer(options).start()
         self.control = ModelControl(self.server.url(""), self.admin_key)
+        self.versions = VersionSync(
+            self.control,
+            options.repository,
+            watch=self.watch,
+            metrics_text=self._triton_metrics,
+            rolled_back=self._rolled_back,
+        )
         # The stubs as the server reports ready, before /health/ready can say 200: a stub
         # that died before the watcher's first look (a zombie has no command line left to
         # read) was never known, so never healed (seen in the pod test, killed at once).
@@ -320,6 +337,34 @@ class Supervisor:
             self._reload(model, "stub_failed")
         self._trim()
         self._end_drained()
+        self._sync_versions()
+
+    def _sync_versions(self) -> None:
+        """Routing kept in the repository and across replicas, canaries watched
+        (abdoserve.deploy.version_sync); a failure here never stops the watch."""
+        now = time.monotonic()
+        if self.versions is None or now - self.versions_at < self.supervision.versions_every_s:
+            return
+        self.versions_at = now
+        try:
+            self.versions.check_once()
+        except (ModelControlError, OSError) as error:
+            log.warning("versions not synchronised this time: %s", error)
+        except Exception:  # a malformed config or routing: logged, the next check retries
+            log.exception("versions not synchronised this time")
+
+    def _triton_metrics(self) -> str:
+        server = self.server
+        assert server is not None
+        url = f"http://{server.options.host}:{server.ports.metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            text: str = reply.read().decode()
+        return text
+
+    def _rolled_back(self, task: str, version: int, breach: Breach) -> None:
+        self.metrics.canary_rollbacks.labels(
+            task=task, version=str(version), bound=breach.bound
+        ).inc()
 
     def _frozen(self, server: EmbeddedServer) -> str | None:
         """'stopped' (SIGSTOP: seen at once), 'unresponsive' (no liveness answer for

@@ -55,6 +55,13 @@ class SupervisorMetrics:
             "Stale /dev/shm regions of an exited tritonserver removed",
             registry=registry,
         )
+        self.canary_rollbacks = Counter(
+            "abdoserve_supervisor_canary_rollbacks",
+            "Canaries sent to 0 % automatically: the candidate passed a bound (errors, "
+            "latency, disagreement) over the rollback window",
+            ["task", "version", "bound"],
+            registry=registry,
+        )
         self.degraded = Gauge(
             "abdoserve_supervisor_degraded_models",
             "Models with a failed stub, not yet reloaded",

@@ -32,6 +32,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.deploy.model_control import ModelControl
+from abdoserve.deploy.rollback_watch import Breach, RollbackWatch, Samples, parse_metrics
 from abdoserve.deploy.versions import cards_of, pinned_versions, with_routing, with_versions
 from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing
 
@@ -42,18 +43,27 @@ PRUNE_AFTER_S = 150.0
 CONFIG_FILE = "config.pbtxt"
 
 
+RolledBack = Callable[[str, int, Breach], None]  # task, version, why: counted and logged
+
+
 class VersionSync:
     def __init__(
         self,
         control: ModelControl,
         repository: Path,
         *,
+        watch: RollbackWatch | None = None,
+        metrics_text: Callable[[], str] | None = None,
+        rolled_back: RolledBack | None = None,
         prune_after_s: float = PRUNE_AFTER_S,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.control = control
         self.repository = repository
+        self.watch = watch
+        self.metrics_text = metrics_text
+        self.rolled_back = rolled_back
         self.prune_after_s = prune_after_s
         self.clock = clock
         self.monotonic = monotonic
@@ -69,13 +79,20 @@ class VersionSync:
         )
 
     def check_once(self) -> None:
+        samples = None
+        if self.watch is not None and self.metrics_text is not None:
+            samples = parse_metrics(self.metrics_text())
         for task in self.tasks():
-            self.sync(task)
+            self.sync(task, samples)
 
-    def sync(self, task: str) -> None:
+    def sync(self, task: str, samples: Samples | None = None) -> None:
         post = f"{task}_postprocess"
         live_config = self.control.config(post)
         live = routing_in_config(live_config)
+        if samples is not None and self.watch is not None:
+            breach = self.watch.breach(task, live, samples, self.monotonic())
+            if breach is not None:
+                live = self.roll_back(task, live, live_config, breach)
         on_disk = routing_on_disk(self.repository / post)
         now = self.clock()
         if live.generation > on_disk.generation:
@@ -90,6 +107,23 @@ class VersionSync:
             self.adopt(task, on_disk, live_config, now)
             return
         self.settle(task, live, now)
+
+    def roll_back(
+        self, task: str, routing: Routing, live_config: Mapping[str, Any], breach: Breach
+    ) -> Routing:
+        """The canary to 0 % on this server; persisted and carried like any change."""
+        assert routing.candidate is not None
+        rolled = routing.changed(
+            candidate=None,
+            mode="none",
+            percent=0.0,
+            reason=f"automatic rollback of version {routing.candidate}: {breach.detail}",
+        )
+        log.error("%s: %s", task, rolled.reason)
+        self.control.load(f"{task}_postprocess", with_routing(live_config, rolled))
+        if self.rolled_back is not None:
+            self.rolled_back(task, routing.candidate, breach)
+        return rolled
 
     def persist(self, task: str, routing: Routing, now: float) -> None:
         try:
