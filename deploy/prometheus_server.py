@@ -99,6 +99,7 @@ class PrometheusServer:
         startup_timeout_s: float = 30.0,
         target_labels: Mapping[str, Mapping[str, str]] | None = None,
         gateway_targets: Sequence[str] = (),
+        supervisor_targets: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.data_dir = data_dir
@@ -110,6 +111,7 @@ class PrometheusServer:
                 interval_s=interval_s,
                 target_labels=target_labels,
                 gateway_targets=gateway_targets,
+                supervisor_targets=supervisor_targets,
             )
         )
         self.startup_timeout_s = startup_timeout_s

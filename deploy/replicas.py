@@ -64,6 +64,7 @@ from abdoserve.deploy.guard import (
 )
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation
 from abdoserve.deploy.prometheus_server import render_config
+from abdoserve.deploy.rollback_watch import RollbackBounds
 from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class ReplicaOptions:
     shm_private: bool = True
     shm_size_bytes: int | None = None
     deregister_s: float = 2.0  # not ready this long before Triton stops: the balancer learns
+    rollback: dict[str, float] = field(default_factory=dict)  # RollbackBounds' fields
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,7 +113,10 @@ class ReplicaOptions:
 
     def supervisor_options(self) -> SupervisorOptions:
         return SupervisorOptions(
-            health_host="127.0.0.1", health_port=self.health_port, admin_key=self.admin_key
+            health_host="127.0.0.1",
+            health_port=self.health_port,
+            admin_key=self.admin_key,
+            rollback=RollbackBounds(**self.rollback),  # type: ignore[arg-type]
         )
 
 
@@ -129,6 +134,7 @@ class ReplicaSetOptions:
     shm: ShmIsolation = field(default_factory=ShmIsolation)
     interval_s: float = 0.25
     startup_timeout_s: float = 600.0
+    rollback: RollbackBounds = field(default_factory=RollbackBounds)
 
     def public_metrics_port(self, index: int) -> int:
         return self.public_ports.metrics + PORT_STRIDE * (index - 1)
@@ -252,6 +258,7 @@ class ReplicaSet:
             inference_key=self.inference_key,
             shm_private=self.options.shm.private,
             shm_size_bytes=self.options.shm.size_bytes,
+            rollback=asdict(self.options.rollback),
         )
         return Replica(replica_options, folder / "options.json", folder / "replica.log")
 
@@ -418,6 +425,7 @@ def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
         ADMIN_KEY_VARIABLE,
         guard_limits,
         read_key,
+        rollback_bounds,
         shm_isolation,
         tls_files,
     )
@@ -438,6 +446,7 @@ def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
         tls=tls_files(args),
         admin_key=read_key(args.admin_key_file, ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(32),
         shm=shm_isolation(args),
+        rollback=rollback_bounds(args),
     )
 
 

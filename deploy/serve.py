@@ -15,6 +15,7 @@ from abdoserve.deploy.guard import GuardError, GuardLimits, TlsFiles, nginx_bina
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
 from abdoserve.deploy.operator_key import forget_operator_key, keep_operator_key
 from abdoserve.deploy.processes import wait_for_signal
+from abdoserve.deploy.rollback_watch import RollbackBounds
 from abdoserve.deploy.supervisor import Supervisor, SupervisorOptions
 from abdoserve.deploy.tuning_options import (
     TUNING_OPTIONS,
@@ -142,6 +143,7 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="PEM CA: mutual TLS, only clients with a certificate it signed get in",
     )
+    add_rollback_arguments(parser)
     admin = parser.add_argument_group("admin APIs and shared memory (see docs/security.md)")
     admin.add_argument(
         "--admin-key-file",
@@ -283,6 +285,54 @@ def supervisor_options(args: argparse.Namespace) -> SupervisorOptions:
         admin_key=read_key(args.admin_key_file, ADMIN_KEY_VARIABLE),
         guard=guard_limits(args),
         tls=tls_files(args),
+        rollback=rollback_bounds(args),
+    )
+
+
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RollbackBounds()
+    group = parser.add_argument_group(
+        "canary rollback (see docs/models.md): a canary past a bound goes to 0 %"
+    )
+    group.add_argument(
+        "--rollback-window-s",
+        type=float,
+        default=defaults.window_s,
+        help="the trailing window the bounds are measured over (default %(default)s)",
+    )
+    group.add_argument(
+        "--rollback-min-studies",
+        type=int,
+        default=defaults.min_studies,
+        help="canary studies in the window before it is judged (default %(default)s)",
+    )
+    group.add_argument(
+        "--rollback-max-error-ratio",
+        type=float,
+        default=defaults.max_error_ratio,
+        help="the candidate's failed calls over its calls (default %(default)s)",
+    )
+    group.add_argument(
+        "--rollback-max-disagreement",
+        type=float,
+        default=defaults.max_disagreement,
+        help="its class, stage or flag differing from production's (default %(default)s)",
+    )
+    group.add_argument(
+        "--rollback-max-latency-ratio",
+        type=float,
+        default=defaults.max_latency_ratio,
+        help="its p95 network call time over production's (default %(default)s)",
+    )
+
+
+def rollback_bounds(args: argparse.Namespace) -> RollbackBounds:
+    return RollbackBounds(
+        window_s=args.rollback_window_s,
+        min_studies=args.rollback_min_studies,
+        max_error_ratio=args.rollback_max_error_ratio,
+        max_latency_ratio=args.rollback_max_latency_ratio,
+        max_disagreement=args.rollback_max_disagreement,
     )
 
 

@@ -362,9 +362,9 @@ class Supervisor:
         return text
 
     def _rolled_back(self, task: str, version: int, breach: Breach) -> None:
-        self.metrics.canary_rollbacks.labels(
-            task=task, version=str(version), bound=breach.bound
-        ).inc()
+        labels = {"task": task, "version": str(version), "bound": breach.bound}
+        self.metrics.canary_rollbacks.labels(**labels).inc()
+        self.metrics.canary_rollback_time.labels(**labels).set(time.time())
 
     def _frozen(self, server: EmbeddedServer) -> str | None:
         """'stopped' (SIGSTOP: seen at once), 'unresponsive' (no liveness answer for

@@ -62,6 +62,13 @@ class SupervisorMetrics:
             ["task", "version", "bound"],
             registry=registry,
         )
+        self.canary_rollback_time = Gauge(
+            "abdoserve_supervisor_canary_rollback_time_seconds",
+            "When the last automatic rollback of this task's version happened (Unix time): "
+            "what the alert reads",
+            ["task", "version", "bound"],
+            registry=registry,
+        )
         self.degraded = Gauge(
             "abdoserve_supervisor_degraded_models",
             "Models with a failed stub, not yet reloaded",

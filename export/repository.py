@@ -38,6 +38,7 @@ from abdoserve.export.gpu_net import (
 )
 from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.export.onnx_export import PARITY_TOLERANCE, ExportResult, export_task
+from abdoserve.export.version_carry import carry_versions
 from abdoserve.export.weights import load_network
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.tasks import TASKS, get_task
@@ -128,6 +129,8 @@ def build_repository(
     record["net_runtime"] = net_runtime
     record["cpu_runtime"] = _built_cpu_runtime(net_runtime, cpu_runtime)
     (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if out.is_dir() and pipeline == "ensemble" and net_runtime == "python":
+        carry_versions(out, staging, results, SERVED_VERSION)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     logger.info("model repository ready at %s (%d tasks)", out, len(results))

@@ -332,3 +332,53 @@ def test_an_overridden_matrix_is_on_the_card(tmp_path: Path) -> None:
         ("geometry.matrix", 192, 224)
     ]
     assert card.parity.max_abs_diff is not None and card.parity.max_abs_diff <= 1e-4
+
+
+def test_a_rebuild_keeps_imported_versions_their_cards_and_the_routing(
+    repository: Path, tmp_path: Path
+) -> None:
+    """`serve` rebuilds the repository when the code or the tuning changed: what the
+    hospital imported, and the routing between versions, must come through it."""
+    from abdoserve.export.configs import Tuning
+    from abdoserve.export.repository import build_repository
+
+    result = import_model(repository, TASK, state_dict_file(tmp_path))
+    post = repository / f"{TASK}_postprocess"
+    routed = read_config(post)
+    routed.parameters["routing"].string_value = json.dumps({"production": 2, "generation": 4})
+    (post / "config.pbtxt").write_text(to_text(routed))
+    net = read_config(repository / NET)
+    del net.version_policy.specific.versions[:]
+    net.version_policy.specific.versions.extend([2])
+    (repository / NET / "config.pbtxt").write_text(to_text(net))
+    imported = snapshot(repository / NET / "2")
+
+    build_repository(repository, (TASK,), tuning=Tuning(net_instances=1))
+    assert sorted(p.name for p in (repository / NET).iterdir()) == ["1", "2", "config.pbtxt"]
+    after = snapshot(repository / NET / "2")
+    assert {name: digest for name, digest in after.items() if name != "model.py"} == {
+        name: digest for name, digest in imported.items() if name != "model.py"
+    }
+    assert read_card(repository / NET / "2" / CARD_FILE).card_id == result.card.card_id
+    rebuilt = read_config(repository / NET)
+    assert list(rebuilt.version_policy.specific.versions) == [2]
+    assert json.loads(rebuilt.parameters["version_cards"].string_value) == {
+        "2": result.card.card_id
+    }
+    assert rebuilt.instance_group[0].count == 1  # the new tuning
+    routing = json.loads(read_config(post).parameters["routing"].string_value)
+    assert routing == {"production": 2, "generation": 4}
+
+
+def test_a_rebuild_whose_network_inputs_changed_leaves_imported_versions_behind(
+    repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from abdoserve.export.repository import build_repository
+
+    import_model(repository, TASK, state_dict_file(tmp_path))
+    build_repository(repository, (TASK,), overrides={TASK: {"geometry.matrix": 160}})
+    assert sorted(p.name for p in (repository / NET).iterdir()) == ["1", "config.pbtxt"]
+    assert "imported versions [2] are not carried into the rebuild: the network's tensors" in (
+        caplog.text
+    )
+    assert list(read_config(repository / NET).version_policy.specific.versions) == [1]
