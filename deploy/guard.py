@@ -196,20 +196,32 @@ def _upstream_key(directive: str, options: GuardOptions) -> str:
     return f"\n            {directive} {header} {options.upstream_key};"
 
 
-def _upstream(name: str, ports: list[tuple[int, bool]]) -> str:
-    """An upstream group; a backend that fails a connection rests 5 s before a retry."""
+def _upstream(name: str, ports: list[tuple[int, bool]], sticky: bool = False) -> str:
+    """An upstream group; a backend that fails a connection rests 5 s before a retry.
+    `sticky`: each client address keeps to one backend (consistent hashing)."""
     servers = " ".join(
         f"server 127.0.0.1:{port}{' max_fails=1 fail_timeout=5s' if up else ' down'};"
         for port, up in ports
     )
-    return f"upstream {name} {{ {servers} keepalive 32; }}"
+    hashing = "hash $remote_addr consistent; " if sticky else ""
+    return f"upstream {name} {{ {hashing}{servers} keepalive 32; }}"
 
 
 def _upstreams(options: GuardOptions) -> str:
     backends = options.all_backends()
-    grpc = _upstream("triton_grpc", [(backend.grpc_port, backend.up) for backend in backends])
-    http = _upstream("triton_http", [(backend.http_port, backend.up) for backend in backends])
-    return f"{grpc}\n    {http}"
+    grpc_ports = [(backend.grpc_port, backend.up) for backend in backends]
+    http_ports = [(backend.http_port, backend.up) for backend in backends]
+    # Model-repository calls keep to their replica even while it reports not ready: a
+    # model load makes it not ready for a moment, and the command reads back what it
+    # loaded (a replica that is gone fails its connections and is passed over).
+    return "\n    ".join(
+        [
+            _upstream("triton_grpc", grpc_ports),
+            _upstream("triton_http", http_ports),
+            _upstream("triton_repository_grpc", [(p, True) for p, _ in grpc_ports], sticky=True),
+            _upstream("triton_repository_http", [(p, True) for p, _ in http_ports], sticky=True),
+        ]
+    )
 
 
 def _listen(options: GuardOptions, port: int, *flags: str) -> str:
@@ -234,6 +246,11 @@ def _proxied_servers(options: GuardOptions) -> str:
 
 # The gRPC health methods: outside the inference budget, under the probes' own.
 GRPC_PROBES = r"^/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)$"
+# Model-repository calls and model configs: a client's calls all reach the same server, so
+# that `abdoserve model canary` loads versions and reads them back on one replica (its
+# supervisor then carries the change to the others, abdoserve.deploy.version_sync).
+GRPC_REPOSITORY = r"^/inference\.GRPCInferenceService/(Repository\w+|ModelConfig)$"
+HTTP_REPOSITORY = r"^/v2/(repository/|models/[^/]+(/versions/[0-9]+)?/config$)"
 WORKER_USER = "abdoserve-guard"
 BUDGET_SOCKET = "http-budget.sock"
 
@@ -327,6 +344,14 @@ def _grpc_server(options: GuardOptions) -> str:
             grpc_read_timeout 10s;
             error_page 503 = @busy;
         }}
+        location ~ {GRPC_REPOSITORY} {{
+            limit_conn inflight {limits.max_inflight};
+            limit_conn per_client {limits.max_inflight_per_client};
+            grpc_pass grpc://triton_repository_grpc;{key}
+            grpc_set_header grpc-timeout {limits.request_timeout_s}S;
+            grpc_read_timeout {limits.request_timeout_s}s;
+            error_page 503 = @busy;
+        }}
         location / {{
             limit_conn inflight {limits.max_inflight};
             limit_conn per_client {limits.max_inflight_per_client};
@@ -375,6 +400,13 @@ def _http_servers(options: GuardOptions, workers: Path) -> str:
 
     server {{
         listen {budget_socket};
+        location ~ {HTTP_REPOSITORY} {{
+            limit_conn inflight {limits.max_inflight};
+            proxy_pass http://triton_repository_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";{key}
+            proxy_read_timeout {limits.request_timeout_s}s;
+        }}
         location / {{
             limit_conn inflight {limits.max_inflight};
             proxy_pass http://triton_http;

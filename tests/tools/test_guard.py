@@ -53,8 +53,9 @@ def test_the_configuration_carries_every_limit() -> None:
     text = render_config(OPTIONS, Path("/run/guard"))
     assert f"client_max_body_size {257 * 1024 * 1024};" in text
     assert "client_body_timeout 30s;" in text and "client_header_timeout 30s;" in text
-    assert text.count("limit_conn inflight 31;") == 2  # gRPC and HTTP share one budget
-    assert text.count("limit_conn per_client 15;") == 2  # half of it per address
+    # gRPC and HTTP share one budget, model-repository calls included
+    assert text.count("limit_conn inflight 31;") == 4
+    assert text.count("limit_conn per_client 15;") == 3  # half of it per address
     assert text.count("limit_conn probes 16;") == 2  # health outside the budget
     assert "grpc_set_header grpc-timeout 120S;" in text  # the call's whole time
     assert "grpc_pass grpc://triton_grpc;" in text
@@ -94,10 +95,25 @@ def test_nginx_accepts_tls_mutual_tls_proxied_ports_and_the_upstream_key(tmp_pat
     assert "listen 127.0.0.1:18001 ssl http2;" in text
     assert "add_header grpc-status 16 always;" in text  # UNAUTHENTICATED without a cert
     # Probes and scrapes bypass the in-flight budget; the key is set, never passed on.
-    assert text.count("limit_conn inflight") == 2
+    assert text.count("limit_conn inflight") == 4
     assert "proxy_pass http://127.0.0.1:28003;" in text
     assert "grpc_set_header triton-grpc-protocol-abdoserve-guard-key k3y;" in text
     assert "proxy_set_header abdoserve-guard-key k3y;" in text
+
+
+def test_a_clients_model_repository_calls_keep_to_one_server(tmp_path: Path) -> None:
+    """`abdoserve model canary` loads versions, then reads them back: on one replica."""
+    backends = (Backend(28001, 28000), Backend(28011, 28010, up=False))
+    text = render_config(replace(OPTIONS, backends=backends), tmp_path)
+    assert_nginx_accepts(text, tmp_path)
+    for name in ("triton_repository_grpc", "triton_repository_http"):
+        upstream = next(line for line in text.splitlines() if f"upstream {name} " in line)
+        assert "hash $remote_addr consistent;" in upstream
+        # Not ready for a moment (a model load) is no reason to send the next call elsewhere.
+        assert " down" not in upstream
+    assert "grpc_pass grpc://triton_repository_grpc;" in text
+    assert "proxy_pass http://triton_repository_http;" in text
+    assert r"(Repository\w+|ModelConfig)$" in text
 
 
 def test_without_tls_no_listener_speaks_it() -> None:
