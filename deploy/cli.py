@@ -30,6 +30,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "write a hospital's network as a new version of a task's _net (not served yet)",
     ),
     (
+        ("model", "validate"),
+        "abdoserve.deploy.version_cli:VALIDATE",
+        "the papers' metrics of a version on local labelled studies, through the server",
+    ),
+    (
         ("model", "list"),
         "abdoserve.deploy.version_cli:LIST",
         "a running server's versions of each task: serving, canary, shadow, retired",

@@ -10,6 +10,7 @@ command as `abdoserve.deploy.version_cli:NAME`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
@@ -80,6 +81,36 @@ def _promote_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how long the replaced version stays loaded for `rollback` (default 3600)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="promote a version whose validation did not pass (or that has none)",
+    )
+    parser.add_argument("--reason", help="why, with --force: recorded in the routing")
+    _server_arguments(parser)
+
+
+def _validate_arguments(parser: argparse.ArgumentParser) -> None:
+    from abdoserve.deploy.model_cli import add_repository_argument
+
+    _task_version(parser)
+    parser.add_argument(
+        "--studies", type=Path, required=True, help="one folder per study, named in the labels"
+    )
+    parser.add_argument(
+        "--labels", type=Path, required=True, help="labels.csv: study, the task's label column"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the report goes (default validation/TASK-vVERSION-UTC-TIME)",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=Path,
+        help="the hospital's thresholds file (default deploy/acceptance_thresholds.json)",
+    )
+    add_repository_argument(parser)
     _server_arguments(parser)
 
 
@@ -146,7 +177,10 @@ def listing(state: Any, now: float) -> list[str]:
             role += f" {routing.percent:g} %"
         loaded = state.loaded.get(version, "not loaded")
         card = state.cards.get(version, "-")
-        lines.append(f"  {version:>3}  {role:<14} {loaded:<12} card {card}")
+        verdict = state.acceptance.get(version, "-")
+        lines.append(
+            f"  {version:>3}  {role:<14} {loaded:<12} card {card:<12} validation {verdict}"
+        )
     if routing.reason:
         lines.append(f"  last change (generation {routing.generation}): {routing.reason}")
     return lines
@@ -162,13 +196,22 @@ def _change(args: argparse.Namespace, name: str) -> int:
             return versions.canary(current, args.version, args.percent)
         if name == "promote":
             window = args.rollback_window_s
-            return versions.promote(
-                current, args.version, now, versions.ROLLBACK_WINDOW_S if window is None else window
-            )
+            window_s = versions.ROLLBACK_WINDOW_S if window is None else window
+            return versions.promote(current, args.version, now, window_s, forced=forced)
         return versions.rollback(current, now)
 
+    forced = ""
+    if name == "promote" and args.force:
+        if not args.reason:
+            print("error: --force needs --reason TEXT (it is recorded)")
+            return EXIT_REFUSED
+        forced = args.reason
+
     def work() -> int:
-        new = _control(args).apply(args.task, transition)
+        control = _control(args)
+        if name == "promote":
+            versions.check_accepted(control.state(args.task), args.version, forced)
+        new = control.apply(args.task, transition)
         print(f"{args.task}: {new.reason} (generation {new.generation})")
         for line in listing_of_routing(new):
             print(line)
@@ -187,7 +230,74 @@ def listing_of_routing(routing: Any) -> list[str]:
     return lines
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from abdoserve.deploy.validation import THRESHOLDS_FILE, validate
+    from abdoserve.preprocessing.tasks import get_task
+    from abdoserve_client.cli import client_options
+    from abdoserve_client.client import AbdoServeClient
+
+    out = args.out or Path(
+        "validation",
+        f"{args.task}-v{args.version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
+    )
+    thresholds = args.thresholds or THRESHOLDS_FILE
+
+    def work() -> int:
+        control = _control(args)
+        with AbdoServeClient(args.url, **client_options(args)) as client:
+
+            def ask(study: Any) -> Any:
+                return client.infer(args.task, study.instances, study.clinical).answer
+
+            report, verdict, path = validate(
+                control,
+                ask,
+                get_task(args.task),
+                args.version,
+                studies=args.studies,
+                labels=args.labels,
+                out=out,
+                thresholds=thresholds,
+            )
+        print(f"{args.task} version {args.version}: {report.studies} studies; report {path}")
+        for line in verdict.lines:
+            print(f"  {line}")
+        recorded = record_acceptance(args, report, verdict, thresholds)
+        print(f"  {'passed' if verdict.passed else 'FAILED'}; {recorded}")
+        return 0 if verdict.passed else 1
+
+    return _guarded(work)
+
+
+def record_acceptance(args: argparse.Namespace, report: Any, verdict: Any, thresholds: Path) -> str:
+    """The figures into the version's card, the verdict into the `_net` config (where
+    `promote` reads it, once the supervisor has read it in)."""
+    from dataclasses import replace
+
+    from abdoserve.deploy.validation import acceptance_record
+    from abdoserve.deploy.version_sync import edit_config
+    from abdoserve.export.model_card import CARD_FILE, read_card, write_card
+    from abdoserve.serving.routing import ACCEPTANCE_PARAMETER
+
+    net = args.repository / f"{args.task}_net"
+    folder = net / str(args.version)
+    if not (folder / CARD_FILE).is_file():
+        return f"not recorded: no card at {folder / CARD_FILE} (run it where the repository is)"
+    record = acceptance_record(report, verdict, args.studies, args.labels, thresholds)
+    write_card(replace(read_card(folder / CARD_FILE), acceptance=record), folder)
+
+    def note(config: Any) -> None:
+        parameter = config.parameters[ACCEPTANCE_PARAMETER]
+        verdicts = json.loads(parameter.string_value or "{}")
+        verdicts[str(args.version)] = "passed" if verdict.passed else "failed"
+        parameter.string_value = json.dumps(verdicts, sort_keys=True)
+
+    edit_config(net, note)
+    return f"recorded in {folder / CARD_FILE} and {net / 'config.pbtxt'}"
+
+
 LIST = Command(_list_arguments, _list)
+VALIDATE = Command(_validate_arguments, _validate)
 SHADOW = Command(_shadow_arguments, partial(_change, name="shadow"))
 CANARY = Command(_canary_arguments, partial(_change, name="canary"))
 PROMOTE = Command(_promote_arguments, partial(_change, name="promote"))

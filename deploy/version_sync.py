@@ -20,7 +20,6 @@ the live server only; that is logged once per task.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,8 +32,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.deploy.model_control import ModelControl
 from abdoserve.deploy.rollback_watch import Breach, RollbackWatch, Samples, parse_metrics
-from abdoserve.deploy.versions import cards_of, pinned_versions, with_routing, with_versions
-from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing
+from abdoserve.deploy.versions import pinned_versions, with_routing, with_versions
+from abdoserve.serving.routing import (
+    ACCEPTANCE_PARAMETER,
+    CARDS_PARAMETER,
+    ROUTING_PARAMETER,
+    Routing,
+)
+
+# `_net` parameters `model import` and `model validate` write into the repository, read
+# into the live config by the supervisor.
+RECORDS = (CARDS_PARAMETER, ACCEPTANCE_PARAMETER)
 
 log = logging.getLogger(__name__)
 # Longer than the guard's call deadline (120 s): a request that started on the replaced
@@ -161,25 +169,26 @@ class VersionSync:
         self.control.load(f"{task}_postprocess", with_routing(live_config, routing))
 
     def settle(self, task: str, routing: Routing, now: float) -> None:
+        """Cards and verdicts written since are read in at once; versions nothing routes
+        to are unloaded once the routing has held `prune_after_s`."""
+        net = f"{task}_net"
+        live_net = self.control.config(net)
+        on_disk = records_on_disk(self.repository / net)
+        pinned = pinned_versions(live_net)
+        needed = routing.versions(now)
         held = self.held_since.get(task)
         if held is None or held[0] != routing.generation:
             self.held_since[task] = (routing.generation, self.monotonic())
+            held = self.held_since[task]
+        settled = self.monotonic() - held[1] >= self.prune_after_s
+        versions = needed if settled else tuple(sorted(set(pinned) | set(needed)))
+        if set(pinned) == set(versions) and on_disk == live_records(live_net):
             return
-        if self.monotonic() - held[1] < self.prune_after_s:
-            return
-        net = f"{task}_net"
-        live_net = self.control.config(net)
-        needed = routing.versions(now)
-        disk_cards = cards_on_disk(self.repository / net)
-        stale_cards = disk_cards != cards_of(live_net)
-        if set(pinned_versions(live_net)) == set(needed) and not stale_cards:
-            return
-        changed = with_versions(live_net, needed)
-        if disk_cards:
-            changed.setdefault("parameters", {})[CARDS_PARAMETER] = {
-                "string_value": json.dumps({str(k): v for k, v in sorted(disk_cards.items())})
-            }
-        log.info("%s: loading %s versions %s (unused versions unloaded)", task, net, needed)
+        changed = with_versions(live_net, versions)
+        parameters = changed.setdefault("parameters", {})
+        for name, text in on_disk.items():
+            parameters[name] = {"string_value": text}
+        log.info("%s: loading %s versions %s, its cards and verdicts", task, net, versions)
         self.control.load(net, changed)
 
     def _ready(self, model: str, versions: tuple[int, ...]) -> bool:
@@ -209,17 +218,19 @@ def routing_on_disk(folder: Path) -> Routing:
     return Routing(production=int(built))
 
 
-def cards_on_disk(folder: Path) -> dict[int, str]:
+def records_on_disk(folder: Path) -> dict[str, str]:
+    """The `_net` config's cards and verdicts in the repository (absent ones left out)."""
     parameters = read_config(folder).parameters
-    if CARDS_PARAMETER not in parameters:
-        return {}
-    return cards_of(
-        {
-            "parameters": {
-                CARDS_PARAMETER: {"string_value": parameters[CARDS_PARAMETER].string_value}
-            }
-        }
-    )
+    return {name: parameters[name].string_value for name in RECORDS if name in parameters}
+
+
+def live_records(config: Mapping[str, Any]) -> dict[str, str]:
+    parameters = config.get("parameters", {})
+    return {
+        name: str(parameters[name].get("string_value", ""))
+        for name in RECORDS
+        if name in parameters
+    }
 
 
 def pin(config: mc.ModelConfig, versions: tuple[int, ...]) -> None:

@@ -21,11 +21,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing, RoutingError
+from abdoserve.serving.routing import (
+    ACCEPTANCE_PARAMETER,
+    CARDS_PARAMETER,
+    ROUTING_PARAMETER,
+    Routing,
+    RoutingError,
+)
 
 ROLLBACK_WINDOW_S = 3600.0  # how long a promote keeps the version it replaced loaded
 
@@ -51,9 +57,12 @@ def canary(current: Routing, version: int, percent: float) -> Routing:
     )
 
 
-def promote(current: Routing, version: int, now: float, window_s: float) -> Routing:
+def promote(
+    current: Routing, version: int, now: float, window_s: float, forced: str = ""
+) -> Routing:
     if version == current.production:
         raise VersionError(f"version {version} already serves")
+    reason = f"promoted, replacing version {current.production}"
     return current.changed(
         production=version,
         candidate=None,
@@ -61,7 +70,20 @@ def promote(current: Routing, version: int, now: float, window_s: float) -> Rout
         percent=0.0,
         previous=current.production,
         previous_until=now + window_s,
-        reason=f"promoted, replacing version {current.production}",
+        reason=f"{reason}; forced: {forced}" if forced else reason,
+    )
+
+
+def check_accepted(state: TaskVersions, version: int, forced: str) -> None:
+    """A version is promoted once its last validation passed the task's thresholds, or
+    when the operator forces it with a reason, which the routing then records."""
+    verdict = state.acceptance.get(version)
+    if verdict == "passed" or forced:
+        return
+    found = "was never validated" if verdict is None else f"failed its validation ({verdict})"
+    raise VersionError(
+        f"{state.task} version {version} {found}: run `abdoserve model validate`, or "
+        "promote with --force --reason TEXT"
     )
 
 
@@ -104,6 +126,7 @@ class TaskVersions:
     routing: Routing
     loaded: Mapping[int, str]  # version: Triton's state (READY, UNAVAILABLE, ...)
     cards: Mapping[int, str]  # version: its model card id, where it has one
+    acceptance: Mapping[int, str] = field(default_factory=dict)  # version: passed | failed
 
     def versions(self) -> list[int]:
         return sorted(set(self.loaded) | set(self.cards) | {self.routing.production})
@@ -143,12 +166,23 @@ def with_versions(config: Mapping[str, Any], versions: tuple[int, ...]) -> dict[
 
 
 def cards_of(config: Mapping[str, Any]) -> dict[int, str]:
-    text = config.get("parameters", {}).get(CARDS_PARAMETER, {}).get("string_value", "")
+    return per_version(config, CARDS_PARAMETER)
+
+
+def acceptance_of(config: Mapping[str, Any]) -> dict[int, str]:
+    return per_version(config, ACCEPTANCE_PARAMETER)
+
+
+def per_version(config: Mapping[str, Any], name: str) -> dict[int, str]:
+    """A `_net` parameter holding a JSON object keyed by version; {} if absent or bad."""
+    text = config.get("parameters", {}).get(name, {}).get("string_value", "")
     try:
-        cards = json.loads(text) if text else {}
+        values = json.loads(text) if text else {}
     except ValueError:
         return {}
-    return {int(version): str(card) for version, card in cards.items() if version.isdigit()}
+    if not isinstance(values, dict):
+        return {}
+    return {int(version): str(value) for version, value in values.items() if version.isdigit()}
 
 
 class VersionControl:
@@ -175,7 +209,8 @@ class VersionControl:
             routing = routing_of(self.config(f"{task}_postprocess"))
         except RoutingError as error:
             raise VersionError(f"{task}: the server's routing cannot be read: {error}") from error
-        return TaskVersions(task, routing, self.loaded(f"{task}_net"), cards_of(net))
+        loaded = self.loaded(f"{task}_net")
+        return TaskVersions(task, routing, loaded, cards_of(net), acceptance_of(net))
 
     def loaded(self, model: str) -> dict[int, str]:
         index = self.client.get_model_repository_index(headers=self.headers, as_json=True)

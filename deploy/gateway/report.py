@@ -103,6 +103,8 @@ def _algorithm(model: ModelIdentity, untrained: bool, manufacturer: str) -> Algo
     if model.deviation is not None:
         deviation = json.dumps(dict(model.deviation), sort_keys=True)
         parameters.append(f"deviation={deviation}")
+    if model.card_id:  # an imported version: its model card (docs/models.md)
+        parameters.append(f"model_card={model.card_id}")
     return AlgorithmIdentification(
         name=model.name,
         version=model.version or "unknown",

@@ -17,6 +17,8 @@ supervisor writes it into the repository's config.pbtxt, so that a restart serve
   disagreement that can trigger an automatic rollback is measured on every one.
 - **previous** is the version a promote replaced: it stays loaded until the rollback
   window closes, so that `rollback` is one reload of this document.
+- **validating**: `abdoserve model validate` sends the studies whose keys it lists (its
+  labelled cohort), and only those, to the version it validates.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 ROUTING_PARAMETER = "routing"
-# `<task>_net`'s parameter naming each imported version's model card: {"2": "sha256:..."}
+# `<task>_net`'s parameters naming each imported version's model card ({"2": "3f9c..."})
+# and the verdict of its last validation ({"2": "passed"}), which `promote` reads.
 CARDS_PARAMETER = "version_cards"
+ACCEPTANCE_PARAMETER = "version_acceptance"
 Mode = Literal["none", "canary", "shadow"]
 MODES: tuple[Mode, ...] = ("none", "canary", "shadow")
 BUCKETS = 10_000  # a study's bucket, out of these: percentages to 0.01 %
@@ -49,10 +53,12 @@ class Routing:
     previous_until: float = 0.0  # epoch seconds: the rollback window's end
     generation: int = 0  # raised by every change; the newest wins where copies differ
     reason: str = ""  # why the last change was made (an automatic rollback says so)
+    validating: int | None = None  # the version `model validate` sends its cohort to
+    validation_keys: tuple[str, ...] = ()  # the cohort's study keys
 
     def __post_init__(self) -> None:
         _check_version("production", self.production)
-        for name in ("candidate", "previous"):
+        for name in ("candidate", "previous", "validating"):
             value = getattr(self, name)
             if value is not None:
                 _check_version(name, value)
@@ -66,11 +72,15 @@ class Routing:
             raise RoutingError("routing 'candidate' must differ from 'production'")
         if len(self.reason) > 500:
             raise RoutingError("routing 'reason' must be at most 500 characters")
+        if self.validation_keys and self.validating is None:
+            raise RoutingError("routing 'validation_keys' needs 'validating'")
 
     # -- what a study gets ------------------------------------------------------------
 
     def answering(self, key: str) -> int:
         """The version whose answer the study gets."""
+        if self.validating is not None and key in self.validation_keys:
+            return self.validating
         if self.mode == "canary" and self._sampled(key):
             assert self.candidate is not None
             return self.candidate
@@ -79,7 +89,7 @@ class Routing:
     def companion(self, key: str) -> int | None:
         """The version that runs beside the answer for comparison, if any: the candidate
         in shadow, production beside a canary answer."""
-        if self.candidate is None or not self._sampled(key):
+        if self.candidate is None or not self._sampled(key) or key in self.validation_keys:
             return None
         if self.mode == "shadow":
             return self.candidate
@@ -99,6 +109,8 @@ class Routing:
             needed.add(self.candidate)
         if self.previous is not None and now < self.previous_until:
             needed.add(self.previous)
+        if self.validating is not None:
+            needed.add(self.validating)
         return tuple(sorted(needed))
 
     def state_of(self, version: int, now: float) -> str:
@@ -109,6 +121,8 @@ class Routing:
             return self.mode if self.mode != "none" else "candidate"
         if version == self.previous and now < self.previous_until:
             return "previous"
+        if version == self.validating:
+            return "validating"
         return "retired"
 
     # -- the document -----------------------------------------------------------------
@@ -133,6 +147,8 @@ class Routing:
             raise RoutingError(f"routing has unknown fields: {', '.join(sorted(unknown))}")
         if "production" not in value:
             raise RoutingError("routing needs 'production'")
+        if isinstance(value.get("validation_keys"), list):
+            value["validation_keys"] = tuple(value["validation_keys"])
         try:
             return cls(**value)
         except TypeError as error:

@@ -1,7 +1,8 @@
 """The composing models called directly over gRPC, bypassing the ensemble.
 
 Triton 2.51 cannot restrict a model to the ensemble, so `<task>_net`,
-`<task>_postprocess` and `<task>_preprocess` answer any client. Every malformed
+`<task>_postprocess` (which calls `<task>_net` itself) and `<task>_preprocess` answer
+any client. Every malformed
 tensor is refused with INVALID_ARGUMENT naming the tensor (by Triton's own config
 checks or by `abdoserve.serving.validation`); tensors the real preprocess made, passed
 by hand from model to model, get the ensemble's answer; no stub dies and the server
@@ -59,13 +60,10 @@ def net_inputs(prepared: Tensors) -> Tensors:
     return {name: prepared[name] for name in ("SAMPLES", "FEATURES") if name in prepared}
 
 
-def postprocess_inputs(prepared: Tensors, output: np.ndarray) -> Tensors:
-    """What the ensemble maps from the preprocess model and the net to the postprocess."""
-    return {
-        "OUTPUT": output,
-        "SAMPLE_SOURCE": prepared["SAMPLE_SOURCE"],
-        "STUDY_INFO": prepared["STUDY_INFO"],
-    }
+def postprocess_inputs(prepared: Tensors) -> Tensors:
+    """What the ensemble maps from the preprocess model to the postprocess (which calls
+    the net itself)."""
+    return dict(prepared)
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def run_chain(client: grpcclient.InferenceServerClient, task: str) -> Chain:
     produced = [name for name in PREPARED if name != "FEATURES" or TASKS[task].feature_width]
     prepared = call(client, f"{task}_preprocess", study_tensors(task), produced)
     output = call(client, f"{task}_net", net_inputs(prepared), ["OUTPUT"])["OUTPUT"]
-    answered = call(client, f"{task}_postprocess", postprocess_inputs(prepared, output), OUTPUTS)
+    answered = call(client, f"{task}_postprocess", postprocess_inputs(prepared), OUTPUTS)
     return Chain(prepared, output, answered)
 
 
@@ -269,23 +267,37 @@ NET_CASES = [
 ]
 
 POSTPROCESS_CASES = [
-    Case("output_nan", "postprocess", "OUTPUT", edited("OUTPUT", put((0, 0, 0), np.nan))),
-    Case("output_inf", "postprocess", "OUTPUT", edited("OUTPUT", put((0, 0, 0), -np.inf))),
     Case(
-        "output_above_one",
+        "post_samples_nan",
         "postprocess",
-        "OUTPUT",
-        edited("OUTPUT", put((0, 0, 0), 1.5)),
-        probabilities,
+        "SAMPLES",
+        edited("SAMPLES", put((0, 0, 0, 5, 7), np.nan)),
     ),
     Case(
-        "output_wrong_width",
+        "post_samples_wrong_matrix",
         "postprocess",
-        "OUTPUT",
-        edited("OUTPUT", lambda array: np.concatenate([array, array], axis=2)),
+        "SAMPLES",
+        edited("SAMPLES", lambda array: np.zeros((*array.shape[:3], 17, 17), np.float32)),
     ),
-    Case("output_none", "postprocess", "OUTPUT", rows(lambda spec: 0, "OUTPUT", "SAMPLE_SOURCE")),
-    Case("output_one_too_many", "postprocess", "OUTPUT", rows(too_many, "OUTPUT", "SAMPLE_SOURCE")),
+    Case(
+        "post_samples_none",
+        "postprocess",
+        "SAMPLES",
+        rows(lambda spec: 0, "SAMPLES", "SAMPLE_SOURCE"),
+    ),
+    Case(
+        "post_samples_one_too_many",
+        "postprocess",
+        "SAMPLES",
+        rows(too_many, "SAMPLES", "SAMPLE_SOURCE"),
+    ),
+    Case(
+        "post_features_not_one_hot",
+        "postprocess",
+        "FEATURES",
+        edited("FEATURES", put((0, -1), 0.5)),
+        has_features,
+    ),
     Case(
         "sources_longer_than_output",
         "postprocess",
@@ -328,6 +340,12 @@ POSTPROCESS_CASES = [
         "postprocess",
         "STUDY_INFO",
         study_info_json(lambda info: {**info, "roles": {SENDER_TEXT: 0}}),
+    ),
+    Case(
+        "study_info_key_not_a_digest",
+        "postprocess",
+        "STUDY_INFO",
+        study_info_json(lambda info: {**info, "key": SENDER_TEXT}),
     ),
     Case(
         "study_info_no_instances",
@@ -377,7 +395,7 @@ def good_inputs(chain: Chain, model: str, task: str) -> Tensors:
     if model == "net":
         return net_inputs(chain.prepared)
     if model == "postprocess":
-        return postprocess_inputs(chain.prepared, chain.output)
+        return postprocess_inputs(chain.prepared)
     return study_tensors(task)
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,3 +221,53 @@ def test_a_version_that_is_not_there_is_refused_and_nothing_changes(
         control.apply(TASK, lambda r, _: canary(r, 7, 10.0))
     assert control.state(TASK).routing == before
     assert {version_of(ask(server, seed), seed, references) for seed in range(3)} == {1}
+
+
+def test_validate_sends_the_cohort_alone_to_the_version_and_reports_its_metrics(
+    server: EmbeddedServer,
+    control: VersionControl,
+    repository: Path,
+    tmp_path: Path,
+    references: dict[int, dict[int, np.ndarray]],
+) -> None:
+    """`abdoserve model validate`'s work against the server: the cohort's answers come
+    from version 2 through the whole served path, every other study stays on version 1,
+    and the routing is as before once it is done."""
+    from abdoserve.deploy.validation import validate
+    from abdoserve.export.phantom.cohort import write_cohort
+
+    cohort = tmp_path / "cohort"
+    write_cohort("bone_density_ct", 12, cohort, seed=5)
+    before = control.state(TASK).routing
+    answered: list[str] = []
+    others: list[int] = []
+
+    def send(study: object) -> dict[str, Any]:
+        served = infer_study(server, study)
+        answered.append(str(served["model"]["version"]))
+        others.append(version_of(ask(server, 0), 0, references))  # a patient's study meanwhile
+        return served
+
+    report, verdict, path = validate(
+        control,
+        send,
+        SPEC,
+        2,
+        studies=cohort,
+        labels=cohort / "labels.csv",
+        out=tmp_path / "report",
+    )
+    assert set(answered) == {"2"} and set(others) == {1}
+    assert report.studies == 12 and {e.name for e in report.estimates} >= {"mae", "pearson_r"}
+    assert path.read_text().startswith("# bone_density_ct version 2: acceptance on 12")
+    assert (tmp_path / "report" / "bland_altman.png").is_file()
+    assert len(verdict.lines) == 3
+    after = control.state(TASK).routing
+    assert (after.validating, after.validation_keys, after.production) == (None, (), 1)
+    assert after.generation == before.generation + 2
+
+
+def infer_study(server: EmbeddedServer, study: object) -> dict[str, Any]:
+    with triton_grpc.InferenceServerClient(f"{server.options.host}:{server.ports.grpc}") as client:
+        served = infer(client, TASK, study.instances, study.clinical)  # type: ignore[attr-defined]
+    return served.answer

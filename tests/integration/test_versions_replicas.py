@@ -4,13 +4,15 @@ balancer, the supervisors carry it to the other, the repository keeps it, traffi
 loses nothing, and a broken candidate in canary is rolled back by the disagreement
 bound with the alert firing in a real Prometheus.
 
-The repository holds bone_density_ct version 1 (the build), 2 (other weights, `model
-import` of a PyTorch checkpoint) and 3 (an ONNX graph that answers 0.3 g/cm^2 whatever
-it sees: osteoporosis for every study, where version 1 flags none of the phantoms).
+The repository holds bone_density_ct version 1 (the build), 2 (version 1 shifted by
+0.05 g/cm2, `model import` of a PyTorch checkpoint) and 3 (an ONNX graph that answers
+0.3 g/cm^2 whatever it sees: osteoporosis for every study, where version 1 flags none of
+the phantoms).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,13 +33,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from abdoserve.deploy.embedded import free_port
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.deploy.version_sync import routing_on_disk
-from abdoserve.export.architectures import build_network
 from abdoserve.export.model_card import CARD_FILE, read_card
 from abdoserve.export.model_import import import_model
 from abdoserve.export.onnx_export import OPSET
 from abdoserve.export.phantom import build_study
 from abdoserve.export.reference import TorchReference
-from abdoserve.export.weights import initialise
+from abdoserve.export.weights import reference_network
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve_client import AbdoServeClient
@@ -71,8 +72,13 @@ def constant_graph(path: Path, value: float) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    module = build_network(SPEC)
-    initialise(module, 99)
+    """Version 2: version 1's network with its last bias raised by 0.05 g/cm2, a
+    'retrained' network that differs measurably and agrees on every phantom's flag (a
+    canary of it must not trip the disagreement bound)."""
+    module = reference_network(SPEC).module
+    last = [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias += 0.05
     path = tmp_path_factory.mktemp("hospital") / "hospital.pt"
     torch.save(module.state_dict(), path)
     return path
@@ -115,7 +121,7 @@ class Launched:
     def url(self) -> str:
         return f"127.0.0.1:{self.ports['grpc']}"
 
-    def model(self, *words: str) -> str:
+    def model(self, *words: str, code: int = 0) -> str:
         """`abdoserve model ...` as the operator who started serve runs it (same HOME:
         the admin key serve kept), through the balancer."""
         done = subprocess.run(
@@ -126,7 +132,7 @@ class Launched:
             timeout=600,
             check=False,
         )
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == code, done.stdout + done.stderr
         return done.stdout
 
     def metric(self, replica: int, name: str, **labels: str) -> float:
@@ -271,13 +277,45 @@ def test_list_shows_the_built_version_serving_and_the_imported_ones_with_cards(
     for line, version in zip(lines[2:4], ("2", "3"), strict=True):
         words = line.split()
         assert words[:4] == [version, "retired", "not", "loaded"]
-        assert words[-2] == "card" and words[-1] == card_of(repository, int(version))
+        assert words[-4:] == ["card", card_of(repository, int(version)), "validation", "-"]
 
 
-def test_shadow_canary_promote_rollback_across_replicas_with_nothing_lost(
-    launched: Launched, repository: Path, references: dict[int, dict[int, np.ndarray]]
+def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_nothing_lost(
+    launched: Launched,
+    repository: Path,
+    references: dict[int, dict[int, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
+    from abdoserve.export.phantom.cohort import write_cohort
+
+    cohort = tmp_path / "cohort"
+    write_cohort(TASK, 10, cohort, seed=3)
+    # Phantom labels test the plumbing, not the weights: thresholds any network passes.
+    lenient = tmp_path / "thresholds.json"
+    lenient.write_text(json.dumps({TASK: {"mae": {"max": 100.0}}}))
     with Traffic(launched.url) as traffic:
+        launched.model("promote", TASK, "2", code=2)  # never validated: refused
+        printed = launched.model(
+            "validate",
+            TASK,
+            "2",
+            "--studies",
+            str(cohort),
+            "--labels",
+            str(cohort / "labels.csv"),
+            "--out",
+            str(tmp_path / "report"),
+            "--thresholds",
+            str(lenient),
+            "--repository",
+            str(repository),
+        )
+        assert "10 studies" in printed and "passed" in printed, printed
+        assert (tmp_path / "report" / "report.md").is_file()
+        assert read_card(repository / f"{TASK}_net" / "2" / CARD_FILE).acceptance is not None
+        wait_until(
+            lambda: "validation passed" in launched.model("list", TASK), "the verdict read in"
+        )
         launched.model("shadow", TASK, "2", "--percent", "100")
         pair = {"task": TASK, "answering": "1", "companion": "2"}
         wait_until(
@@ -331,6 +369,7 @@ def test_a_broken_canary_is_rolled_back_by_disagreement_and_the_alert_fires(
         ) as prometheus,
         Traffic(launched.url) as traffic,
     ):
+        assert "version 3 was never validated" in launched.model("promote", TASK, "3", code=2)
         launched.model("canary", TASK, "3", "--percent", "50")
         wait_until(
             lambda: (

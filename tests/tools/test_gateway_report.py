@@ -80,6 +80,9 @@ def phantom_sources() -> dict[str, list[pydicom.Dataset]]:
     return {task: headers(build_study(task, seed=0).instances) for task in TASK_NAMES}
 
 
+CARD_ID = "3f9c0a1b2d4e"
+
+
 def identity(task: str, *, trained: bool) -> ModelIdentity:
     parameters = {
         "weights_source": "hospital-checkpoint" if trained else "reference-untrained",
@@ -88,6 +91,8 @@ def identity(task: str, *, trained: bool) -> ModelIdentity:
         "runtime": "onnxruntime",
         "runtime_precision": "fp32",
     }
+    if trained:  # a hospital's version comes with its model card
+        parameters["card_id"] = CARD_ID
     return ModelIdentity.from_parameters(task, "3", parameters)
 
 
@@ -315,6 +320,18 @@ def test_the_model_is_identified(
             "runtime=onnxruntime",
             "precision=fp32",
         }
+
+
+def test_an_imported_version_names_its_model_card(
+    phantom_sources: dict[str, list[pydicom.Dataset]], tmp_path: Path
+) -> None:
+    task = "bone_density_ct"
+    sources = phantom_sources[task]
+    typed = make_result(task, len(sources), trained=True)
+    report = read_back(save(build_report(typed, sources, context(task)), tmp_path))
+    group = study_group(report)
+    parameters = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
+    assert f"model_card={CARD_ID}" in {item.TextValue for item in parameters}
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

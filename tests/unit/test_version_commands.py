@@ -72,14 +72,42 @@ def test_changes_that_make_no_sense_are_refused(change: object, match: str) -> N
 def test_the_listing_names_each_versions_state_and_card() -> None:
     routing = canary(promote(START, 2, now=0.0, window_s=3600.0), 3, 25.0)
     state = TaskVersions(
-        "bone_density_ct", routing, {1: "READY", 2: "READY", 3: "READY"}, {3: "sha256:abc"}
+        "bone_density_ct",
+        routing,
+        {1: "READY", 2: "READY", 3: "READY"},
+        {3: "3f9c0a1b2d4e"},
+        {3: "passed"},
     )
     lines = listing(state, now=10.0)
     assert lines[0] == "bone_density_ct"
-    assert lines[1].split() == ["1", "previous", "READY", "card", "-"]
-    assert lines[2].split() == ["2", "serving", "READY", "card", "-"]
-    assert lines[3].split() == ["3", "canary", "25", "%", "READY", "card", "sha256:abc"]
+    assert lines[1].split() == ["1", "previous", "READY", "card", "-", "validation", "-"]
+    assert lines[2].split() == ["2", "serving", "READY", "card", "-", "validation", "-"]
+    assert lines[3].split() == [
+        "3",
+        "canary",
+        "25",
+        "%",
+        "READY",
+        "card",
+        "3f9c0a1b2d4e",
+        "validation",
+        "passed",
+    ]
     assert "canary 25 %" in lines[4]
+
+
+def test_promote_needs_a_passed_validation_or_a_forced_reason() -> None:
+    from abdoserve.deploy.versions import check_accepted
+
+    state = TaskVersions("bone_density_ct", START, {}, {}, {2: "passed", 3: "failed"})
+    check_accepted(state, 2, forced="")
+    with pytest.raises(VersionError, match="version 3 failed its validation"):
+        check_accepted(state, 3, forced="")
+    with pytest.raises(VersionError, match="version 4 was never validated"):
+        check_accepted(state, 4, forced="")
+    check_accepted(state, 4, forced="the vendor's own study")
+    promoted = promote(START, 4, now=0.0, window_s=60.0, forced="the vendor's own study")
+    assert promoted.reason == "promoted, replacing version 1; forced: the vendor's own study"
 
 
 def test_the_operator_key_is_private_and_found_by_port(
