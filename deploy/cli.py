@@ -63,6 +63,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("bench", "serving"), "abdoserve.loadtests.bench.serving", "served vs in-process"),
     (("bench", "hostile"), "abdoserve.loadtests.bench.hostile", "bombs and lies: cost to refuse"),
     (
+        ("bench", "versions"),
+        "abdoserve.loadtests.bench.versions",
+        "versions side by side: routing, shadow and canary against production only",
+    ),
+    (
         ("bench", "replicas"),
         "abdoserve.loadtests.bench.replicas",
         "1 vs N replicas, and nginx; --autoscale: the HPA signal under a ramp",

@@ -11,9 +11,9 @@ running server, so that what is validated is what serves.
 3. The papers' metrics with bootstrap CIs (deploy/acceptance_metrics.py) are judged
    against the task's thresholds (deploy/acceptance_thresholds.json, or the hospital's
    own file), and written as Markdown, JSON and PNG plots (deploy/validation_report.py).
-4. The figures and the verdict go into the version's model card, and the verdict into
-   the `_net` config's `version_acceptance`, which `promote` reads.
-5. The routing is put back as it was (the version and keys removed).
+4. The routing is put back as it was (the version and keys removed), with the verdict
+   recorded in it (`acceptance`), where `promote` reads it on every replica; the
+   figures go into the version's model card where the repository is at hand.
 """
 
 from __future__ import annotations
@@ -106,8 +106,19 @@ def with_validation(current: Routing, version: int, keys: Sequence[str]) -> Rout
     )
 
 
-def without_validation(current: Routing) -> Routing:
-    return current.changed(validating=None, validation_keys=(), reason="validation done")
+def without_validation(current: Routing, verdict: str | None = None) -> Routing:
+    """The cohort's routing removed; the verdict, where there is one, recorded for
+    `promote` (an interrupted validation records none)."""
+    if verdict is None or current.validating is None:
+        return current.changed(validating=None, validation_keys=(), reason="validation ended")
+    version = current.validating
+    accepted = tuple(sorted({**dict(current.acceptance), version: verdict}.items()))
+    return current.changed(
+        validating=None,
+        validation_keys=(),
+        acceptance=accepted,
+        reason=f"version {version} validated: {verdict}",
+    )
 
 
 def answers_of(
@@ -152,12 +163,14 @@ def validate(
     cohort = read_cohort(spec, studies, rows)
     bounds = read_thresholds(thresholds, spec.name)
     control.apply(spec.name, lambda r, _: with_validation(r, version, [s.key for s in cohort]))
+    verdict = None
     try:
         answers = answers_of(ask, cohort, version)
+        report = report_from_answers(spec, answers, rows)
+        verdict = judge(report, bounds)
     finally:
-        control.apply(spec.name, lambda r, _: without_validation(r))
-    report = report_from_answers(spec, answers, rows)
-    verdict = judge(report, bounds)
+        passed = None if verdict is None else ("passed" if verdict.passed else "failed")
+        control.apply(spec.name, lambda r, _: without_validation(r, passed))
     results = [answers[row["study"]]["result"] for row in rows]
     path = write_report(
         out, spec, version=version, report=report, verdict=verdict.lines, rows=rows, results=results

@@ -10,7 +10,6 @@ command as `abdoserve.deploy.version_cli:NAME`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -177,7 +176,7 @@ def listing(state: Any, now: float) -> list[str]:
             role += f" {routing.percent:g} %"
         loaded = state.loaded.get(version, "not loaded")
         card = state.cards.get(version, "-")
-        verdict = state.acceptance.get(version, "-")
+        verdict = routing.verdict(version) or "-"
         lines.append(
             f"  {version:>3}  {role:<14} {loaded:<12} card {card:<12} validation {verdict}"
         )
@@ -270,30 +269,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def record_acceptance(args: argparse.Namespace, report: Any, verdict: Any, thresholds: Path) -> str:
-    """The figures into the version's card, the verdict into the `_net` config (where
-    `promote` reads it, once the supervisor has read it in)."""
+    """The figures into the version's card (the verdict is in the routing already)."""
     from dataclasses import replace
 
     from abdoserve.deploy.validation import acceptance_record
-    from abdoserve.deploy.version_sync import edit_config
     from abdoserve.export.model_card import CARD_FILE, read_card, write_card
-    from abdoserve.serving.routing import ACCEPTANCE_PARAMETER
 
-    net = args.repository / f"{args.task}_net"
-    folder = net / str(args.version)
+    folder = args.repository / f"{args.task}_net" / str(args.version)
     if not (folder / CARD_FILE).is_file():
-        return f"not recorded: no card at {folder / CARD_FILE} (run it where the repository is)"
+        return f"figures not in a card: none at {folder / CARD_FILE} (run where the repository is)"
     record = acceptance_record(report, verdict, args.studies, args.labels, thresholds)
     write_card(replace(read_card(folder / CARD_FILE), acceptance=record), folder)
-
-    def note(config: Any) -> None:
-        parameter = config.parameters[ACCEPTANCE_PARAMETER]
-        verdicts = json.loads(parameter.string_value or "{}")
-        verdicts[str(args.version)] = "passed" if verdict.passed else "failed"
-        parameter.string_value = json.dumps(verdicts, sort_keys=True)
-
-    edit_config(net, note)
-    return f"recorded in {folder / CARD_FILE} and {net / 'config.pbtxt'}"
+    return f"figures recorded in {folder / CARD_FILE}"
 
 
 LIST = Command(_list_arguments, _list)

@@ -33,16 +33,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from abdoserve.deploy.model_control import ModelControl
 from abdoserve.deploy.rollback_watch import Breach, RollbackWatch, Samples, parse_metrics
 from abdoserve.deploy.versions import pinned_versions, with_routing, with_versions
-from abdoserve.serving.routing import (
-    ACCEPTANCE_PARAMETER,
-    CARDS_PARAMETER,
-    ROUTING_PARAMETER,
-    Routing,
-)
+from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing
 
-# `_net` parameters `model import` and `model validate` write into the repository, read
-# into the live config by the supervisor.
-RECORDS = (CARDS_PARAMETER, ACCEPTANCE_PARAMETER)
+# The `_net` parameter `model import` writes into the repository: read into the live
+# config when the net is loaded anyway (never a load of its own: each costs a swap).
+RECORDS = (CARDS_PARAMETER,)
 
 log = logging.getLogger(__name__)
 # Longer than the guard's call deadline (120 s): a request that started on the replaced
@@ -164,32 +159,32 @@ class VersionSync:
         net = f"{task}_net"
         net_config = self.control.config(net)
         needed = tuple(sorted(set(routing.versions(now)) | set(pinned_versions(net_config))))
-        if not self._ready(net, needed):
-            self.control.load(net, with_versions(net_config, needed))  # returns once loaded
+        if not self._ready(net, needed):  # returns once loaded
+            self.control.load(net, self._with_records(net, with_versions(net_config, needed)))
         self.control.load(f"{task}_postprocess", with_routing(live_config, routing))
 
     def settle(self, task: str, routing: Routing, now: float) -> None:
-        """Cards and verdicts written since are read in at once; versions nothing routes
-        to are unloaded once the routing has held `prune_after_s`."""
+        """Versions nothing routes to are unloaded once the routing has held
+        `prune_after_s`, and cards imported since are read in with them."""
         net = f"{task}_net"
         live_net = self.control.config(net)
-        on_disk = records_on_disk(self.repository / net)
         pinned = pinned_versions(live_net)
         needed = routing.versions(now)
         held = self.held_since.get(task)
         if held is None or held[0] != routing.generation:
             self.held_since[task] = (routing.generation, self.monotonic())
             held = self.held_since[task]
-        settled = self.monotonic() - held[1] >= self.prune_after_s
-        versions = needed if settled else tuple(sorted(set(pinned) | set(needed)))
-        if set(pinned) == set(versions) and on_disk == live_records(live_net):
+        if self.monotonic() - held[1] < self.prune_after_s or set(pinned) == set(needed):
             return
-        changed = with_versions(live_net, versions)
-        parameters = changed.setdefault("parameters", {})
-        for name, text in on_disk.items():
+        log.info("%s: loading %s versions %s (unused ones unloaded)", task, net, needed)
+        self.control.load(net, self._with_records(net, with_versions(live_net, needed)))
+
+    def _with_records(self, net: str, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` with the cards the repository holds now (imports since the start)."""
+        parameters = config.setdefault("parameters", {})
+        for name, text in records_on_disk(self.repository / net).items():
             parameters[name] = {"string_value": text}
-        log.info("%s: loading %s versions %s, its cards and verdicts", task, net, versions)
-        self.control.load(net, changed)
+        return config
 
     def _ready(self, model: str, versions: tuple[int, ...]) -> bool:
         states = {
@@ -222,15 +217,6 @@ def records_on_disk(folder: Path) -> dict[str, str]:
     """The `_net` config's cards and verdicts in the repository (absent ones left out)."""
     parameters = read_config(folder).parameters
     return {name: parameters[name].string_value for name in RECORDS if name in parameters}
-
-
-def live_records(config: Mapping[str, Any]) -> dict[str, str]:
-    parameters = config.get("parameters", {})
-    return {
-        name: str(parameters[name].get("string_value", ""))
-        for name in RECORDS
-        if name in parameters
-    }
 
 
 def pin(config: mc.ModelConfig, versions: tuple[int, ...]) -> None:

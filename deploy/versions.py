@@ -21,17 +21,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
-from abdoserve.serving.routing import (
-    ACCEPTANCE_PARAMETER,
-    CARDS_PARAMETER,
-    ROUTING_PARAMETER,
-    Routing,
-    RoutingError,
-)
+from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing, RoutingError
 
 ROLLBACK_WINDOW_S = 3600.0  # how long a promote keeps the version it replaced loaded
 
@@ -77,7 +71,7 @@ def promote(
 def check_accepted(state: TaskVersions, version: int, forced: str) -> None:
     """A version is promoted once its last validation passed the task's thresholds, or
     when the operator forces it with a reason, which the routing then records."""
-    verdict = state.acceptance.get(version)
+    verdict = state.routing.verdict(version)
     if verdict == "passed" or forced:
         return
     found = "was never validated" if verdict is None else f"failed its validation ({verdict})"
@@ -126,7 +120,6 @@ class TaskVersions:
     routing: Routing
     loaded: Mapping[int, str]  # version: Triton's state (READY, UNAVAILABLE, ...)
     cards: Mapping[int, str]  # version: its model card id, where it has one
-    acceptance: Mapping[int, str] = field(default_factory=dict)  # version: passed | failed
 
     def versions(self) -> list[int]:
         return sorted(set(self.loaded) | set(self.cards) | {self.routing.production})
@@ -169,10 +162,6 @@ def cards_of(config: Mapping[str, Any]) -> dict[int, str]:
     return per_version(config, CARDS_PARAMETER)
 
 
-def acceptance_of(config: Mapping[str, Any]) -> dict[int, str]:
-    return per_version(config, ACCEPTANCE_PARAMETER)
-
-
 def per_version(config: Mapping[str, Any], name: str) -> dict[int, str]:
     """A `_net` parameter holding a JSON object keyed by version; {} if absent or bad."""
     text = config.get("parameters", {}).get(name, {}).get("string_value", "")
@@ -209,8 +198,7 @@ class VersionControl:
             routing = routing_of(self.config(f"{task}_postprocess"))
         except RoutingError as error:
             raise VersionError(f"{task}: the server's routing cannot be read: {error}") from error
-        loaded = self.loaded(f"{task}_net")
-        return TaskVersions(task, routing, loaded, cards_of(net), acceptance_of(net))
+        return TaskVersions(task, routing, self.loaded(f"{task}_net"), cards_of(net))
 
     def loaded(self, model: str) -> dict[int, str]:
         index = self.client.get_model_repository_index(headers=self.headers, as_json=True)

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from abdoserve.export.configs import model_names, to_text
 from abdoserve.export.fused import read_config
 from abdoserve.serving.cpu_runtimes import RUNTIME_PARAMETER
-from abdoserve.serving.routing import ACCEPTANCE_PARAMETER, CARDS_PARAMETER, ROUTING_PARAMETER
+from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.pbtxt"
@@ -102,7 +102,6 @@ def _carry_net_config(old: mc.ModelConfig, new: mc.ModelConfig, present: set[int
         kept = new.version_policy.specific.versions
         del kept[:]
         kept.extend(sorted(pinned))
-    for name in (CARDS_PARAMETER, ACCEPTANCE_PARAMETER):
-        records = parameter(old, name)
-        if records:
-            new.parameters[name].string_value = records
+    cards = parameter(old, CARDS_PARAMETER)
+    if cards:
+        new.parameters[CARDS_PARAMETER].string_value = cards

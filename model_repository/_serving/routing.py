@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 ROUTING_PARAMETER = "routing"
-# `<task>_net`'s parameters naming each imported version's model card ({"2": "3f9c..."})
-# and the verdict of its last validation ({"2": "passed"}), which `promote` reads.
+# `<task>_net`'s parameter naming each imported version's model card ({"2": "3f9c..."}).
 CARDS_PARAMETER = "version_cards"
-ACCEPTANCE_PARAMETER = "version_acceptance"
+VERDICTS = ("passed", "failed")
 Mode = Literal["none", "canary", "shadow"]
 MODES: tuple[Mode, ...] = ("none", "canary", "shadow")
 BUCKETS = 10_000  # a study's bucket, out of these: percentages to 0.01 %
@@ -55,6 +54,8 @@ class Routing:
     reason: str = ""  # why the last change was made (an automatic rollback says so)
     validating: int | None = None  # the version `model validate` sends its cohort to
     validation_keys: tuple[str, ...] = ()  # the cohort's study keys
+    # Each validated version's last verdict, which `promote` reads: (version, verdict)
+    acceptance: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_version("production", self.production)
@@ -74,6 +75,11 @@ class Routing:
             raise RoutingError("routing 'reason' must be at most 500 characters")
         if self.validation_keys and self.validating is None:
             raise RoutingError("routing 'validation_keys' needs 'validating'")
+        _check_acceptance(self.acceptance)
+
+    def verdict(self, version: int) -> str | None:
+        """The version's last validation verdict, if it was validated."""
+        return dict(self.acceptance).get(version)
 
     # -- what a study gets ------------------------------------------------------------
 
@@ -128,7 +134,9 @@ class Routing:
     # -- the document -----------------------------------------------------------------
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        document = asdict(self)
+        document["acceptance"] = {str(version): verdict for version, verdict in self.acceptance}
+        return json.dumps(document, sort_keys=True)
 
     def changed(self, **fields: Any) -> Routing:
         """This routing with `fields` changed and the generation raised."""
@@ -149,6 +157,14 @@ class Routing:
             raise RoutingError("routing needs 'production'")
         if isinstance(value.get("validation_keys"), list):
             value["validation_keys"] = tuple(value["validation_keys"])
+        accepted = value.get("acceptance")
+        if isinstance(accepted, dict):
+            try:
+                value["acceptance"] = tuple(
+                    sorted((int(version), verdict) for version, verdict in accepted.items())
+                )
+            except ValueError as error:
+                raise RoutingError("routing 'acceptance' keys are version numbers") from error
         try:
             return cls(**value)
         except TypeError as error:
@@ -169,6 +185,13 @@ def bucket(key: str) -> int:
     """The study's bucket in [0, BUCKETS): uniform over keys, fixed per key."""
     digest = hashlib.sha256(b"abdoserve-routing:" + key.encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def _check_acceptance(acceptance: tuple[tuple[int, str], ...]) -> None:
+    for version, verdict in acceptance:
+        _check_version("acceptance", version)
+        if verdict not in VERDICTS:
+            raise RoutingError(f"routing 'acceptance' verdicts are {' or '.join(VERDICTS)}")
 
 
 def _check_version(name: str, value: object) -> None:

@@ -1,9 +1,10 @@
 """One study through the network version its routing picks: the answer's network call,
 its fallback, and the companion run beside it (abdoserve.serving.routing says which).
 
-A candidate that fails costs no study: production answers it instead (route
-`fallback`), and the failure counts against the candidate. A production failure is
-the request's error, as before there were versions.
+A candidate that fails is asked once more (a version being swapped by a reload can
+refuse a call in between); failing again costs no study: production answers it instead
+(route `fallback`), and each failure counts against the candidate. A production
+failure is the request's error, as before there were versions.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ class VersionRouter:
             self.metrics.failed(version)
             if version == routing.production:
                 raise
-            version, route = routing.production, "fallback"
-            output = await self._timed(version, samples, features)
+            try:
+                output = await self._timed(version, samples, features)
+            except NetFailed:
+                self.metrics.failed(version)
+                version, route = routing.production, "fallback"
+                output = await self._timed(version, samples, features)
         self.metrics.answered(version, route)
         return Routed(version, output)
 

@@ -73,8 +73,14 @@ def test_only_the_cohort_goes_to_the_version_being_validated() -> None:
     assert routing.state_of(3, now=0.0) == "validating"
     with pytest.raises(VersionError, match="version 3 is being validated"):
         with_validation(routing, 4, keys)
-    done = without_validation(routing)
+    done = without_validation(routing, "failed")
     assert (done.validating, done.validation_keys, done.versions(now=0.0)) == (None, (), (1, 2))
+    assert done.verdict(3) == "failed" and done.reason == "version 3 validated: failed"
+    assert Routing.from_json(done.to_json()) == done
+    again = without_validation(with_validation(done, 3, keys), "passed")
+    assert again.acceptance == ((3, "passed"),)
+    interrupted = without_validation(with_validation(done, 2, keys))
+    assert interrupted.acceptance == ((3, "failed"),) and interrupted.verdict(2) is None
 
 
 def test_the_key_the_command_computes_is_the_preprocess_models() -> None:

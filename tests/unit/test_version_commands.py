@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,12 +72,9 @@ def test_changes_that_make_no_sense_are_refused(change: object, match: str) -> N
 
 def test_the_listing_names_each_versions_state_and_card() -> None:
     routing = canary(promote(START, 2, now=0.0, window_s=3600.0), 3, 25.0)
+    routing = replace(routing, acceptance=((3, "passed"),))
     state = TaskVersions(
-        "bone_density_ct",
-        routing,
-        {1: "READY", 2: "READY", 3: "READY"},
-        {3: "3f9c0a1b2d4e"},
-        {3: "passed"},
+        "bone_density_ct", routing, {1: "READY", 2: "READY", 3: "READY"}, {3: "3f9c0a1b2d4e"}
     )
     lines = listing(state, now=10.0)
     assert lines[0] == "bone_density_ct"
@@ -99,7 +97,8 @@ def test_the_listing_names_each_versions_state_and_card() -> None:
 def test_promote_needs_a_passed_validation_or_a_forced_reason() -> None:
     from abdoserve.deploy.versions import check_accepted
 
-    state = TaskVersions("bone_density_ct", START, {}, {}, {2: "passed", 3: "failed"})
+    routing = replace(START, acceptance=((2, "passed"), (3, "failed")))
+    state = TaskVersions("bone_density_ct", routing, {}, {})
     check_accepted(state, 2, forced="")
     with pytest.raises(VersionError, match="version 3 failed its validation"):
         check_accepted(state, 3, forced="")
