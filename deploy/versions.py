@@ -193,7 +193,15 @@ class VersionControl:
         return config
 
     def state(self, task: str) -> TaskVersions:
-        net = self.config(f"{task}_net")
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            net = self.config(f"{task}_net")
+        except InferenceServerException as error:
+            raise VersionError(
+                f"{task}: the server has no {task}_net ({error.message()}); a fused "
+                "pipeline (serve --pipeline fused) has no versions to route"
+            ) from error
         try:
             routing = routing_of(self.config(f"{task}_postprocess"))
         except RoutingError as error:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +30,7 @@ from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import aggregate
 from abdoserve_client import AbdoServeClient
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
+from tests.integration.serve_process import start_serve, stop_serve
 
 SERVED = ("bone_density_ct", "liver_fibrosis_ct")
 TUNING = Tuning(preprocess_instances=1, net_instances=1, net_intra_op_threads=1)
@@ -117,9 +117,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     folder = tmp_path_factory.mktemp("serve")
     ports = {name: free_port() for name in ("grpc", "http", "metrics", "health")}
-    command = [
-        str(Path(sys.executable).parent / "abdoserve"),
-        "serve",
+    arguments = [
         "--replicas=2",
         f"--repository={repository}",
         f"--grpc-port={ports['grpc']}",
@@ -131,26 +129,13 @@ def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--net-instances=1",
         "--net-threads=1",
     ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    output: list[str] = []
+    process = start_serve(arguments, output, wait_s=WAIT_S)
+    run = Launched(
+        process, ports["grpc"], ports["metrics"], ports["health"], folder / "replicas", output
     )
-    run = Launched(process, ports["grpc"], ports["metrics"], ports["health"], folder / "replicas")
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            run.output.append(line)
-            if line.startswith("AbdoServe ready"):
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(WAIT_S)
-    assert process.poll() is None, "".join(run.output)
     yield run
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=180) == 0, "".join(run.output)
+    stop_serve(process, output)
     leftovers = [
         entry.name
         for entry in Path("/proc").iterdir()

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -42,13 +40,13 @@ from abdoserve.export.weights import reference_network
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve_client import AbdoServeClient
+from tests.integration.serve_process import ABDOSERVE, start_serve, stop_serve
 
 TASK = "bone_density_ct"
 SPEC = get_task(TASK)
 POST = f"{TASK}_postprocess"
 STUDIES = 40
 WAIT_S = 240.0
-ABDOSERVE = str(Path(sys.executable).parent / "abdoserve")
 
 
 def constant_graph(path: Path, value: float) -> Path:
@@ -153,9 +151,7 @@ def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     folder = tmp_path_factory.mktemp("serve")
     home = tmp_path_factory.mktemp("operator")
     ports = {name: free_port() for name in ("grpc", "http", "metrics", "health")}
-    command = [
-        ABDOSERVE,
-        "serve",
+    arguments = [
         "--replicas=2",
         f"--repository={repository}",
         f"--grpc-port={ports['grpc']}",
@@ -171,31 +167,10 @@ def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ]
     environment = {**os.environ, "HOME": str(home)}
     environment.pop("ABDOSERVE_ADMIN_KEY", None)
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env=environment,
-    )
-    run = Launched(process, ports, home)
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            run.output.append(line)
-            if line.startswith("AbdoServe ready"):
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(WAIT_S)
-    assert process.poll() is None, "".join(run.output)
-    yield run
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=180) == 0, "".join(run.output)
+    output: list[str] = []
+    process = start_serve(arguments, output, wait_s=WAIT_S, env=environment)
+    yield Launched(process, ports, home, output)
+    stop_serve(process, output)
     assert not (home / ".abdoserve" / f"admin-key-{ports['grpc']}").exists()
 
 

@@ -186,9 +186,16 @@ def test_a_state_dict_becomes_version_2_within_parity(repository: Path, tmp_path
     assert parity.max_abs_diff is not None and parity.max_abs_diff <= 1e-4
     assert parity.study_seeds == [2000, 2001, 2002] and parity.samples > 3
     assert parity.served_by == {"runtime": "onnxruntime", "precision": "fp32", "file": "model.onnx"}
-    # version 1 and the other models are as they were; only version 2 is new
+    # version 1 and the other models are as they were; only version 2 is new, and the
+    # net's config names its card (the policy still pins version 1)
     after = snapshot(repository)
-    assert {name: after[name] for name in before} == before
+    config = f"{NET}/config.pbtxt"
+    assert {name: after[name] for name in before if name != config} == {
+        name: digest for name, digest in before.items() if name != config
+    }
+    net_config = read_config(repository / NET)
+    assert json.loads(net_config.parameters["version_cards"].string_value) == {"2": card.card_id}
+    assert list(net_config.version_policy.specific.versions) == [1]
     assert sorted(set(after) - set(before)) == [
         f"{NET}/2/{name}" for name in (CARD_FILE, "model.onnx", "model.py", "provenance.json")
     ]
