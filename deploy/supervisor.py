@@ -57,6 +57,8 @@ from abdoserve.deploy.version_sync import VersionSync
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abdoserve_shm_"
+VERSIONS_JOIN_S = 15.0  # a versions check under way at stop: its calls time out by then
+VERSIONS_CALL_S = 60.0  # a model load (a net version) may take this long under load
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,10 @@ class Supervisor:
         self.liveness = Liveness(supervision.frozen_after_s)
         self.watch = RollbackWatch(supervision.rollback)
         self.versions: VersionSync | None = None
-        self.versions_at = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._versions_thread: threading.Thread | None = None
         self._health: HealthServer | None = None
         # Before anything starts (every caller makes the supervisor first: serve, a
         # replica, the container): a taken port is refused here, by name (PortInUse).
@@ -200,6 +202,12 @@ class Supervisor:
             ).start()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
+        # A thread of its own: its calls to a slow or frozen server must never hold up the
+        # watch that finds a frozen server (they did, 60 s, seen in CI).
+        self._versions_thread = threading.Thread(
+            target=self._watch_versions, name="versions", daemon=True
+        )
+        self._versions_thread.start()
         return self
 
     def stop(self) -> int | None:
@@ -208,6 +216,8 @@ class Supervisor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._versions_thread is not None:
+            self._versions_thread.join(timeout=VERSIONS_JOIN_S)
         if self.guard is not None:
             self.guard.stop()
         with self._lock:
@@ -233,7 +243,7 @@ class Supervisor:
         self.server = EmbeddedServer(options).start()
         self.control = ModelControl(self.server.url(""), self.admin_key)
         self.versions = VersionSync(
-            self.control,
+            ModelControl(self.server.url(""), self.admin_key, timeout_s=VERSIONS_CALL_S),
             options.repository,
             watch=self.watch,
             metrics_text=self._triton_metrics,
@@ -337,21 +347,20 @@ class Supervisor:
             self._reload(model, "stub_failed")
         self._trim()
         self._end_drained()
-        self._sync_versions()
 
-    def _sync_versions(self) -> None:
+    def _watch_versions(self) -> None:
         """Routing kept in the repository and across replicas, canaries watched
         (abdoserve.deploy.version_sync); a failure here never stops the watch."""
-        now = time.monotonic()
-        if self.versions is None or now - self.versions_at < self.supervision.versions_every_s:
-            return
-        self.versions_at = now
-        try:
-            self.versions.check_once()
-        except (ModelControlError, OSError) as error:
-            log.warning("versions not synchronised this time: %s", error)
-        except Exception:  # a malformed config or routing: logged, the next check retries
-            log.exception("versions not synchronised this time")
+        while not self._stop.wait(self.supervision.versions_every_s):
+            versions = self.versions
+            if versions is None or self.restarting:
+                continue
+            try:
+                versions.check_once()
+            except (ModelControlError, OSError) as error:
+                log.warning("versions not synchronised this time: %s", error)
+            except Exception:  # a malformed config or routing: logged, retried next time
+                log.exception("versions not synchronised this time")
 
     def _triton_metrics(self) -> str:
         server = self.server

@@ -1,8 +1,8 @@
 """Versions through `abdoserve serve --replicas 2` and the `abdoserve model` commands, as an
-operator runs them (issue 20, item 3): each command reaches one replica through the
-balancer, the supervisors carry it to the other, the repository keeps it, traffic
-loses nothing, and a broken candidate in canary is rolled back by the disagreement
-bound with the alert firing in a real Prometheus.
+operator runs them (issue 20, item 3), under the hospital-day locust traffic: each
+command reaches one replica through the balancer, the supervisors carry it to the
+other, the repository keeps it, traffic loses nothing, and a broken candidate in canary
+is rolled back by the disagreement bound with the alert firing in a real Prometheus.
 
 The repository holds bone_density_ct version 1 (the build), 2 (version 1 shifted by
 0.05 g/cm2, `model import` of a PyTorch checkpoint) and 3 (an ONNX graph that answers
@@ -34,13 +34,15 @@ from abdoserve.deploy.version_sync import routing_on_disk
 from abdoserve.export.model_card import CARD_FILE, read_card
 from abdoserve.export.model_import import import_model
 from abdoserve.export.onnx_export import OPSET
-from abdoserve.export.phantom import build_study
+from abdoserve.export.phantom import TASK_NAMES, build_study
 from abdoserve.export.reference import TorchReference
 from abdoserve.export.weights import reference_network
+from abdoserve.loadtests.slo import AGGREGATED, read_stats
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve_client import AbdoServeClient
 from tests.integration.serve_process import ABDOSERVE, start_serve, stop_serve
+from tests.integration.test_loadtests import Run, run_scenario
 
 TASK = "bone_density_ct"
 SPEC = get_task(TASK)
@@ -87,7 +89,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
     from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("versions") / "model_repository"
-    build_repository(out, (TASK,))
+    build_repository(out)  # every task: the hospital-day traffic sends them all
     assert import_model(out, TASK, checkpoint).version == 2
     broken = constant_graph(tmp_path_factory.mktemp("broken") / "broken.onnx", 0.3)
     assert import_model(out, TASK, broken).version == 3
@@ -268,6 +270,11 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
     # Phantom labels test the plumbing, not the weights: thresholds any network passes.
     lenient = tmp_path / "thresholds.json"
     lenient.write_text(json.dumps({TASK: {"mae": {"max": 100.0}}}))
+    runs: list[Run] = []
+    locust = threading.Thread(
+        target=lambda: runs.append(hospital_day(launched.url, tmp_path / "locust", "150s"))
+    )
+    locust.start()
     with Traffic(launched.url) as traffic:
         launched.model("promote", TASK, "2", code=2)  # never validated: refused
         printed = launched.model(
@@ -328,6 +335,19 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
     assert traffic.answered > 0
     on_disk = routing_on_disk(repository / POST)
     assert (on_disk.production, on_disk.candidate) == (1, None)
+    # The hospital day through the guard, all five tasks, across every transition.
+    locust.join()
+    [run] = runs
+    assert run.exit_code == 0
+    rows = read_stats(run.out / "stats_stats.csv")
+    assert {row.name for row in rows} == {*TASK_NAMES, AGGREGATED}
+    assert all(row.failures == 0 and row.requests > 0 for row in rows), rows
+
+
+def hospital_day(url: str, out: Path, run_time: str) -> Run:
+    return run_scenario(
+        url, out, "hospital_day", "--users", "4", "--spawn-rate", "4", "--run-time", run_time
+    )
 
 
 def test_a_broken_canary_is_rolled_back_by_disagreement_and_the_alert_fires(
