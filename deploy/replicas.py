@@ -358,6 +358,10 @@ class ReplicaSet:
                 log.warning("replica %d exited; starting it again", replica.options.index)
                 replica.restart()
         up = tuple(replica.is_ready() for replica in self.replicas)
+        if not any(up):
+            # None ready (each reloading a model at once, say): a live replica may still
+            # answer, where a balancer with every server down answers 502 to every call.
+            up = tuple(replica.is_alive() for replica in self.replicas)
         if up != self.up and self.guard is not None:
             self.up = up
             self.guard.reconfigure(self._guard_options())

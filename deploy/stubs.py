@@ -35,6 +35,7 @@ class Stub:
     instance: str
     state: str
     region: str = ""  # its shared-memory region's name in /dev/shm
+    version: str = ""  # the model version folder it runs
 
     @property
     def dead(self) -> bool:
@@ -80,7 +81,8 @@ def read_stub(pid: int) -> Stub | None:
     # <repository>/<model>/<version>/model.py
     model = model_file.parent.parent.name
     region = argv[2].decode(errors="replace")
-    return Stub(pid, model, argv[8].decode(errors="replace"), state, region)
+    instance = argv[8].decode(errors="replace")
+    return Stub(pid, model, instance, state, region, model_file.parent.name)
 
 
 def stubs_of(server_pid: int) -> dict[int, Stub]:

@@ -131,6 +131,9 @@ class Supervisor:
         self.control: ModelControl | None = None
         self.generation = 0
         self.known: dict[int, stubs.Stub] = {}
+        # The order stubs were first seen in: a newer stub of a model is a reload's
+        self.found_at: dict[int, int] = {}
+        self.discovered = 0
         # stubs of replaced instances -> when they may be killed, if still there
         self.retired: dict[int, float] = {}
         self.degraded: set[str] = set()
@@ -254,6 +257,7 @@ class Supervisor:
         # read) was never known, so never healed (seen in the pod test, killed at once).
         assert self.server.process is not None
         self.known = stubs.stubs_of(self.server.process.pid)
+        self.found_at = {}  # the launch's stubs all count as first
         self.retired = {}
         self.degraded = set()
         self.liveness = Liveness(self.supervision.frozen_after_s)
@@ -388,12 +392,20 @@ class Supervisor:
         """Models with a stub that died or stopped since the last look; stopped ones are
         killed here, before they can resume."""
         current = stubs.stubs_of(server_pid)
-        self.known.update({pid: stub for pid, stub in current.items() if pid not in self.retired})
+        for pid, stub in current.items():
+            if pid not in self.retired and pid not in self.known:
+                self.known[pid] = stub
+                self.discovered += 1
+                self.found_at[pid] = self.discovered
         failed: set[str] = set()
         for pid, stub in list(self.known.items()):
             state = stubs.process_state(pid)
             if state is None or state in stubs.DEAD_STATES:
                 kind = "dead"
+                if self._replaced(pid, stub, current):
+                    log.info("stub of %s (pid %d) retired by a reload", stub.model, pid)
+                    self._forget(pid)
+                    continue
             elif state in stubs.STOPPED_STATES:
                 kind = "stopped"
                 stubs.kill(pid)
@@ -402,8 +414,27 @@ class Supervisor:
             log.warning("stub of %s (%s, pid %d) %s", stub.model, stub.instance, pid, kind)
             self.metrics.stub_failures.labels(model=stub.model, kind=kind).inc()
             failed.add(stub.model)
-            del self.known[pid]
+            self._forget(pid)
         return failed
+
+    def _replaced(self, pid: int, stub: stubs.Stub, current: dict[int, stubs.Stub]) -> bool:
+        """A stub that exited after a newer stub of its own instance started: the model
+        was reloaded (by the model commands or the version sync, through Triton's API)
+        and Triton retired the old instance; not a failure. (A sibling instance started
+        later is no replacement: its name differs.)"""
+        found = self.found_at.get(pid, 0)
+        return any(
+            (other.model, other.version, other.instance)
+            == (stub.model, stub.version, stub.instance)
+            and self.found_at.get(other_pid, 0) > found
+            and stubs.process_state(other_pid) not in (None, *stubs.DEAD_STATES)
+            for other_pid, other in current.items()
+            if other_pid != pid
+        )
+
+    def _forget(self, pid: int) -> None:
+        del self.known[pid]
+        self.found_at.pop(pid, None)
 
     def _trim(self) -> None:
         """Reload a model whose stubs hold more shared memory than the bound (when idle
@@ -427,7 +458,7 @@ class Supervisor:
         for pid, stub in list(self.known.items()):
             if stub.model == model:
                 self.retired[pid] = until
-                del self.known[pid]
+                self._forget(pid)
         self.metrics.degraded.set(len(self.degraded))
         try:
             self.control.reload(model)
