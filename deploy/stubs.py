@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def stubs_of(server_pid: int) -> dict[int, Stub]:
         if stub is not None:
             found[pid] = stub
     return found
+
+
+def replaced(
+    pid: int, stub: Stub, current: Mapping[int, Stub], found_at: Mapping[int, int]
+) -> bool:
+    """Whether the exited stub `pid` was retired by a reload rather than crashed: a stub
+    of the same model, version and instance, first seen after it (`found_at`: the order
+    stubs were first seen in), runs. Triton retires an old instance only once its new
+    one is ready; a sibling instance started later has another instance name."""
+    found = found_at.get(pid, 0)
+    return any(
+        (other.model, other.version, other.instance) == (stub.model, stub.version, stub.instance)
+        and found_at.get(other_pid, 0) > found
+        and process_state(other_pid) not in (None, *DEAD_STATES)
+        for other_pid, other in current.items()
+        if other_pid != pid
+    )
 
 
 def region_bytes(stub: Stub) -> int:

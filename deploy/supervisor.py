@@ -418,19 +418,7 @@ class Supervisor:
         return failed
 
     def _replaced(self, pid: int, stub: stubs.Stub, current: dict[int, stubs.Stub]) -> bool:
-        """A stub that exited after a newer stub of its own instance started: the model
-        was reloaded (by the model commands or the version sync, through Triton's API)
-        and Triton retired the old instance; not a failure. (A sibling instance started
-        later is no replacement: its name differs.)"""
-        found = self.found_at.get(pid, 0)
-        return any(
-            (other.model, other.version, other.instance)
-            == (stub.model, stub.version, stub.instance)
-            and self.found_at.get(other_pid, 0) > found
-            and stubs.process_state(other_pid) not in (None, *stubs.DEAD_STATES)
-            for other_pid, other in current.items()
-            if other_pid != pid
-        )
+        return stubs.replaced(pid, stub, current, self.found_at)
 
     def _forget(self, pid: int) -> None:
         del self.known[pid]
