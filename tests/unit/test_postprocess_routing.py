@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ from tests.unit.fake_pb_utils import (
 from tests.unit.test_composing_validation import (
     MASS,
     MASS_ROLES,
+    FakeMetric,
     load_model,
     samples,
     study_info_tensor,
@@ -49,17 +49,6 @@ def constant(version: int, batch: np.ndarray) -> np.ndarray:
 
 def broken(batch: np.ndarray) -> np.ndarray:
     raise RuntimeError("onnxruntime: bad allocation")
-
-
-@dataclass
-class FakeMetric:
-    values: list[float] = field(default_factory=list)
-
-    def observe(self, value: float) -> None:
-        self.values.append(value)
-
-    def increment(self, value: float) -> None:
-        self.values.append(value)
 
 
 class RecordingFamily:
