@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO
 
 from abdoserve.deploy import processes
+from abdoserve.deploy.drift_watch import DriftBounds
 from abdoserve.deploy.embedded import (
     PORT_FLAGS,
     Binding,
@@ -89,6 +90,7 @@ class ReplicaOptions:
     shm_size_bytes: int | None = None
     deregister_s: float = 2.0  # not ready this long before Triton stops: the balancer learns
     rollback: dict[str, float] = field(default_factory=dict)  # RollbackBounds' fields
+    drift: dict[str, float] = field(default_factory=dict)  # DriftBounds' fields
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,6 +119,7 @@ class ReplicaOptions:
             health_port=self.health_port,
             admin_key=self.admin_key,
             rollback=RollbackBounds(**self.rollback),  # type: ignore[arg-type]
+            drift=DriftBounds(**self.drift),  # type: ignore[arg-type]
         )
 
 
@@ -135,6 +138,7 @@ class ReplicaSetOptions:
     interval_s: float = 0.25
     startup_timeout_s: float = 600.0
     rollback: RollbackBounds = field(default_factory=RollbackBounds)
+    drift: DriftBounds = field(default_factory=DriftBounds)
 
     def public_metrics_port(self, index: int) -> int:
         return self.public_ports.metrics + PORT_STRIDE * (index - 1)
@@ -259,6 +263,7 @@ class ReplicaSet:
             shm_private=self.options.shm.private,
             shm_size_bytes=self.options.shm.size_bytes,
             rollback=asdict(self.options.rollback),
+            drift=asdict(self.options.drift),
         )
         return Replica(replica_options, folder / "options.json", folder / "replica.log")
 
@@ -427,6 +432,7 @@ def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
     process itself needs none of the command line)."""
     from abdoserve.deploy.serve import (
         ADMIN_KEY_VARIABLE,
+        drift_bounds,
         guard_limits,
         read_key,
         rollback_bounds,
@@ -451,6 +457,7 @@ def replica_set_options(args: argparse.Namespace) -> ReplicaSetOptions:
         admin_key=read_key(args.admin_key_file, ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(32),
         shm=shm_isolation(args),
         rollback=rollback_bounds(args),
+        drift=drift_bounds(args),
     )
 
 

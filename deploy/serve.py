@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 
+from abdoserve.deploy.drift_watch import DriftBounds
 from abdoserve.deploy.embedded import PortInUse, Ports, ServerError, ServerOptions
 from abdoserve.deploy.guard import GuardError, GuardLimits, TlsFiles, nginx_binary
 from abdoserve.deploy.isolation import IsolationError, ShmIsolation, private_shm_available
@@ -144,6 +145,7 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         help="PEM CA: mutual TLS, only clients with a certificate it signed get in",
     )
     add_rollback_arguments(parser)
+    add_drift_arguments(parser)
     admin = parser.add_argument_group("admin APIs and shared memory (see docs/security.md)")
     admin.add_argument(
         "--admin-key-file",
@@ -286,6 +288,7 @@ def supervisor_options(args: argparse.Namespace) -> SupervisorOptions:
         guard=guard_limits(args),
         tls=tls_files(args),
         rollback=rollback_bounds(args),
+        drift=drift_bounds(args),
     )
 
 
@@ -333,6 +336,40 @@ def rollback_bounds(args: argparse.Namespace) -> RollbackBounds:
         max_error_ratio=args.rollback_max_error_ratio,
         max_latency_ratio=args.rollback_max_latency_ratio,
         max_disagreement=args.rollback_max_disagreement,
+    )
+
+
+def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DriftBounds()
+    group = parser.add_argument_group(
+        "drift (see docs/models.md): each validated version's recent studies against its "
+        "acceptance cohort"
+    )
+    group.add_argument(
+        "--drift-window-s",
+        type=float,
+        default=defaults.window_s,
+        help="the trailing window compared (default %(default)s)",
+    )
+    group.add_argument(
+        "--drift-min-studies",
+        type=int,
+        default=defaults.min_studies,
+        help="studies a version answers in the window before it is compared (default %(default)s)",
+    )
+    group.add_argument(
+        "--drift-every-s",
+        type=float,
+        default=defaults.every_s,
+        help="how often the comparison is made (default %(default)s)",
+    )
+
+
+def drift_bounds(args: argparse.Namespace) -> DriftBounds:
+    return DriftBounds(
+        window_s=args.drift_window_s,
+        min_studies=args.drift_min_studies,
+        every_s=args.drift_every_s,
     )
 
 

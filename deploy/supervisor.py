@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 
 from abdoserve.deploy import stubs
+from abdoserve.deploy.drift_watch import DriftBounds, DriftFigure, DriftWatch, References
 from abdoserve.deploy.embedded import (
     PORT_FLAGS,
     Binding,
@@ -51,7 +52,13 @@ from abdoserve.deploy.guard import (
 )
 from abdoserve.deploy.health import HealthServer
 from abdoserve.deploy.model_control import ModelControl, ModelControlError, ModelControlTimeout
-from abdoserve.deploy.rollback_watch import Breach, RollbackBounds, RollbackWatch
+from abdoserve.deploy.rollback_watch import (
+    Breach,
+    RollbackBounds,
+    RollbackWatch,
+    Samples,
+    parse_metrics,
+)
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
 from abdoserve.deploy.version_sync import VersionSync
 
@@ -98,6 +105,9 @@ class SupervisorOptions:
     # with the repository's, and the bounds past which a canary is rolled back.
     versions_every_s: float = 1.0
     rollback: RollbackBounds = field(default_factory=RollbackBounds)
+    # Drift (abdoserve.deploy.drift_watch): the window compared with each validated
+    # version's acceptance cohort.
+    drift: DriftBounds = field(default_factory=DriftBounds)
 
 
 @dataclass
@@ -142,6 +152,8 @@ class Supervisor:
         self.draining = False
         self.liveness = Liveness(supervision.frozen_after_s)
         self.watch = RollbackWatch(supervision.rollback)
+        self.drift = DriftWatch(supervision.drift, References(options.repository))
+        self.drift_shown: set[tuple[str, str, str]] = set()
         self.versions: VersionSync | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -249,7 +261,6 @@ class Supervisor:
             ModelControl(self.server.url(""), self.admin_key, timeout_s=VERSIONS_CALL_S),
             options.repository,
             watch=self.watch,
-            metrics_text=self._triton_metrics,
             rolled_back=self._rolled_back,
         )
         # The stubs as the server reports ready, before /health/ready can say 200: a stub
@@ -360,11 +371,34 @@ class Supervisor:
             if versions is None or self.restarting:
                 continue
             try:
-                versions.check_once()
+                samples = parse_metrics(self._triton_metrics())
+                versions.check_once(samples)
+                self._watch_drift(samples)
             except (ModelControlError, OSError) as error:
                 log.warning("versions not synchronised this time: %s", error)
             except Exception:  # a malformed config or routing: logged, retried next time
                 log.exception("versions not synchronised this time")
+
+    def _watch_drift(self, samples: Samples) -> None:
+        now = time.monotonic()
+        if self.drift.due(now):
+            self._show_drift(self.drift.update(samples, now))
+
+    def _show_drift(self, figures: list[DriftFigure]) -> None:
+        """The window's indices on the supervisor's /metrics; a version that no longer
+        has one (too few studies, no reference) loses its series."""
+        shown = set()
+        for figure in figures:
+            labels = (figure.task, figure.version, figure.feature)
+            self.metrics.drift_index.labels(*labels).set(figure.index)
+            self.metrics.drift_studies.labels(figure.task, figure.version).set(figure.studies)
+            shown.add(labels)
+        for labels in self.drift_shown - shown:
+            self.metrics.drift_index.remove(*labels)
+        gone = {labels[:2] for labels in self.drift_shown} - {labels[:2] for labels in shown}
+        for series in gone:
+            self.metrics.drift_studies.remove(*series)
+        self.drift_shown = shown
 
     def _triton_metrics(self) -> str:
         server = self.server

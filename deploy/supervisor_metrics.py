@@ -69,6 +69,20 @@ class SupervisorMetrics:
             ["task", "version", "bound"],
             registry=registry,
         )
+        self.drift_index = Gauge(
+            "abdoserve_supervisor_drift_index",
+            "Population stability index of the drift window against the version's acceptance "
+            "cohort, by feature (manufacturer, kvp, slice_thickness_mm, pixel_spacing_mm, "
+            "body_hu, answer); only for validated versions with enough studies in the window",
+            ["task", "version", "feature"],
+            registry=registry,
+        )
+        self.drift_studies = Gauge(
+            "abdoserve_supervisor_drift_window_studies",
+            "Studies answered by the version in the drift window, where an index is given",
+            ["task", "version"],
+            registry=registry,
+        )
         self.degraded = Gauge(
             "abdoserve_supervisor_degraded_models",
             "Models with a failed stub, not yet reloaded",

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from abdoserve.deploy.acceptance_metrics import AcceptanceReport, read_labels, r
 from abdoserve.deploy.validation_report import write_report
 from abdoserve.deploy.versions import VersionControl, VersionError
 from abdoserve.preprocessing.specs import TaskSpec
+from abdoserve.preprocessing.study_profile import StudyProfile, study_profile
+from abdoserve.serving.drift import REFERENCE_FILE, answer_feature, reference, study_bins
 from abdoserve.serving.routing import Routing
 
 THRESHOLDS_FILE = Path(__file__).with_name("acceptance_thresholds.json")
@@ -49,16 +51,23 @@ class Study:
     instances: list[bytes]
     clinical: dict[str, Any]
     key: str
+    profile: StudyProfile = field(default_factory=StudyProfile)
 
 
-def study_key(spec: TaskSpec, instances: Sequence[bytes]) -> str:
-    """The key the preprocess model computes for these instances: its own decoding and
-    rule (the sorted SOP Instance UIDs, or the bytes' digest where one has none)."""
+def described(spec: TaskSpec, instances: Sequence[bytes]) -> tuple[str, StudyProfile]:
+    """The key and the profile the preprocess model computes for these instances, by its
+    own decoding and rules (the key: the sorted SOP Instance UIDs, or the bytes' digest
+    where one has none)."""
     from abdoserve.preprocessing.decode import decode_instance
     from abdoserve.preprocessing.study import study_key as served_key
 
     decoded = [decode_instance(data, index, spec.limits) for index, data in enumerate(instances)]
-    return served_key(decoded, instances)
+    profile = study_profile(
+        [item.header for item in decoded],
+        [frame for item in decoded for frame in item.frames],
+        ct=spec.modality == "CT",
+    )
+    return served_key(decoded, instances), profile
 
 
 def read_cohort(spec: TaskSpec, studies: Path, rows: Sequence[Mapping[str, str]]) -> list[Study]:
@@ -71,7 +80,8 @@ def read_cohort(spec: TaskSpec, studies: Path, rows: Sequence[Mapping[str, str]]
             raise FileNotFoundError(f"labels name study {row['study']!r}: no folder {folder}")
         instances = load_instances(folder_files(folder))
         clinical = folder_request([folder])
-        cohort.append(Study(row["study"], instances, clinical, study_key(spec, instances)))
+        key, profile = described(spec, instances)
+        cohort.append(Study(row["study"], instances, clinical, key, profile))
     return cohort
 
 
@@ -175,7 +185,40 @@ def validate(
     path = write_report(
         out, spec, version=version, report=report, verdict=verdict.lines, rows=rows, results=results
     )
+    write_drift_reference(out, spec, version, cohort, answers)
     return report, verdict, path
+
+
+def write_drift_reference(
+    out: Path,
+    spec: TaskSpec,
+    version: int,
+    cohort: Sequence[Study],
+    answers: Mapping[str, Mapping[str, Any]],
+) -> Path:
+    """What the cohort looked like and what the version answered it, binned as the
+    server bins live traffic: the baseline the supervisor's drift watch compares with."""
+    bins = [
+        study_bins(spec.output, study.profile, answered_value(spec, answers[study.name]))
+        for study in cohort
+    ]
+    path = out / REFERENCE_FILE
+    document = reference(spec.name, version, spec.output, bins)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def answered_value(spec: TaskSpec, answer: Mapping[str, Any]) -> Any:
+    """The answer's class or value as the study array `study_bins` reads."""
+    import numpy as np
+
+    result = answer["result"]
+    output = spec.output
+    if answer_feature(output).categories:
+        study = np.zeros(len(output.labels), dtype=np.float32)
+        study[output.labels.index(result["label"])] = 1.0
+        return study
+    return np.asarray([float(result[output.labels[0]])], dtype=np.float32)
 
 
 def acceptance_record(

@@ -261,26 +261,35 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{args.task} version {args.version}: {report.studies} studies; report {path}")
         for line in verdict.lines:
             print(f"  {line}")
-        recorded = record_acceptance(args, report, verdict, thresholds)
+        recorded = record_acceptance(args, report, verdict, thresholds, out)
         print(f"  {'passed' if verdict.passed else 'FAILED'}; {recorded}")
         return 0 if verdict.passed else 1
 
     return _guarded(work)
 
 
-def record_acceptance(args: argparse.Namespace, report: Any, verdict: Any, thresholds: Path) -> str:
-    """The figures into the version's card (the verdict is in the routing already)."""
+def record_acceptance(
+    args: argparse.Namespace, report: Any, verdict: Any, thresholds: Path, out: Path
+) -> str:
+    """The figures into the version's card (the verdict is in the routing already), the
+    cohort's drift reference beside it."""
+    import shutil
     from dataclasses import replace
 
     from abdoserve.deploy.validation import acceptance_record
     from abdoserve.export.model_card import CARD_FILE, read_card, write_card
+    from abdoserve.serving.drift import REFERENCE_FILE
 
     folder = args.repository / f"{args.task}_net" / str(args.version)
+    if not folder.is_dir():
+        return f"figures and drift baseline not recorded: no {folder} (run where the repository is)"
+    # The cohort's profile is the version's drift baseline (abdoserve.deploy.drift_watch).
+    shutil.copyfile(out / REFERENCE_FILE, folder / REFERENCE_FILE)
     if not (folder / CARD_FILE).is_file():
-        return f"figures not in a card: none at {folder / CARD_FILE} (run where the repository is)"
+        return f"drift baseline in {folder / REFERENCE_FILE}; no card to hold the figures"
     record = acceptance_record(report, verdict, args.studies, args.labels, thresholds)
     write_card(replace(read_card(folder / CARD_FILE), acceptance=record), folder)
-    return f"figures recorded in {folder / CARD_FILE}"
+    return f"figures recorded in {folder / CARD_FILE}, drift baseline beside it"
 
 
 LIST = Command(_list_arguments, _list)

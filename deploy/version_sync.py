@@ -81,9 +81,10 @@ class VersionSync:
             if (folder.parent / folder.name.replace("_postprocess", "_net") / CONFIG_FILE).is_file()
         )
 
-    def check_once(self) -> None:
-        samples = None
-        if self.watch is not None and self.metrics_text is not None:
+    def check_once(self, samples: Samples | None = None) -> None:
+        """`samples`: the server's /metrics, parsed (read here with `metrics_text` if not
+        given), for the canary's watch."""
+        if samples is None and self.watch is not None and self.metrics_text is not None:
             samples = parse_metrics(self.metrics_text())
         for task in self.tasks():
             self.sync(task, samples)

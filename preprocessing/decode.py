@@ -19,7 +19,7 @@ import io
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
@@ -50,6 +50,7 @@ from abdoserve.preprocessing.pixel_data import (
     native_span,
 )
 from abdoserve.preprocessing.specs import IntakeLimits
+from abdoserve.preprocessing.study_profile import InstanceHeader, instance_header
 from abdoserve.preprocessing.tags import (
     ACQUISITION_TIME,
     BITS_ALLOCATED,
@@ -95,6 +96,7 @@ class DecodedInstance:
     acquisition_time: str
     extras: dict[int, object]  # values of the extra tags the caller asked for
     uid: str = ""  # SOP Instance UID, where the header has one
+    header: InstanceHeader = field(default_factory=InstanceHeader)  # for drift, never refused
 
 
 def decode_instance(
@@ -141,6 +143,7 @@ def decode_instance(
         ),
         extras={tag: _value(dataset, tag, index) for tag in extra_tags},
         uid=header.text(dataset, SOP_INSTANCE_UID) or "",
+        header=instance_header(dataset),
     )
 
 

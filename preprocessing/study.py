@@ -35,6 +35,7 @@ from abdoserve.preprocessing.geometry import (
 )
 from abdoserve.preprocessing.intensity import scale_mr, window_ct
 from abdoserve.preprocessing.specs import CTWindow, FixedSpacing, TaskSpec
+from abdoserve.preprocessing.study_profile import StudyProfile, study_profile
 
 GRID_CACHE_SIZE = 64
 
@@ -50,6 +51,7 @@ class PreparedStudy:
     role_sources: tuple[int, ...]  # request instance index of each role
     stage_seconds: Mapping[str, float] = field(default_factory=dict)  # decode, arrange, pixels
     study_key: str = ""  # see study_key()
+    profile: StudyProfile = field(default_factory=StudyProfile)  # what arrived, for drift
 
 
 class StudyPreparer:
@@ -95,7 +97,16 @@ class StudyPreparer:
             "arrange": arranged_at - decoded_at,
             "pixels": time.perf_counter() - arranged_at,
         }
-        return replace(prepared, stage_seconds=stages, study_key=study_key(decoded, instances))
+        return replace(
+            prepared,
+            stage_seconds=stages,
+            study_key=study_key(decoded, instances),
+            profile=study_profile(
+                [item.header for item in decoded],
+                [frame for item in decoded for frame in item.frames],
+                ct=spec.modality == "CT",
+            ),
+        )
 
     def decode(
         self, data: bytes, index: int, budget: RequestBudget | None = None

@@ -22,6 +22,7 @@ from abdoserve.preprocessing.study import PreparedStudy
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.answer import ModelIdentity, study_answer
 from abdoserve.serving.cpu_runtimes import configured_runner
+from abdoserve.serving.drift_metrics import DriftMetrics
 from abdoserve.serving.intake import StudyIntake
 
 
@@ -34,6 +35,7 @@ class TritonPythonModel:
             self.spec.name, parameters.get("model_version", "1"), parameters
         )
         self.intake = StudyIntake(pb_utils, self.spec, version_folder)
+        self.drift = DriftMetrics(pb_utils, self.spec.name, self.spec.output)
         self.model_name = str(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -74,6 +76,7 @@ class TritonPythonModel:
             )
         except Exception as error:
             return glue.error_response(pb_utils, error)
+        self.drift.observe(int(self.identity.version), prepared.profile, study)
         return glue.response(pb_utils, glue.answer_outputs(output, study, answer))
 
     def finalize(self) -> None:

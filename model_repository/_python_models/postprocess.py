@@ -6,8 +6,10 @@ Glue only. The version is `abdoserve.serving.routing`'s choice, called through B
 together, so that `<task>_net`'s dynamic batcher sees them at once. The answer is
 `abdoserve.serving.answer.study_answer`, naming the version that ran. A companion
 version (shadow, or production beside a canary) runs after, from a thread
-(`abdoserve.serving.companion`). Any client can call this model directly, so its
-inputs are checked against the task spec first (`abdoserve.serving.validation`).
+(`abdoserve.serving.companion`). What arrived and what was answered are counted per
+version for drift (`abdoserve.serving.drift_metrics`). Any client can call this model
+directly, so its inputs are checked against the task spec first
+(`abdoserve.serving.validation`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving import validation
 from abdoserve.serving.answer import study_answer
 from abdoserve.serving.companion import CompanionRunner
+from abdoserve.serving.drift_metrics import DriftMetrics
 from abdoserve.serving.net_versions import NetClient, NetFailed, VersionIdentities
 from abdoserve.serving.routing import served_routing
 from abdoserve.serving.routing_metrics import RoutingMetrics
@@ -36,6 +39,7 @@ class TritonPythonModel:
         net_folder = Path(args["model_repository"]).parent / net.net_model
         self.identities = VersionIdentities(self.spec.name, parameters, net_folder)
         metrics = RoutingMetrics(pb_utils, self.spec.name)
+        self.drift = DriftMetrics(pb_utils, self.spec.name, self.spec.output)
         self.router = VersionRouter(
             served_routing(parameters),
             net.call,
@@ -61,6 +65,7 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=[], error=failed.triton_error)
         except Exception as error:
             return glue.error_response(pb_utils, error)
+        self.drift.observe(routed.version, info.profile, study)
         self.router.compare_later(info.key, routed, samples, features, study)
         return glue.response(pb_utils, glue.answer_outputs(routed.output, study, answer))
 

@@ -45,6 +45,7 @@ class TritonPythonModel:
                     "roles": dict(zip(prepared.roles, prepared.role_sources, strict=True)),
                     "instances": instances,
                     "key": prepared.study_key,
+                    "profile": prepared.profile.to_json(),
                 }
             ),
         }

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from abdoserve.preprocessing.errors import IntakeError
 from abdoserve.preprocessing.specs import ClinicalInput, TaskSpec
+from abdoserve.preprocessing.study_profile import StudyProfile
 
 # The preprocess clips windowed (CT) or percentile-scaled (MR) pixels to [0, 1] and
 # fills the outside of the image with 0: nothing it emits lies outside this range.
@@ -29,6 +30,9 @@ SAMPLE_RANGE = (0.0, 1.0)
 # direct caller can make the postprocess parse (and its nesting depth).
 MAX_STUDY_INFO_BYTES = 4096
 STUDY_INFO_KEYS = frozenset({"instances", "roles", "key"})
+# What arrived (abdoserve.preprocessing.study_profile), for drift: optional, since a
+# direct caller's study without it is still answered, and counted as missing.
+STUDY_INFO_OPTIONAL = frozenset({"profile"})
 STUDY_KEY_PATTERN = re.compile("[0-9a-f]{64}")
 
 
@@ -37,6 +41,7 @@ class StudyInfo:
     instances: int
     roles: dict[str, int]
     key: str  # the study's digest (abdoserve.preprocessing.study.study_key): routing's input
+    profile: StudyProfile = field(default_factory=StudyProfile)
 
 
 def sample_count_range(spec: TaskSpec) -> tuple[int, int]:
@@ -110,12 +115,14 @@ def check_sample_source(sources: np.ndarray, rows: int, instances: int) -> None:
 
 
 def study_info(spec: TaskSpec, array: np.ndarray) -> StudyInfo:
-    """STUDY_INFO (1,) BYTES: {"roles": {role: instance}, "instances": n, "key": digest} as
-    preprocess writes."""
+    """STUDY_INFO (1,) BYTES: {"roles": {role: instance}, "instances": n, "key": digest,
+    "profile": {...}} as preprocess writes."""
     value = _json_element(array)
-    if not isinstance(value, dict) or set(value) != STUDY_INFO_KEYS:
+    if not isinstance(value, dict) or not (
+        STUDY_INFO_KEYS <= set(value) <= STUDY_INFO_KEYS | STUDY_INFO_OPTIONAL
+    ):
         raise IntakeError(
-            "input 'STUDY_INFO' must be a JSON object with keys instances, key, roles"
+            "input 'STUDY_INFO' must be a JSON object with keys instances, key, roles (and profile)"
         )
     key = value["key"]
     if not isinstance(key, str) or not STUDY_KEY_PATTERN.fullmatch(key):
@@ -124,7 +131,8 @@ def study_info(spec: TaskSpec, array: np.ndarray) -> StudyInfo:
     limit = spec.limits.max_instances_per_request
     if not _is_int(instances) or not 1 <= instances <= limit:
         raise IntakeError(f"input 'STUDY_INFO' 'instances' must be an integer in [1, {limit}]")
-    return StudyInfo(instances, _roles(spec, value["roles"], instances), key)
+    profile = StudyProfile.from_json(value["profile"]) if "profile" in value else StudyProfile()
+    return StudyInfo(instances, _roles(spec, value["roles"], instances), key, profile)
 
 
 def check_bytes_input(array: np.ndarray, name: str) -> None:

@@ -14,6 +14,27 @@ ABDOSERVE = str(Path(sys.executable).parent / "abdoserve")
 READY = "AbdoServe ready"
 
 
+def free_ports() -> dict[str, int]:
+    from abdoserve.deploy.embedded import free_port
+
+    return {name: free_port() for name in ("grpc", "http", "metrics", "health")}
+
+
+def small_serve(repository: Path, ports: Mapping[str, int], log_folder: Path) -> list[str]:
+    """`serve`'s arguments for a test: its ports, its log, one instance of each model."""
+    return [
+        f"--repository={repository}",
+        f"--grpc-port={ports['grpc']}",
+        f"--http-port={ports['http']}",
+        f"--metrics-port={ports['metrics']}",
+        f"--supervisor-port={ports['health']}",
+        f"--log-file={log_folder / 'triton.log'}",
+        "--preprocess-instances=1",
+        "--net-instances=1",
+        "--net-threads=1",
+    ]
+
+
 def start_serve(
     arguments: Sequence[str],
     output: list[str],

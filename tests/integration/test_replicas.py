@@ -30,7 +30,7 @@ from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.answer import aggregate
 from abdoserve_client import AbdoServeClient
 from tests.integration.reference import RELATIVE_TOLERANCE, in_process_reference, relative_error
-from tests.integration.serve_process import start_serve, stop_serve
+from tests.integration.serve_process import free_ports, small_serve, start_serve, stop_serve
 
 SERVED = ("bone_density_ct", "liver_fibrosis_ct")
 TUNING = Tuning(preprocess_instances=1, net_instances=1, net_intra_op_threads=1)
@@ -116,18 +116,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     folder = tmp_path_factory.mktemp("serve")
-    ports = {name: free_port() for name in ("grpc", "http", "metrics", "health")}
+    ports = free_ports()
     arguments = [
         "--replicas=2",
-        f"--repository={repository}",
-        f"--grpc-port={ports['grpc']}",
-        f"--http-port={ports['http']}",
-        f"--metrics-port={ports['metrics']}",
-        f"--supervisor-port={ports['health']}",
-        f"--log-file={folder / 'triton.log'}",
-        "--preprocess-instances=1",
-        "--net-instances=1",
-        "--net-threads=1",
+        *small_serve(repository, ports, folder),
     ]
     output: list[str] = []
     process = start_serve(arguments, output, wait_s=WAIT_S)

@@ -41,7 +41,13 @@ from abdoserve.loadtests.slo import AGGREGATED, read_stats
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve_client import AbdoServeClient
-from tests.integration.serve_process import ABDOSERVE, start_serve, stop_serve
+from tests.integration.serve_process import (
+    ABDOSERVE,
+    free_ports,
+    small_serve,
+    start_serve,
+    stop_serve,
+)
 from tests.integration.test_loadtests import Run, run_scenario
 
 TASK = "bone_density_ct"
@@ -152,18 +158,10 @@ class Launched:
 def launched(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     folder = tmp_path_factory.mktemp("serve")
     home = tmp_path_factory.mktemp("operator")
-    ports = {name: free_port() for name in ("grpc", "http", "metrics", "health")}
+    ports = free_ports()
     arguments = [
         "--replicas=2",
-        f"--repository={repository}",
-        f"--grpc-port={ports['grpc']}",
-        f"--http-port={ports['http']}",
-        f"--metrics-port={ports['metrics']}",
-        f"--supervisor-port={ports['health']}",
-        f"--log-file={folder / 'triton.log'}",
-        "--preprocess-instances=1",
-        "--net-instances=1",
-        "--net-threads=1",
+        *small_serve(repository, ports, folder),
         "--rollback-window-s=30",
         "--rollback-min-studies=8",
     ]

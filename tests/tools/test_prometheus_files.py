@@ -22,8 +22,10 @@ from abdoserve.deploy.prometheus_server import (
     render_config,
 )
 from abdoserve.deploy.supervisor_metrics import SupervisorMetrics
-from abdoserve.preprocessing.tasks import TASKS
+from abdoserve.preprocessing.tasks import TASKS, get_task
+from abdoserve.serving.drift_metrics import DriftMetrics
 from abdoserve.serving.metrics import IntakeMetrics
+from abdoserve.serving.routing_metrics import RoutingMetrics
 
 RULES_DIR = PROMETHEUS_DIR / "rules"
 RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
@@ -77,6 +79,9 @@ def our_metrics() -> set[str]:
     """Sample names of our families, as IntakeMetrics declares them."""
     FakeMetricFamily.declared.clear()
     IntakeMetrics(FakePbUtils(), "bone_density_ct")
+    RoutingMetrics(FakePbUtils(), "bone_density_ct")
+    for task in ("bone_density_ct", "liver_mass_ct"):  # a score, and classes
+        DriftMetrics(FakePbUtils(), task, get_task(task).output)
     names: set[str] = set()
     for name, kind in FakeMetricFamily.declared.items():
         suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)

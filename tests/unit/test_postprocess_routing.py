@@ -271,3 +271,37 @@ def test_each_version_is_named_from_its_own_folder(pb_utils: BlsPbUtils, tmp_pat
     assert answer["model"]["untrained"] is False and "notice" not in answer
     assert answer["model"]["card_id"] == "sha256:c0ffee"
     model.finalize()
+
+
+def test_what_arrived_and_what_was_answered_count_under_the_version_that_ran(
+    pb_utils: BlsPbUtils, tmp_path: Path
+) -> None:
+    from abdoserve.preprocessing.study_profile import StudyProfile
+
+    model = postprocess(tmp_path, Routing(production=1, candidate=2, mode="canary", percent=25.0))
+    profile = StudyProfile("siemens", 100.0, 1.0, 0.7, 40.0).to_json()
+    numbers = range(40)
+    with_profile = [
+        request(n, info={"roles": MASS_ROLES, "instances": 3, "key": key(n), "profile": profile})
+        for n in numbers
+    ]
+    made_up = {**profile, "manufacturer": "Doe^Jane"}
+    hostile = {"roles": MASS_ROLES, "instances": 3, "key": key(99), "profile": made_up}
+    replies = run(model, [*with_profile, request(99, info=hostile), request(100)])
+    message = invalid(replies[40], "STUDY_INFO")
+    assert "'manufacturer' must be one of" in message and "Doe" not in message
+    versions = [answer_of(reply)["model"]["version"] for reply in replies[:40]]
+    last = answer_of(replies[41])["model"]["version"]
+    for version, label in (("1", "B"), ("2", "C")):
+        answered = versions.count(version)
+        assert answered > 0
+        assert len(recorded("abdoserve_drift_input_kvp", version=version)) == answered
+        assert recorded("abdoserve_drift_input_kvp", version=version)[0] == 100.0
+        classes = recorded("abdoserve_drift_answer_class_total", version=version)
+        assert len(classes) == answered + (last == version)
+        assert recorded("abdoserve_drift_answer_class_total", version=version, **{"class": label})
+        assert recorded("abdoserve_drift_input_manufacturer_total", manufacturer="siemens")
+    # A study sent straight to the postprocess model without a profile counts as missing.
+    assert recorded("abdoserve_drift_input_manufacturer_total", manufacturer="missing") == [1.0]
+    assert recorded("abdoserve_drift_input_missing_total", feature="kvp") == [1.0]
+    model.finalize()

@@ -102,3 +102,35 @@ def test_the_shared_memory_key_moves_shared_memory_out_of_the_admin_group() -> N
     args = resolved(ServerOptions(Path("/r"), admin_key="A", shm_key="S"))
     assert "--http-restricted-api=shared-memory:abdoserve-shm-key=S" in args
     assert f"--http-restricted-api={admin}:abdoserve-admin-key=A" in args
+
+
+def test_the_canary_and_drift_bounds_reach_every_deployment_path(tmp_path: Path) -> None:
+    """One host, each replica of `--replicas` (through its options file) and the pod's
+    entrypoint read the same flags into the same supervisor options."""
+    from dataclasses import asdict
+
+    from abdoserve.deploy import container
+    from abdoserve.deploy.replicas import ReplicaOptions
+
+    flags = ["--drift-window-s=600", "--drift-min-studies=25", "--rollback-window-s=45"]
+    one_host = serve.supervisor_options(parse(*flags))
+    assert (one_host.drift.window_s, one_host.drift.min_studies) == (600.0, 25)
+    assert one_host.rollback.window_s == 45.0
+    pod_args, _ = container.parse(flags)
+    pod = container.supervisor_options(pod_args)
+    assert (pod.drift, pod.rollback) == (one_host.drift, one_host.rollback)
+    replica = ReplicaOptions(
+        index=1,
+        repository=str(tmp_path),
+        log_file=str(tmp_path / "log"),
+        grpc_port=1,
+        http_port=2,
+        metrics_port=3,
+        health_port=4,
+        admin_key="a",
+        inference_key="b",
+        rollback=asdict(one_host.rollback),
+        drift=asdict(one_host.drift),
+    )
+    again = ReplicaOptions.read(replica.write(tmp_path / "options.json")).supervisor_options()
+    assert (again.drift, again.rollback) == (one_host.drift, one_host.rollback)

@@ -12,9 +12,9 @@ import pytest
 from abdoserve.deploy.acceptance_metrics import bone_density_report, liver_mass_report
 from abdoserve.deploy.validation import (
     THRESHOLDS_FILE,
+    described,
     judge,
     read_thresholds,
-    study_key,
     with_validation,
     without_validation,
 )
@@ -83,11 +83,13 @@ def test_only_the_cohort_goes_to_the_version_being_validated() -> None:
     assert interrupted.acceptance == ((3, "failed"),) and interrupted.verdict(2) is None
 
 
-def test_the_key_the_command_computes_is_the_preprocess_models() -> None:
+def test_the_key_and_profile_the_command_computes_are_the_preprocess_models() -> None:
     study = build_study("bone_density_ct", seed=4)
-    served = StudyPreparer(BONE)(study.instances, study.clinical).study_key
-    assert study_key(BONE, study.instances) == served
-    assert study_key(BONE, list(reversed(study.instances))) == served  # order is no matter
+    served = StudyPreparer(BONE)(study.instances, study.clinical)
+    key, profile = described(BONE, study.instances)
+    assert (key, profile) == (served.study_key, served.profile)
+    assert profile.body_hu is not None and profile.pixel_spacing_mm is not None
+    assert described(BONE, list(reversed(study.instances)))[0] == served.study_key
 
 
 def test_roc_points_run_from_the_origin_to_the_corner() -> None:
