@@ -24,6 +24,10 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
 _CONTENTS_TAG = bytes([(RAW_INPUT_CONTENTS << 3) | 2])  # field 7, wire type 2
 UNLIMITED_MESSAGES = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# An idle connection is closed by this end first: the guard (nginx) ends one idle for
+# 75 s with a GOAWAY and a FIN, and a call sent as they arrive fails "Stream removed"
+# (seen once under locust: a channel idle since the start, used again at 80 s).
+CLIENT_IDLE = ("grpc.client_idle_timeout_ms", 30_000)
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
@@ -103,7 +107,7 @@ def open_channel(
 ) -> Any:
     """A channel like tritonclient's (PEM files given as paths), without message size caps;
     `options`: more channel arguments (the load-balancing policy, see endpoints.py)."""
-    arguments = [*UNLIMITED_MESSAGES, *options]
+    arguments = [*UNLIMITED_MESSAGES, CLIENT_IDLE, *options]
     if not ssl:
         return grpc.insecure_channel(url, options=arguments)
     credentials = _credentials(root_certificates, private_key, certificate_chain)
@@ -116,6 +120,7 @@ def triton_channel_args(options: ChannelOptions) -> list[tuple[str, Any]]:
     keepalive = grpcclient.KeepAliveOptions()
     return [
         *UNLIMITED_MESSAGES,
+        CLIENT_IDLE,
         ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
