@@ -4,7 +4,8 @@ A decoder allocates what the codestream's header says, not what Rows and Columns
 say: a 3.5 KB JPEG 2000 file whose SIZ marker claims 65535 x 65535 made the decoder
 allocate gigabytes. Each frame's header (JPEG 2000 SIZ, JPEG SOFn, JPEG-LS SOF55) is
 read here in a few bytes and must agree with (0028,0010) Rows, (0028,0011) Columns
-and (0028,0100) Bits Allocated, and hold one component.
+and (0028,0100) Bits Allocated, and hold one component. HTJ2K (Part 15) codestreams
+start the same way (SOC, SIZ, then its CAP marker), so the same SIZ check covers them.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Tolerant on decode: explicit/implicit VR, big endian, deflated, files without
 preamble or file meta, multi-frame, MONOCHROME1, and the compressed transfer
 syntaxes through pydicom's decoder plugins (pylibjpeg with openjpeg, libjpeg and
-rle; pyjpegls). python-gdcm is deliberately not installed: pydicom tries it first,
-and a byte-flipped JPEG-LS header made it abort the whole process from C++, which
-in Triton would kill the stub and every request batched with the bad one.
+rle; pyjpegls); openjpeg 2 also decodes HTJ2K (JPEG 2000 Part 15: .201, .202, .203).
+python-gdcm is deliberately not installed: pydicom tries it first, and a byte-flipped
+JPEG-LS header made it abort the whole process from C++, which in Triton would kill
+the stub and every request batched with the bad one.
 Strict where the answer would be wrong: no pixel data, colour, missing rescale or
 spacing, truncated pixel data.
 
@@ -198,7 +199,14 @@ def _read(data: bytes, index: int, *, force: bool, header_only: bool) -> tuple[D
             instance=index,
         ) from error
     if len(dataset) == 0:
-        raise TruncatedDicomError("the dataset ends before its first attribute", instance=index)
+        raise TruncatedDicomError(
+            # A whole read follows a header that parsed: pydicom 3.0 returns nothing at all
+            # when the file ends inside encapsulated Pixel Data (seen with cut HTJ2K files).
+            "the dataset ends before its first attribute"
+            if header_only
+            else "the dataset ends inside (7FE0,0010) Pixel Data",
+            instance=index,
+        )
     return dataset, stream.tell()
 
 

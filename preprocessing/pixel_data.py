@@ -122,12 +122,13 @@ def _decode_error(syntax: UID | None, index: int, error: BaseException) -> Pixel
     name = uid_name(syntax, "Transfer Syntax")
     if name is None:
         return PixelDecodeError(
-            "pixel data could not be decoded: (0002,0010) Transfer Syntax UID is missing "
-            "or not a standard transfer syntax",
+            "(7FE0,0010) Pixel Data could not be decoded: (0002,0010) Transfer Syntax UID "
+            "is missing or not a standard transfer syntax",
             instance=index,
         )
     return PixelDecodeError(
-        f"pixel data could not be decoded ({name}): the decoder raised {type(error).__name__}",
+        f"(7FE0,0010) Pixel Data could not be decoded ({name}): the decoder raised "
+        f"{type(error).__name__}",
         instance=index,
     )
 

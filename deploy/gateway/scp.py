@@ -60,6 +60,10 @@ TRANSFER_SYNTAXES = (
     uid.JPEGLSNearLossless,
     uid.JPEG2000Lossless,
     uid.JPEG2000,
+    # HTJ2K (JPEG 2000 Part 15): pylibjpeg-openjpeg 2 decodes it, as pydicom 3 routes it
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
     uid.RLELossless,
 )
 

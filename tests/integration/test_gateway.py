@@ -21,11 +21,14 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 from abdoserve.export.phantom.common import write_study
 from abdoserve.export.phantom.studies import build_study
 from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, echoscu, start_orthanc, storescu
+from tests.htj2k import SYNTAXES as HTJ2K_SYNTAXES
+from tests.htj2k import transcode
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
@@ -428,6 +431,42 @@ def test_a_compressed_study_is_answered_as_abdoserve_infer_answers_it(
         report, infer("bone_density_ct", tmp_path / "study", triton), "bone_density_ct"
     )
     assert evidence(report) == sop_uids(paths)
+
+
+def push_with_pynetdicom(gateway: GatewayProcess, paths: list[Path]) -> list[int]:
+    """The files' C-STOREs in one association from pynetdicom, each in its own transfer
+    syntax. For HTJ2K: this machine's storescu (dcmtk 3.6.7) knows no HTJ2K UID and fails
+    "unable to convert dataset" before it sends; dcmtk learned them in 3.6.8."""
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(path) for path in paths]
+    ae = AE(ae_title="MODALITY")
+    for context in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
+        ae.add_requested_context(*context)
+    association = ae.associate("127.0.0.1", gateway.port, ae_title=AE_TITLE)
+    assert association.is_established
+    try:
+        return [int(association.send_c_store(dataset).Status) for dataset in datasets]
+    finally:
+        association.release()
+
+
+@pytest.mark.parametrize("syntax", HTJ2K_SYNTAXES, ids=lambda syntax: syntax[-3:])
+def test_an_htj2k_study_comes_back_as_the_uncompressed_studys_sr(
+    syntax: UID, gateway: GatewayProcess, orthanc: Orthanc, triton: EmbeddedServer, tmp_path: Path
+) -> None:
+    paths = phantom("bone_density_ct", tmp_path / "study")
+    (tmp_path / "htj2k").mkdir()
+    coded = [tmp_path / "htj2k" / path.name for path in paths]
+    for path, target in zip(paths, coded, strict=True):
+        target.write_bytes(transcode(path.read_bytes(), syntax))
+    assert push_with_pynetdicom(gateway, coded) == [0x0000] * len(coded)
+    report = wait_for_report(orthanc, study_uid(coded))
+    # the value the uncompressed files get from `abdoserve infer`
+    uncompressed = infer("bone_density_ct", tmp_path / "study", triton)
+    assert_report_answers(report, uncompressed, "bone_density_ct")
+    assert evidence(report) == sop_uids(coded) == sop_uids(paths)
+    assert gateway.metric("abdoserve_gateway_requests_answered_total", task="bone_density_ct") == 1
 
 
 def test_an_enhanced_ct_instance_is_routed_whole_and_answered(

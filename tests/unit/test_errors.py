@@ -159,7 +159,7 @@ def test_a_panicking_rle_decoder_is_a_pixel_decode_error() -> None:
         decode_instance(out.getvalue(), 0, IntakeLimits())
     # The decoder's own message may quote the stream: only its type is named.
     assert str(caught.value) == (
-        "instance 0: pixel data could not be decoded (RLE Lossless): "
+        "instance 0: (7FE0,0010) Pixel Data could not be decoded (RLE Lossless): "
         "the decoder raised PanicException"
     )
 
