@@ -2,11 +2,19 @@
 
 The same public contract as the ensemble (inputs DICOM or DICOM_PACKED + DICOM_OFFSETS,
 CLINICAL; outputs SCORES, STUDY, ANSWER; the task's published parameters), the same
-code at each step: `StudyIntake`, the build's CPU runtime (`open_runner`), then
+code at each step: `StudyIntake`, the CPU runtime (`open_runner`), then
 `study_answer`. What it saves is the two Python-backend hops of the ensemble: the
 samples and the network's output no longer cross shared memory between three stub
-processes. Every queued request's study is prepared in turn, then all of them run as
-one network batch; a request the intake refuses answers alone.
+processes. Every queued request's study is prepared in turn, then the studies run as
+one network batch per version; a request the intake refuses answers alone.
+
+Versions: the model holds the network versions its routing needs (the `routing`
+parameter, as the ensemble's postprocess model has it), opened from the numbered
+folders beside its own (`abdoserve.serving.local_versions`), and routes each study as
+the postprocess model does (`abdoserve.serving.version_router`): canary by the study's
+key, a failing candidate's studies answered by production, a companion version run
+after the answer from a thread. Every answer names the version that ran; what arrived
+and what was answered are counted per version for drift.
 """
 
 from __future__ import annotations
@@ -15,24 +23,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from abdoserve.preprocessing.study import PreparedStudy
 from abdoserve.serving import triton_adapter as glue
-from abdoserve.serving.answer import ModelIdentity, study_answer
-from abdoserve.serving.cpu_runtimes import configured_runner
+from abdoserve.serving.answer import study_answer
+from abdoserve.serving.companion import CompanionRunner
 from abdoserve.serving.drift_metrics import DriftMetrics
 from abdoserve.serving.intake import StudyIntake
+from abdoserve.serving.local_versions import LocalNets
+from abdoserve.serving.net_versions import NetFailed, VersionIdentities
+from abdoserve.serving.routing import served_routing
+from abdoserve.serving.routing_metrics import RoutingMetrics
+from abdoserve.serving.version_router import Routed, VersionRouter
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         parameters, self.spec = glue.model_spec(pb_utils, args)
-        version_folder = Path(args["model_repository"]) / args["model_version"]
-        self.runner = configured_runner(self.spec, parameters, version_folder)
-        self.identity = ModelIdentity.from_parameters(
-            self.spec.name, parameters.get("model_version", "1"), parameters
+        folder = Path(args["model_repository"])
+        version_folder = folder / args["model_version"]
+        routing = served_routing(parameters)
+        self.nets = LocalNets(
+            pb_utils, self.spec, parameters, folder, routing.versions(time.time())
+        )
+        self.identities = VersionIdentities(self.spec.name, parameters, folder)
+        metrics = RoutingMetrics(pb_utils, self.spec.name)
+        self.router = VersionRouter(
+            routing,
+            self.nets.call,
+            metrics,
+            CompanionRunner(self.spec.output, self.nets.call_blocking, metrics),
         )
         self.intake = StudyIntake(pb_utils, self.spec, version_folder)
         self.drift = DriftMetrics(pb_utils, self.spec.name, self.spec.output)
@@ -60,25 +81,39 @@ class TritonPythonModel:
         return responses
 
     def answer(self, studies: list[PreparedStudy]) -> list[Any]:
-        """Responses for the prepared studies, in order; a failed run fails each of them."""
-        features = [study.features for study in studies]
+        """Responses for the prepared studies, in order; a failed run fails its studies."""
         try:
-            outputs = self.runner.run_studies([study.samples for study in studies], features)
+            routed = self.router.run_batch(
+                [study.study_key for study in studies],
+                [study.samples for study in studies],
+                [study.features for study in studies],
+                self.nets.run,
+            )
         except Exception as error:  # never raised out of execute
             return [glue.error_response(pb_utils, error) for _ in studies]
-        return [self.respond(study, output) for study, output in zip(studies, outputs, strict=True)]
+        return [self.respond(study, result) for study, result in zip(studies, routed, strict=True)]
 
-    def respond(self, prepared: PreparedStudy, output: np.ndarray) -> Any:
+    def respond(self, prepared: PreparedStudy, result: Routed | NetFailed) -> Any:
+        if isinstance(result, NetFailed):
+            return pb_utils.InferenceResponse(output_tensors=[], error=result.triton_error)
         roles = dict(zip(prepared.roles, prepared.role_sources, strict=True))
         try:
             study, answer = study_answer(
-                self.spec, output, prepared.sources.tolist(), self.identity, roles
+                self.spec,
+                result.output,
+                prepared.sources.tolist(),
+                self.identities[result.version],
+                roles,
             )
         except Exception as error:
             return glue.error_response(pb_utils, error)
-        self.drift.observe(int(self.identity.version), prepared.profile, study)
-        return glue.response(pb_utils, glue.answer_outputs(output, study, answer))
+        self.drift.observe(result.version, prepared.profile, study)
+        self.router.compare_later(
+            prepared.study_key, result, prepared.samples, prepared.features, study
+        )
+        return glue.response(pb_utils, glue.answer_outputs(result.output, study, answer))
 
     def finalize(self) -> None:
+        self.router.companions.stop()
         self.intake.release()
-        self.runner = None  # type: ignore[assignment]
+        self.nets = None  # type: ignore[assignment]

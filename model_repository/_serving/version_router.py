@@ -10,7 +10,7 @@ failure is the request's error, as before there were versions.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,9 @@ from abdoserve.serving.routing import Routing
 from abdoserve.serving.routing_metrics import RoutingMetrics
 
 AsyncCall = Callable[[int, np.ndarray, np.ndarray], Awaitable[np.ndarray]]
+# A fused model's in-process run: a version and its studies' samples and features in,
+# one output per study out, as one batch (abdoserve.serving.local_versions).
+BatchRun = Callable[[int, Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +63,66 @@ class VersionRouter:
                 output = await self._timed(version, samples, features)
         self.metrics.answered(version, route)
         return Routed(version, output)
+
+    def run_batch(
+        self,
+        keys: Sequence[str],
+        samples: Sequence[np.ndarray],
+        features: Sequence[np.ndarray],
+        run: BatchRun,
+    ) -> list[Routed | NetFailed]:
+        """`run` for studies run in-process: grouped by the version each gets, one run per
+        group so that each stays one batch, with `run`'s fallback for a whole group. Each
+        study's result is its Routed answer, or the NetFailed that is its error."""
+        groups: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(self.routing.answering(key), []).append(index)
+        results: list[Routed | NetFailed | None] = [None] * len(keys)
+        for version, members in groups.items():
+            studies = ([samples[i] for i in members], [features[i] for i in members])
+            try:
+                routed = self._group(version, *studies, run)
+            except NetFailed as failed:
+                routed = [failed] * len(members)
+            for index, result in zip(members, routed, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def _group(
+        self,
+        version: int,
+        samples: list[np.ndarray],
+        features: list[np.ndarray],
+        run: BatchRun,
+    ) -> list[Routed | NetFailed]:
+        production = self.routing.production
+        route = "production" if version == production else "canary"
+        attempts = [(version, route)] if version == production else [(version, route)] * 2
+        if version != production:
+            attempts.append((production, "fallback"))
+        for number, (tried, tried_route) in enumerate(attempts):
+            try:
+                outputs = self._timed_run(tried, samples, features, run)
+            except NetFailed:
+                for _ in samples:  # each study's call failed, as with one call per study
+                    self.metrics.failed(tried)
+                if number == len(attempts) - 1:
+                    raise
+                continue
+            for _ in outputs:
+                self.metrics.answered(tried, tried_route)
+            return [Routed(tried, output) for output in outputs]
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _timed_run(
+        self, version: int, samples: list[np.ndarray], features: list[np.ndarray], run: BatchRun
+    ) -> list[np.ndarray]:
+        started = time.perf_counter()
+        outputs = run(version, samples, features)
+        seconds = time.perf_counter() - started
+        for _ in outputs:  # every study of the batch waited for the whole run
+            self.metrics.called(version, seconds)
+        return outputs
 
     def compare_later(
         self,
