@@ -2,8 +2,9 @@
 acceptance cohort looked like.
 
 The server counts every answered study per task and version, over fixed bins
-(abdoserve.serving.drift). `abdoserve model validate` keeps the cohort's counts over
-the same bins in the version's folder (`drift_reference.json`). Every `every_s`, the
+(abdoserve.serving.drift). `abdoserve model validate` keeps the cohort's counts, with
+the bins, in the version's folder (`drift_reference.json`): the supervisor reads the
+live counts by those bins, and loads no model code to do it. Every `every_s`, the
 supervisor takes the counts' increase over the last `window_s` from Triton's /metrics
 and, for each version with a reference and at least `min_studies` in the window,
 gives each feature's population stability index against its reference
@@ -23,13 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from abdoserve.deploy.rollback_watch import Samples
-from abdoserve.preprocessing.tasks import get_task
-from abdoserve.serving.drift import (
+from abdoserve.serving.drift_bins import (
     MISSING_METRIC,
     REFERENCE_FILE,
     REFERENCE_SCHEMA,
     Feature,
-    features,
     stability_index,
 )
 
@@ -37,6 +36,14 @@ log = logging.getLogger(__name__)
 
 Series = tuple[str, str]  # (task, version)
 Counts = dict[tuple[str, str, str], np.ndarray]  # (task, version, feature) -> bin counts
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A version's acceptance cohort: each feature's bins, and its counts over them."""
+
+    features: tuple[Feature, ...]
+    counts: Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -59,21 +66,21 @@ def feature_counts(samples: Samples, task: str, version: str, feature: Feature) 
     """One feature's counts over its bins, cumulative since the server started."""
     wanted = {("task", task), ("version", version)}
     if feature.categories:
-        label = "class" if feature.name == "answer" else feature.name
         counts = np.zeros(feature.bins)
         for (name, labels), value in samples.items():
             if name == feature.metric and wanted <= labels:
-                category = dict(labels).get(label)
+                category = dict(labels).get(feature.label)
                 if category in feature.categories:
                     counts[feature.categories.index(category)] += value
         return counts
     cumulative = np.zeros(len(feature.edges) + 1)
-    bounds = [*feature.edges, float("inf")]
+    bounds = np.asarray([*feature.edges, np.inf])
     for (name, labels), value in samples.items():
         if name == feature.metric + "_bucket" and wanted <= labels:
-            bound = float(dict(labels)["le"])
-            if bound in bounds:
-                cumulative[bounds.index(bound)] = value
+            # /metrics writes a bound in its own decimal form: matched, not compared
+            found = np.flatnonzero(np.isclose(bounds, float(dict(labels)["le"]), rtol=1e-9))
+            if found.size:
+                cumulative[found[0]] = value
     missing = sum(
         value
         for (name, labels), value in samples.items()
@@ -93,53 +100,44 @@ def series_in(samples: Samples) -> set[Series]:
     return found
 
 
-def all_counts(samples: Samples) -> Counts:
-    counts: Counts = {}
-    for task, version in series_in(samples):
-        try:
-            task_features = features(get_task(task).output)
-        except KeyError:
-            continue  # a model of another build on the same server
-        for feature in task_features:
-            counts[(task, version, feature.name)] = feature_counts(samples, task, version, feature)
-    return counts
-
-
 @dataclass
 class References:
     """Each version's `drift_reference.json`, read again when it changes."""
 
     repository: Path
-    cache: dict[Path, tuple[float, Mapping[str, np.ndarray] | None]] = field(default_factory=dict)
+    cache: dict[Path, tuple[float, Baseline | None]] = field(default_factory=dict)
 
-    def __call__(self, task: str, version: str) -> Mapping[str, np.ndarray] | None:
+    def __call__(self, task: str, version: str) -> Baseline | None:
         path = self.repository / f"{task}_net" / version / REFERENCE_FILE
+        if not path.parent.is_dir():  # a fused model's versions lie beside its code
+            path = self.repository / task / version / REFERENCE_FILE
         try:
             stamp = path.stat().st_mtime
         except OSError:
             return None
         cached = self.cache.get(path)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, read_reference(path, task))
+            cached = (stamp, read_reference(path))
             self.cache[path] = cached
         return cached[1]
 
 
-def read_reference(path: Path, task: str) -> Mapping[str, np.ndarray] | None:
-    """A reference's counts by feature, checked against the task's bins; None (logged)
-    when it is not one."""
+def read_reference(path: Path) -> Baseline | None:
+    """A baseline, checked (each feature's counts fit its bins); None, logged, when the
+    file is not one."""
     try:
         document = json.loads(path.read_text())
         if document.get("schema") != REFERENCE_SCHEMA:
             raise ValueError(f"schema is not {REFERENCE_SCHEMA}")
-        counts = document["features"]
-        found = {}
-        for feature in features(get_task(task).output):
-            values = np.asarray(counts[feature.name], dtype=np.float64)
-            if values.shape != (feature.bins,) or (values < 0).any():
-                raise ValueError(f"{feature.name}: {feature.bins} counts expected")
-            found[feature.name] = values
-        return found
+        features, counts = [], {}
+        for name, value in document["features"].items():
+            feature = Feature.from_json(str(name), value)
+            found = np.asarray(value["counts"], dtype=np.float64)
+            if found.shape != (feature.bins,) or (found < 0).any() or not feature.bins:
+                raise ValueError(f"{name}: {feature.bins} counts expected")
+            features.append(feature)
+            counts[feature.name] = found
+        return Baseline(tuple(features), counts)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         log.warning("drift reference %s not used: %s", path, error)
         return None
@@ -148,7 +146,7 @@ def read_reference(path: Path, task: str) -> Mapping[str, np.ndarray] | None:
 @dataclass
 class DriftWatch:
     bounds: DriftBounds
-    references: Callable[[str, str], Mapping[str, np.ndarray] | None]
+    references: Callable[[str, str], Baseline | None]
     history: deque[tuple[float, Counts]] = field(default_factory=deque)
 
     def due(self, now: float) -> bool:
@@ -156,7 +154,7 @@ class DriftWatch:
 
     def update(self, samples: Samples, now: float) -> list[DriftFigure]:
         """The window's figures, with this scrape as its newest point."""
-        current = all_counts(samples)
+        current = self.all_counts(samples)
         if self.history and restarted(self.history[-1][1], current):
             self.history.clear()  # Triton restarted: its counters began again
         if not self.history:
@@ -170,15 +168,31 @@ class DriftWatch:
         }
         return list(self.figures(window))
 
+    def all_counts(self, samples: Samples) -> Counts:
+        """Each baselined version's counts over its baseline's bins, since the server
+        started; a version without a baseline is not read at all."""
+        counts: Counts = {}
+        for task, version in sorted(series_in(samples)):
+            baseline = self.references(task, version)
+            for feature in baseline.features if baseline is not None else ():
+                counts[(task, version, feature.name)] = feature_counts(
+                    samples, task, version, feature
+                )
+        return counts
+
     def figures(self, window: Counts) -> Iterable[DriftFigure]:
         for task, version in sorted({(task, version) for task, version, _ in window}):
-            studies = int(window[(task, version, "answer")].sum())
-            reference = self.references(task, version)
-            if reference is None or studies < self.bounds.min_studies:
+            baseline = self.references(task, version)
+            answers = window.get((task, version, "answer"))
+            if baseline is None or answers is None:
                 continue
-            for (found_task, found_version, name), counts in sorted(window.items()):
-                if (found_task, found_version) == (task, version) and name in reference:
-                    index = stability_index(reference[name], counts)
+            studies = int(answers.sum())
+            if studies < self.bounds.min_studies:
+                continue
+            for name, expected in sorted(baseline.counts.items()):
+                observed = window.get((task, version, name))
+                if observed is not None:
+                    index = stability_index(expected, observed)
                     yield DriftFigure(task, version, name, index, studies)
 
 

@@ -32,7 +32,8 @@ from abdoserve.deploy.validation_report import write_report
 from abdoserve.deploy.versions import VersionControl, VersionError
 from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.study_profile import StudyProfile, study_profile
-from abdoserve.serving.drift import REFERENCE_FILE, answer_feature, reference, study_bins
+from abdoserve.serving.drift import answer_feature, reference, study_bins
+from abdoserve.serving.drift_bins import REFERENCE_FILE
 from abdoserve.serving.routing import Routing
 
 THRESHOLDS_FILE = Path(__file__).with_name("acceptance_thresholds.json")

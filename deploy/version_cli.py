@@ -278,7 +278,7 @@ def record_acceptance(
 
     from abdoserve.deploy.validation import acceptance_record
     from abdoserve.export.model_card import CARD_FILE, read_card, write_card
-    from abdoserve.serving.drift import REFERENCE_FILE
+    from abdoserve.serving.drift_bins import REFERENCE_FILE
 
     folder = args.repository / f"{args.task}_net" / str(args.version)
     if not folder.is_dir():

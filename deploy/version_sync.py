@@ -34,6 +34,7 @@ from abdoserve.deploy.model_control import ModelControl
 from abdoserve.deploy.rollback_watch import Breach, RollbackWatch, Samples, parse_metrics
 from abdoserve.deploy.versions import pinned_versions, with_routing, with_versions
 from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing
+from abdoserve.serving.task_models import TaskModels, routed_tasks
 
 # The `_net` parameter `model import` writes into the repository: read into the live
 # config when the net is loaded anyway (never a load of its own: each costs a swap).
@@ -73,34 +74,30 @@ class VersionSync:
         self.held_since: dict[str, tuple[int, float]] = {}  # task: (generation, since)
         self.unwritable: set[str] = set()
 
-    def tasks(self) -> list[str]:
-        """Tasks whose postprocess routes between `_net` versions (not a fused build)."""
-        return sorted(
-            folder.name.removesuffix("_postprocess")
-            for folder in self.repository.glob("*_postprocess")
-            if (folder.parent / folder.name.replace("_postprocess", "_net") / CONFIG_FILE).is_file()
-        )
+    def tasks(self) -> list[TaskModels]:
+        """Tasks that route between versions: the ensemble's or the fused model's."""
+        return routed_tasks(self.repository)
 
     def check_once(self, samples: Samples | None = None) -> None:
         """`samples`: the server's /metrics, parsed (read here with `metrics_text` if not
         given), for the canary's watch."""
         if samples is None and self.watch is not None and self.metrics_text is not None:
             samples = parse_metrics(self.metrics_text())
-        for task in self.tasks():
-            self.sync(task, samples)
+        for models in self.tasks():
+            self.sync(models, samples)
 
-    def sync(self, task: str, samples: Samples | None = None) -> None:
-        post = f"{task}_postprocess"
-        live_config = self.control.config(post)
+    def sync(self, models: TaskModels, samples: Samples | None = None) -> None:
+        task = models.task
+        live_config = self.control.config(models.router)
         live = routing_in_config(live_config)
         if samples is not None and self.watch is not None:
             breach = self.watch.breach(task, live, samples, self.monotonic())
             if breach is not None:
-                live = self.roll_back(task, live, live_config, breach)
-        on_disk = routing_on_disk(self.repository / post)
+                live = self.roll_back(models, live, live_config, breach)
+        on_disk = routing_on_disk(self.repository / models.router)
         now = self.clock()
         if live.generation > on_disk.generation:
-            self.persist(task, live, now)
+            self.persist(models, live, now)
         elif on_disk != live:
             log.warning(
                 "%s: adopting routing generation %d from the repository (%s)",
@@ -108,12 +105,13 @@ class VersionSync:
                 on_disk.generation,
                 on_disk.reason or "no reason given",
             )
-            self.adopt(task, on_disk, live_config, now)
+            self.adopt(models, on_disk, live_config, now)
             return
-        self.settle(task, live, now)
+        if not models.fused:  # a fused model opens only what its routing needs
+            self.settle(task, live, now)
 
     def roll_back(
-        self, task: str, routing: Routing, live_config: Mapping[str, Any], breach: Breach
+        self, models: TaskModels, routing: Routing, live_config: Mapping[str, Any], breach: Breach
     ) -> Routing:
         """The canary to 0 % on this server; persisted and carried like any change."""
         assert routing.candidate is not None
@@ -123,24 +121,26 @@ class VersionSync:
             percent=0.0,
             reason=f"automatic rollback of version {routing.candidate}: {breach.detail}",
         )
-        log.error("%s: %s", task, rolled.reason)
-        self.control.load(f"{task}_postprocess", with_routing(live_config, rolled))
+        log.error("%s: %s", models.task, rolled.reason)
+        self.control.load(models.router, with_routing(live_config, rolled))
         if self.rolled_back is not None:
-            self.rolled_back(task, routing.candidate, breach)
+            self.rolled_back(models.task, routing.candidate, breach)
         return rolled
 
-    def persist(self, task: str, routing: Routing, now: float) -> None:
+    def persist(self, models: TaskModels, routing: Routing, now: float) -> None:
+        task = models.task
         try:
             edit_config(
-                self.repository / f"{task}_postprocess",
+                self.repository / models.router,
                 lambda config: config.parameters[ROUTING_PARAMETER].__setattr__(
                     "string_value", routing.to_json()
                 ),
             )
-            edit_config(
-                self.repository / f"{task}_net",
-                lambda config: pin(config, routing.versions(now)),
-            )
+            if not models.fused:  # the fused model's policy stays pinned to its code
+                edit_config(
+                    self.repository / models.versions,
+                    lambda config: pin(config, routing.versions(now)),
+                )
         except OSError as error:
             if task not in self.unwritable:
                 log.warning(
@@ -155,8 +155,13 @@ class VersionSync:
         log.info("%s: routing generation %d written to the repository", task, routing.generation)
 
     def adopt(
-        self, task: str, routing: Routing, live_config: Mapping[str, Any], now: float
+        self, models: TaskModels, routing: Routing, live_config: Mapping[str, Any], now: float
     ) -> None:
+        if models.fused:  # one reload: the new instance opens the versions it routes to
+            config = self._with_records(models.router, with_routing(live_config, routing))
+            self.control.load(models.router, config)
+            return
+        task = models.task
         net = f"{task}_net"
         net_config = self.control.config(net)
         needed = tuple(sorted(set(routing.versions(now)) | set(pinned_versions(net_config))))

@@ -6,6 +6,8 @@ behind the guard, a pod):
 - which versions of `<task>_net` are loaded: its config's `version_policy`;
 - which answers: the `routing` parameter of `<task>_postprocess`
   (abdoserve.serving.routing).
+A fused `<task>` holds both: its routing parameter, and the versions it opens in its
+own process (abdoserve.serving.task_models); a change there is one reload of it.
 
 A change loads the versions both routings need first and waits until they are ready,
 then reloads the postprocess model with the new routing. Triton swaps a reloaded model
@@ -26,8 +28,10 @@ from typing import Any
 
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
 from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER, Routing, RoutingError
+from abdoserve.serving.task_models import TaskModels
 
 ROLLBACK_WINDOW_S = 3600.0  # how long a promote keeps the version it replaced loaded
+IN_PROCESS = "IN PROCESS"  # `model list`'s state of a version a fused model runs itself
 
 
 class VersionError(RuntimeError):
@@ -120,6 +124,7 @@ class TaskVersions:
     routing: Routing
     loaded: Mapping[int, str]  # version: Triton's state (READY, UNAVAILABLE, ...)
     cards: Mapping[int, str]  # version: its model card id, where it has one
+    models: TaskModels | None = None  # where they live; None: the ensemble's
 
     def versions(self) -> list[int]:
         return sorted(set(self.loaded) | set(self.cards) | {self.routing.production})
@@ -193,20 +198,39 @@ class VersionControl:
         return config
 
     def state(self, task: str) -> TaskVersions:
+        models = self.models(task)
+        try:
+            routing = routing_of(self.config(models.router))
+        except RoutingError as error:
+            raise VersionError(f"{task}: the server's routing cannot be read: {error}") from error
+        cards = cards_of(self.config(models.versions))
+        if models.fused:
+            # Triton loads the fused model's code (version 1); the versions it routes to
+            # run in its process, opened when it loaded.
+            ready = self.client.is_model_ready(task, headers=self.headers)
+            state = IN_PROCESS if ready else "UNAVAILABLE"
+            loaded = {version: state for version in routing.versions(self.clock())}
+        else:
+            loaded = self.loaded(models.versions)
+        return TaskVersions(task, routing, loaded, cards, models)
+
+    def models(self, task: str) -> TaskModels:
+        """The task's shape on this server: `<task>_net` (the ensemble) or a fused `<task>`."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            net = self.config(f"{task}_net")
-        except InferenceServerException as error:
-            raise VersionError(
-                f"{task}: the server has no {task}_net ({error.message()}); a fused "
-                "pipeline (serve --pipeline fused) has no versions to route"
-            ) from error
-        try:
-            routing = routing_of(self.config(f"{task}_postprocess"))
-        except RoutingError as error:
-            raise VersionError(f"{task}: the server's routing cannot be read: {error}") from error
-        return TaskVersions(task, routing, self.loaded(f"{task}_net"), cards_of(net))
+            self.config(f"{task}_net")
+            return TaskModels(task, fused=False)
+        except InferenceServerException as missing:
+            try:
+                config = self.config(task)
+            except InferenceServerException as error:
+                raise VersionError(
+                    f"{task}: the server has no such task ({missing.message()})"
+                ) from error
+        if config.get("backend") != "python" or config.get("platform") == "ensemble":
+            raise VersionError(f"{task}: the server has no {task}_net and no fused {task}")
+        return TaskModels(task, fused=True)
 
     def loaded(self, model: str) -> dict[int, str]:
         index = self.client.get_model_repository_index(headers=self.headers, as_json=True)
@@ -221,6 +245,9 @@ class VersionControl:
         now = self.clock()
         current = self.state(task)
         new = change(current.routing, now)
+        if current.models is not None and current.models.fused:
+            self._reload_fused(task, new)
+            return new
         net = f"{task}_net"
         needed = tuple(sorted(set(current.routing.versions(now)) | set(new.versions(now))))
         net_config = self.config(net)
@@ -233,6 +260,19 @@ class VersionControl:
         post = f"{task}_postprocess"
         self._load(post, with_routing(self.config(post), new))
         return new
+
+    def _reload_fused(self, task: str, new: Routing) -> None:
+        """One reload: the new instance opens the versions `new` needs, or fails to load
+        (a version not in the repository), and the old config is loaded back."""
+        before = self.config(task)
+        try:
+            self._load(task, with_routing(before, new))
+        except VersionError:
+            self._load(task, before)  # what served before, as it was
+            raise
+        if not self.client.is_model_ready(task, headers=self.headers):
+            self._load(task, before)
+            raise VersionError(f"{task} did not come back ready with the new routing")
 
     def _load(self, model: str, config: Mapping[str, Any]) -> None:
         from tritonclient.utils import InferenceServerException

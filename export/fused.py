@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from abdoserve.export.configs import model_names, to_text
+from abdoserve.serving.task_models import FUSED_CODE_VERSION
 
 Pipeline = Literal["ensemble", "fused"]
 PIPELINES: tuple[Pipeline, ...] = ("ensemble", "fused")
@@ -41,6 +42,9 @@ def fused_config(root: Path, task: str, name: str) -> mc.ModelConfig:
     config.instance_group.extend(preprocess.instance_group)
     config.input.extend(preprocess.input)  # ragged: studies of any size batch together
     config.output.extend(ensemble.output)
+    # Triton loads the code's folder alone; the network versions beside it (model import
+    # writes <task>/<N>/) are opened by the model itself, as its routing says.
+    config.version_policy.specific.versions.append(FUSED_CODE_VERSION)
     for source in (ensemble, net, postprocess, preprocess):
         for key, value in source.parameters.items():
             config.parameters[key].CopyFrom(value)

@@ -243,16 +243,13 @@ def net_model(repository: Path, task: str) -> NetModel:
         )
     _, preprocess, net, _ = model_names(task)
     folder = repository / net
-    if not (folder / "config.pbtxt").is_file():
-        fused = (repository / task / "config.pbtxt").is_file()
-        raise ImportRefused(
-            f"{repository} has no {net}"
-            + (
-                ": it was built with --pipeline fused, which has no _net to version"
-                if fused
-                else f": {task} is not built there"
-            )
-        )
+    fused = (
+        not (folder / "config.pbtxt").is_file() and (repository / task / "config.pbtxt").is_file()
+    )
+    if fused:
+        folder = repository / task  # its versions are the folders beside its code's
+    elif not (folder / "config.pbtxt").is_file():
+        raise ImportRefused(f"{repository} has no {net}: {task} is not built there")
     config = read_config(folder)
     if config.backend != "python":
         kind = config.platform or config.backend
@@ -265,8 +262,21 @@ def net_model(repository: Path, task: str) -> NetModel:
     runtime = CPU_RUNTIMES.get(parameters.get(RUNTIME_PARAMETER, DEFAULT_CPU_RUNTIME))
     if runtime is None:
         raise ImportRefused(f"{net}: unknown runtime {parameters.get(RUNTIME_PARAMETER)!r}")
-    contract = net_contract(spec, read_config(repository / preprocess), config)
+    contract = (
+        spec_contract(spec)
+        if fused
+        else net_contract(spec, read_config(repository / preprocess), config)
+    )
     return NetModel(task, folder, config, spec, runtime, contract)
+
+
+def spec_contract(spec: TaskSpec) -> NetContract:
+    """A fused model's network contract: no composing configs to read it from, so the
+    spec's own shapes, which the build checked the composing models against."""
+    inputs = [TensorContract("SAMPLES", "samples", (-1, *spec.sample_shape))]
+    if spec.feature_width:
+        inputs.append(TensorContract("FEATURES", "features", (-1, spec.feature_width)))
+    return NetContract(tuple(inputs), TensorContract("OUTPUT", "output", (-1, spec.output.width)))
 
 
 def net_contract(spec: TaskSpec, preprocess: mc.ModelConfig, net: mc.ModelConfig) -> NetContract:

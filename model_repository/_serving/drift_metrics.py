@@ -13,16 +13,8 @@ import numpy as np
 
 from abdoserve.preprocessing.specs import Output
 from abdoserve.preprocessing.study_profile import StudyProfile
-from abdoserve.serving.drift import (
-    CLASS_METRIC,
-    INPUT_FEATURES,
-    MISSING_METRIC,
-    SCORE_METRIC,
-    Feature,
-    answer_feature,
-    answer_value,
-    profile_value,
-)
+from abdoserve.serving.drift import INPUT_FEATURES, answer_feature, answer_value, profile_value
+from abdoserve.serving.drift_bins import CLASS_METRIC, MISSING_METRIC, SCORE_METRIC, Feature
 
 DESCRIPTIONS = {
     "manufacturer": "Studies by scanner vendor (a fixed vocabulary), task and network version",

@@ -32,14 +32,8 @@ from abdoserve.preprocessing.study_profile import (
     vendor,
 )
 from abdoserve.preprocessing.tasks import get_task
-from abdoserve.serving.drift import (
-    REFERENCE_FILE,
-    answer_feature,
-    features,
-    reference,
-    stability_index,
-    study_bins,
-)
+from abdoserve.serving.drift import answer_feature, features, reference, study_bins
+from abdoserve.serving.drift_bins import REFERENCE_FILE, stability_index
 from abdoserve.serving.drift_metrics import DriftMetrics
 
 BONE = get_task("bone_density_ct")
@@ -240,7 +234,8 @@ def test_what_the_server_counts_reads_back_as_the_cohorts_reference(server: Drif
     assert expected["studies"] == 30
     for feature in features(BONE.output):
         counts = feature_counts(samples, BONE.name, "2", feature)
-        assert list(counts) == expected["features"][feature.name], feature.name  # type: ignore[index]
+        document = expected["features"][feature.name]  # type: ignore[index]
+        assert list(counts) == document["counts"], feature.name
     # Nothing under another version, and no label a header wrote.
     assert not feature_counts(samples, BONE.name, "1", answer_feature(BONE.output)).any()
 
@@ -292,10 +287,11 @@ def test_a_version_without_a_reference_or_with_a_bad_one_has_no_index(
     watch = DriftWatch(DriftBounds(min_studies=10), References(tmp_path))
     assert watch.update(parse_metrics(exposition()), now=0.0) == []
     path = write_reference(tmp_path, "3", [(StudyProfile(), bone_values(1)[0])])
+    assert read_reference(path) is not None
     document = json.loads(path.read_text())
-    document["features"]["kvp"] = [1, 2]
+    document["features"]["kvp"]["counts"] = [1, 2]
     path.write_text(json.dumps(document))
-    assert read_reference(path, BONE.name) is None
+    assert read_reference(path) is None
     assert watch.update(parse_metrics(exposition()), now=1.0) == []
 
 

@@ -14,11 +14,12 @@ from google.protobuf import json_format
 
 from abdoserve.deploy.rollback_watch import RollbackBounds, RollbackWatch
 from abdoserve.deploy.version_sync import VersionSync, read_config, routing_on_disk
-from abdoserve.deploy.versions import canary, pinned_versions, promote, routing_of
+from abdoserve.deploy.versions import canary, pinned_versions, promote, routing_of, with_routing
 from abdoserve.export.configs import Tuning, model_names, render_task, to_text
 from abdoserve.export.repository import pin_versions
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving.routing import Routing
+from abdoserve.serving.task_models import TaskModels
 from tests.unit.test_rollback_watch import metrics
 
 TASK = "bone_density_ct"
@@ -28,12 +29,12 @@ _, _, NET, POST = model_names(TASK)
 class FakeControl:
     """Triton's live configs and repository index, changed by `load` as Triton would."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, models: tuple[str, ...] = (NET, POST)) -> None:
         self.configs = {
             name: json_format.MessageToDict(
                 read_config(repository / name), preserving_proto_field_name=True
             )
-            for name in (NET, POST)
+            for name in models
         }
         self.loads: list[str] = []
 
@@ -46,8 +47,9 @@ class FakeControl:
 
     def index(self) -> list[dict[str, Any]]:
         return [
-            {"name": NET, "version": str(version), "state": "READY"}
-            for version in pinned_versions(self.configs[NET])
+            {"name": name, "version": str(version), "state": "READY"}
+            for name in self.configs
+            for version in pinned_versions(self.configs[name])
         ]
 
 
@@ -91,7 +93,7 @@ def live_change(control: FakeControl, routing: Routing, versions: tuple[int, ...
 def test_a_fresh_build_is_in_step_and_nothing_is_loaded(repository: Path) -> None:
     control, clock = FakeControl(repository), Clock()
     sync = sync_of(control, repository, clock)
-    assert sync.tasks() == [TASK]
+    assert sync.tasks() == [TaskModels(TASK, fused=False)]
     sync.check_once()
     clock.now += 1000
     sync.check_once()
@@ -171,3 +173,70 @@ def test_an_unwritable_repository_leaves_the_change_live(repository: Path) -> No
     assert sync.unwritable == {TASK}
     assert routing_of(control.configs[POST]) == new
     assert routing_on_disk(repository / POST) == Routing(production=1)
+
+
+# --- the fused model: the routing and the versions in one model ---------------------------
+
+
+@pytest.fixture
+def fused_repository(tmp_path: Path) -> Path:
+    """A fused build's `<task>` config (its policy pinned to its code's version 1), with
+    version 2's folder beside it."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = mc.ModelConfig(name=TASK, backend="python")
+    config.parameters["task"].string_value = TASK
+    config.version_policy.specific.versions.append(1)
+    for version in (1, 2):
+        (tmp_path / TASK / str(version)).mkdir(parents=True)
+    (tmp_path / TASK / "config.pbtxt").write_text(to_text(config))
+    return tmp_path
+
+
+def test_a_fused_models_live_change_is_written_and_its_policy_stays_pinned(
+    fused_repository: Path,
+) -> None:
+    control, clock = FakeControl(fused_repository, (TASK,)), Clock()
+    sync = sync_of(control, fused_repository, clock)
+    assert sync.tasks() == [TaskModels(TASK, fused=True)]
+    new = canary(Routing(production=1), 2, 25.0)
+    control.load(TASK, with_routing(control.config(TASK), new))
+    sync.check_once()
+    assert routing_on_disk(fused_repository / TASK) == new
+    assert list(read_config(fused_repository / TASK).version_policy.specific.versions) == [1]
+    clock.now += 1000.0  # nothing to prune: the model opens only what its routing needs
+    sync.check_once()
+    assert control.loads == [TASK]
+
+
+def test_another_replicas_change_reaches_this_fused_model_in_one_reload(
+    fused_repository: Path,
+) -> None:
+    other, mine = FakeControl(fused_repository, (TASK,)), FakeControl(fused_repository, (TASK,))
+    clock = Clock()
+    promoted = promote(Routing(production=1), 2, now=clock.now, window_s=600.0)
+    other.load(TASK, with_routing(other.config(TASK), promoted))
+    sync_of(other, fused_repository, clock).check_once()
+    sync_of(mine, fused_repository, clock).check_once()
+    assert routing_of(mine.configs[TASK]) == promoted
+    assert mine.loads == [TASK]
+    assert pinned_versions(mine.configs[TASK]) == (1,)
+
+
+def test_a_fused_canary_past_its_bound_goes_to_zero(fused_repository: Path) -> None:
+    control, clock = FakeControl(fused_repository, (TASK,)), Clock()
+    control.load(TASK, with_routing(control.config(TASK), canary(Routing(production=1), 2, 50.0)))
+    texts = iter([metrics(), metrics(answers=30, agree=2, disagree=28)])
+    sync = sync_of(
+        control,
+        fused_repository,
+        clock,
+        watch=RollbackWatch(RollbackBounds(window_s=60.0, min_studies=20)),
+        metrics_text=lambda: next(texts),
+    )
+    sync.check_once()
+    clock.now += 20.0
+    sync.check_once()
+    after = routing_of(control.configs[TASK])
+    assert (after.mode, after.candidate) == ("none", None)
+    assert routing_on_disk(fused_repository / TASK) == after
