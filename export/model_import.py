@@ -534,7 +534,7 @@ def _write_version(
         )
     card = ModelCard(
         task=net.task,
-        model=net.folder.name,
+        model=f"{net.task}_net",  # the network, whichever shape serves it
         version=version,
         source=Source(source.name, _sha256(source), framework),
         importer=_importer(),

@@ -129,7 +129,7 @@ def build_repository(
     record["net_runtime"] = net_runtime
     record["cpu_runtime"] = _built_cpu_runtime(net_runtime, cpu_runtime)
     (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    if out.is_dir() and pipeline == "ensemble" and net_runtime == "python":
+    if out.is_dir() and net_runtime == "python":  # a CPU build, of either shape
         carry_versions(out, staging, results, SERVED_VERSION)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

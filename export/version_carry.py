@@ -1,5 +1,6 @@
-"""A rebuild keeps what the hospital added: imported `_net` versions, their cards and the
-routing between versions.
+"""A rebuild keeps what the hospital added: imported versions, their cards and the
+routing between versions, in either pipeline shape (the ensemble's `_net`, or the
+fused model's folder), and from one shape to the other.
 
 `build_repository` writes a repository from scratch (new code, other tuning) and then
 replaces the old one. Before it does, each task's imported versions (every version
@@ -20,13 +21,15 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from abdoserve.export.configs import model_names, to_text
+from abdoserve.export.configs import to_text
 from abdoserve.export.fused import read_config
 from abdoserve.serving.cpu_runtimes import RUNTIME_PARAMETER
 from abdoserve.serving.routing import CARDS_PARAMETER, ROUTING_PARAMETER
+from abdoserve.serving.task_models import on_disk
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.pbtxt"
+SPEC_PARAMETER = "spec_overrides"
 
 
 def carry_versions(old: Path, new: Path, tasks: Iterable[str], built: int) -> dict[str, list[int]]:
@@ -40,44 +43,57 @@ def carry_versions(old: Path, new: Path, tasks: Iterable[str], built: int) -> di
 
 
 def carry_task(old: Path, new: Path, task: str, built: int) -> list[int]:
-    _, _, net, post = model_names(task)
-    if not (old / net / CONFIG_FILE).is_file() or not (new / net / CONFIG_FILE).is_file():
+    """Either shape to either (abdoserve.serving.task_models): the version folders are the
+    same files, beside a `_net`'s code or a fused model's."""
+    source, target = on_disk(old, task), on_disk(new, task)
+    if source is None or target is None:
         return []
+    folder = old / source.versions
     versions = sorted(
         int(entry.name)
-        for entry in (old / net).iterdir()
+        for entry in folder.iterdir()
         if entry.is_dir() and entry.name.isdigit() and int(entry.name) != built
     )
     if not versions:
         return []
-    old_net, new_net = read_config(old / net), read_config(new / net)
-    reason = misfit(old_net, new_net)
+    old_config, new_config = read_config(folder), read_config(new / target.versions)
+    reason = misfit(old_config, new_config, same_shape=source.fused == target.fused)
     if reason:
         logger.warning(
-            "%s: imported versions %s are not carried into the rebuild: %s", net, versions, reason
+            "%s: imported versions %s are not carried into the rebuild: %s",
+            source.versions,
+            versions,
+            reason,
         )
         return []
-    python_model = new / net / str(built) / "model.py"
     for version in versions:
-        target = new / net / str(version)
-        shutil.copytree(old / net / str(version), target, symlinks=True)
-        shutil.copyfile(python_model, target / "model.py")  # this code's model file
-    _carry_net_config(old_net, new_net, set(versions) | {built})
-    (new / net / CONFIG_FILE).write_text(to_text(new_net))
-    if (old / post / CONFIG_FILE).is_file() and (new / post / CONFIG_FILE).is_file():
-        routing = parameter(read_config(old / post), ROUTING_PARAMETER)
-        if routing:
-            new_post = read_config(new / post)
-            new_post.parameters[ROUTING_PARAMETER].string_value = routing
-            (new / post / CONFIG_FILE).write_text(to_text(new_post))
-    logger.info("%s: imported versions %s carried into the rebuild", net, versions)
+        copied = new / target.versions / str(version)
+        shutil.copytree(folder / str(version), copied, symlinks=True)
+        (copied / "model.py").unlink(missing_ok=True)
+        if not target.fused:  # Triton loads a `_net` version: this code's model file
+            shutil.copyfile(new / target.versions / str(built) / "model.py", copied / "model.py")
+    routing = parameter(read_config(old / source.router), ROUTING_PARAMETER)
+    _carry_versions_config(old_config, new_config, set(versions) | {built}, target.fused)
+    if target.router == target.versions and routing:
+        new_config.parameters[ROUTING_PARAMETER].string_value = routing
+    (new / target.versions / CONFIG_FILE).write_text(to_text(new_config))
+    if target.router != target.versions and routing:
+        new_router = read_config(new / target.router)
+        new_router.parameters[ROUTING_PARAMETER].string_value = routing
+        (new / target.router / CONFIG_FILE).write_text(to_text(new_router))
+    logger.info("%s: imported versions %s carried into the rebuild", target.versions, versions)
     return versions
 
 
-def misfit(old: mc.ModelConfig, new: mc.ModelConfig) -> str:
-    """Why versions built for `old` would not run under `new` ("" if they would)."""
+def misfit(old: mc.ModelConfig, new: mc.ModelConfig, *, same_shape: bool = True) -> str:
+    """Why versions built for `old` would not run under `new` ("" if they would). Across
+    shapes the configs' tensors differ by design: the spec's overrides decide then."""
     if old.backend != "python" or new.backend != "python":
         return "not the CPU server's Python _net"
+    if not same_shape:
+        if parameter(old, SPEC_PARAMETER) != parameter(new, SPEC_PARAMETER):
+            return "the network's tensors differ (a spec override changed them)"
+        return _runtime_misfit(old, new)
 
     def tensors(config: mc.ModelConfig) -> list[tuple[str, int, tuple[int, ...]]]:
         found = [(item.name, item.data_type, tuple(item.dims)) for item in config.input]
@@ -85,6 +101,10 @@ def misfit(old: mc.ModelConfig, new: mc.ModelConfig) -> str:
 
     if tensors(old) != tensors(new):
         return "the network's tensors differ (a spec override changed them)"
+    return _runtime_misfit(old, new)
+
+
+def _runtime_misfit(old: mc.ModelConfig, new: mc.ModelConfig) -> str:
     before, after = parameter(old, RUNTIME_PARAMETER), parameter(new, RUNTIME_PARAMETER)
     if before != after:
         return f"built for the {before or 'default'} runtime; the rebuild runs {after or 'that'}"
@@ -96,9 +116,13 @@ def parameter(config: mc.ModelConfig, key: str) -> str:
     return config.parameters[key].string_value if key in config.parameters else ""
 
 
-def _carry_net_config(old: mc.ModelConfig, new: mc.ModelConfig, present: set[int]) -> None:
+def _carry_versions_config(
+    old: mc.ModelConfig, new: mc.ModelConfig, present: set[int], fused: bool
+) -> None:
+    """The cards, and for a `_net` the versions it had loaded (a fused model's policy
+    stays pinned to its code)."""
     pinned = [version for version in old.version_policy.specific.versions if version in present]
-    if pinned:
+    if pinned and not fused:
         kept = new.version_policy.specific.versions
         del kept[:]
         kept.extend(sorted(pinned))

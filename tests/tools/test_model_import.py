@@ -389,3 +389,38 @@ def test_a_rebuild_whose_network_inputs_changed_leaves_imported_versions_behind(
         caplog.text
     )
     assert list(read_config(repository / NET).version_policy.specific.versions) == [1]
+
+
+def test_a_version_imported_into_the_ensemble_comes_through_a_fused_rebuild_and_back(
+    repository: Path, tmp_path: Path
+) -> None:
+    """The version folders are the same files in either shape: `serve --pipeline fused`
+    rebuilds into one model per task, and the versions, cards and routing come with it
+    (beside the fused model's code, its policy still pinned to that code)."""
+    from abdoserve.export.repository import build_repository
+
+    result = import_model(repository, TASK, state_dict_file(tmp_path))
+    post = repository / f"{TASK}_postprocess"
+    routed = read_config(post)
+    routed.parameters["routing"].string_value = json.dumps({"production": 2, "generation": 3})
+    (post / "config.pbtxt").write_text(to_text(routed))
+    onnx_digest = snapshot(repository / NET / "2")["model.onnx"]
+
+    build_repository(repository, (TASK,), pipeline="fused")
+    fused = repository / TASK
+    assert not (repository / NET).exists()
+    names = {p.name for p in (fused / "2").iterdir()}
+    assert {"model.onnx", "provenance.json", CARD_FILE} <= names
+    assert "model.py" not in names  # Triton never loads a fused model's network versions
+    assert snapshot(fused / "2")["model.onnx"] == onnx_digest
+    config = read_config(fused)
+    assert list(config.version_policy.specific.versions) == [1]
+    assert json.loads(config.parameters["routing"].string_value)["production"] == 2
+    assert json.loads(config.parameters["version_cards"].string_value) == {
+        "2": result.card.card_id
+    }
+
+    build_repository(repository, (TASK,))  # and back to the ensemble
+    assert (repository / NET / "2" / "model.py").is_file()
+    assert snapshot(repository / NET / "2")["model.onnx"] == onnx_digest
+    assert json.loads(read_config(post).parameters["routing"].string_value)["production"] == 2
