@@ -416,9 +416,7 @@ def test_a_version_imported_into_the_ensemble_comes_through_a_fused_rebuild_and_
     config = read_config(fused)
     assert list(config.version_policy.specific.versions) == [1]
     assert json.loads(config.parameters["routing"].string_value)["production"] == 2
-    assert json.loads(config.parameters["version_cards"].string_value) == {
-        "2": result.card.card_id
-    }
+    assert json.loads(config.parameters["version_cards"].string_value) == {"2": result.card.card_id}
 
     build_repository(repository, (TASK,))  # and back to the ensemble
     assert (repository / NET / "2" / "model.py").is_file()
