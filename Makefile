@@ -13,13 +13,15 @@ install: $(STAMP) system-packages
 # Debian's packages (root, as on CI): a real Prometheus for the metrics tests, nginx
 # (nginx-light: HTTP/2 and gRPC proxying) for the guard in front of Triton, and the DICOM
 # gateway's real peers: Orthanc as the PACS, dcmtk (storescu, dsrdump) as the modality
-# and SR reader, dicom3tools (dciodvfy) as the IOD validator.
-SYSTEM_PACKAGES := prometheus nginx-light orthanc dcmtk dicom3tools
+# and SR reader, dicom3tools (dciodvfy) as the IOD validator; chromium and its driver for
+# the worklist's browser tests.
+SYSTEM_PACKAGES := prometheus nginx-light orthanc dcmtk dicom3tools chromium chromium-driver
 system-packages:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
 		(command -v nginx >/dev/null || test -x /usr/sbin/nginx) && \
 		test -x /usr/sbin/Orthanc && command -v storescu >/dev/null && \
-		command -v dciodvfy >/dev/null || \
+		command -v dciodvfy >/dev/null && command -v chromium >/dev/null && \
+		command -v chromedriver >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		 apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null)
 

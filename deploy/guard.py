@@ -77,6 +77,20 @@ class TlsFiles:
                 raise GuardError(f"TLS file {path} does not exist")
         return self
 
+    @classmethod
+    def from_options(
+        cls, certificate: Path | None, key: Path | None, client_ca: Path | None
+    ) -> TlsFiles | None:
+        """--tls-cert, --tls-key and --tls-client-ca (serve, the gateway's worklist): None
+        for plain HTTP, GuardError for a half-given or missing file."""
+        if certificate is None and key is None:
+            if client_ca is not None:
+                raise GuardError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if certificate is None or key is None:
+            raise GuardError("TLS needs both --tls-cert and --tls-key")
+        return cls(certificate, key, client_ca).check()
+
 
 @dataclass(frozen=True)
 class ProxiedPort:

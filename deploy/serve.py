@@ -374,13 +374,7 @@ def drift_bounds(args: argparse.Namespace) -> DriftBounds:
 
 
 def tls_files(args: argparse.Namespace) -> TlsFiles | None:
-    if args.tls_cert is None and args.tls_key is None:
-        if args.tls_client_ca is not None:
-            raise GuardError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if args.tls_cert is None or args.tls_key is None:
-        raise GuardError("TLS needs both --tls-cert and --tls-key")
-    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).check()
+    return TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def shm_isolation(args: argparse.Namespace) -> ShmIsolation:
@@ -473,7 +467,7 @@ def announce(supervisor: Supervisor) -> None:
     names = sorted(
         name
         for name in control.model_names()
-        if "_" not in name or not name.endswith(("_preprocess", "_net", "_postprocess"))
+        if "_" not in name or not name.endswith(("_preprocess", "_net", "_postprocess", "_explain"))
     )
     tls = supervisor.supervision.tls
     scheme = "http" if tls is None else "https"

@@ -15,6 +15,9 @@ Tensor contract (the ensemble is the public entry point):
   <task>_postprocess  SAMPLES, FEATURES, SAMPLE_SOURCE, STUDY_INFO -> SCORES, STUDY, ANSWER
                       (it calls the version of <task>_net its routing picks, via BLS)
   <task>_net          SAMPLES, FEATURES -> OUTPUT (FP32 [-1, K]), one or more versions
+  <task>_explain      the ensemble's inputs + VERSION (INT32 [1]) -> EXPLANATION (BYTES [1],
+                      JSON), PNG and CAPTURE (BYTES [-1], one per key image); beside the
+                      ensemble, called after an answer (abdoserve.export.explain)
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def model_names(task: str) -> tuple[str, str, str, str]:
     return task, f"{task}_preprocess", f"{task}_net", f"{task}_postprocess"
 
 
+def explain_name(task: str) -> str:
+    """The task's explanation model, beside the ensemble (not one of its steps)."""
+    return f"{task}_explain"
+
+
 def render_task(
     spec: TaskSpec, tuning: Tuning | None = None, provenance: Mapping[str, str] | None = None
 ) -> dict[str, mc.ModelConfig]:
@@ -68,6 +76,7 @@ def render_task(
         preprocess: preprocess_config(spec, tuning),
         net: net_config(spec, tuning, weights),
         postprocess: postprocess_config(spec, tuning, weights),
+        explain_name(spec.name): explain_config(spec, weights),
     }
 
 
@@ -197,6 +206,23 @@ def postprocess_config(
         ]
     )
     config.output.extend(_public_outputs(spec))
+    _parameters(config, {"task": spec.name, "model_version": "1", **provenance})
+    return config
+
+
+def explain_config(spec: TaskSpec, provenance: Mapping[str, str]) -> mc.ModelConfig:
+    """The maps of an answer: one instance (it holds a PyTorch twin per version), no
+    batching delay; the versions' identities as the postprocess model names them."""
+    config = _python_model(explain_name(spec.name), 1, Tuning())
+    config.input.extend(_public_inputs(spec, ragged=True))
+    config.input.append(mc.ModelInput(name="VERSION", data_type=INT32, dims=[1]))
+    config.output.extend(
+        [
+            mc.ModelOutput(name="EXPLANATION", data_type=BYTES, dims=[1]),
+            mc.ModelOutput(name="PNG", data_type=BYTES, dims=[-1]),
+            mc.ModelOutput(name="CAPTURE", data_type=BYTES, dims=[-1]),
+        ]
+    )
     _parameters(config, {"task": spec.name, "model_version": "1", **provenance})
     return config
 

@@ -18,8 +18,8 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from abdoserve.export.configs import model_names, to_text
-from abdoserve.serving.task_models import FUSED_CODE_VERSION
+from abdoserve.export.configs import explain_name, model_names, to_text
+from abdoserve.serving.task_models import FUSED_CODE_VERSION, VERSIONS_MODEL_PARAMETER
 
 Pipeline = Literal["ensemble", "fused"]
 PIPELINES: tuple[Pipeline, ...] = ("ensemble", "fused")
@@ -51,6 +51,20 @@ def fused_config(root: Path, task: str, name: str) -> mc.ModelConfig:
     return config
 
 
+def point_explanations_at(folder: Path, net: mc.ModelConfig, task: str) -> None:
+    """The explanation model of a fused build runs the version it explains in its own
+    process, as the fused model does (there is no `_net` to ask): its config names where
+    the versions lie and gets the `_net`'s runtime parameters."""
+    if not (folder / "config.pbtxt").is_file():
+        return
+    config = read_config(folder)
+    for key, value in net.parameters.items():
+        if key not in config.parameters:
+            config.parameters[key].CopyFrom(value)
+    config.parameters[VERSIONS_MODEL_PARAMETER].string_value = task
+    (folder / "config.pbtxt").write_text(to_text(config))
+
+
 def fuse_task(root: Path, task: str, python_models: Path, *, name: str | None = None) -> Path:
     """Write the fused model of `task` into `root` as `name` (default: the task itself,
     replacing the ensemble and its composing models); returns its folder."""
@@ -65,6 +79,7 @@ def fuse_task(root: Path, task: str, python_models: Path, *, name: str | None = 
     shutil.copyfile(python_models / PIPELINE_SOURCE, version / "model.py")  # over net.py
     (staging / "config.pbtxt").write_text(to_text(config))
     if name is None:
+        point_explanations_at(root / explain_name(task), read_config(root / net), task)
         for model in (ensemble, preprocess, net, postprocess):
             shutil.rmtree(root / model)
     else:

@@ -80,7 +80,12 @@ def export_study_batched(spec: TaskSpec, network: nn.Module, path: Path) -> None
             opset_version=OPSET,
             dynamo=False,
         )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    model = onnx.load(str(path))
+    # Triton's ONNX Runtime backend refuses a graph whose OUTPUT dims differ from the
+    # config's [-1, -1, K] (seen on 2.51), and the traced reshape leaves K unknown.
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = spec.output.width
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
 
 
 def gpu_net_config(

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from abdoserve.export.architectures import run_network
 from abdoserve.export.errors import ExportError, ParityError
+from abdoserve.export.explain.twin import save_twin
 from abdoserve.export.inputs import example_inputs
 from abdoserve.export.weights import WeightsProvenance, load_network
 from abdoserve.preprocessing.specs import TaskSpec
@@ -148,7 +149,8 @@ def measure_cost(spec: TaskSpec, module: nn.Module) -> ModelCost:
 
 
 def export_task(spec: TaskSpec, out_dir: Path, checkpoint: Path | None = None) -> ExportResult:
-    """Builds or loads the task's network, writes `model.onnx` and `provenance.json`."""
+    """Builds or loads the task's network, writes `model.onnx`, `provenance.json` and, for
+    the reference architecture, its PyTorch twin `twin.pt` (the explanation maps')."""
     started = time.perf_counter()
     loaded = load_network(spec, checkpoint)
     cost = measure_cost(spec, loaded.module)
@@ -164,6 +166,8 @@ def export_task(spec: TaskSpec, out_dir: Path, checkpoint: Path | None = None) -
     export_onnx(spec, loaded.module, onnx_path)
     samples, features = example_inputs(spec, batch=_PARITY_BATCH, seed=1)
     parity = check_parity(loaded.module, onnx_path, samples, features)
+    # the explanation maps' PyTorch twin (none for a TorchScript module)
+    save_twin(loaded.module, loaded.provenance.framework, out_dir)
     result = ExportResult(
         onnx_path, loaded.provenance, cost.parameters, cost.flops_per_sample, parity
     )

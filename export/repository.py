@@ -53,7 +53,12 @@ from abdoserve.serving.warmup import WARMUP_FOLDER, write_warmup
 
 logger = logging.getLogger(__name__)
 
-ROLE_SOURCES = {"preprocess": "preprocess.py", "net": "net.py", "postprocess": "postprocess.py"}
+ROLE_SOURCES = {
+    "preprocess": "preprocess.py",
+    "net": "net.py",
+    "postprocess": "postprocess.py",
+    "explain": "explain.py",
+}
 # The `_net` version a build writes, and the only one its config lets Triton load.
 SERVED_VERSION = 1
 BUILD_RECORD = "BUILD.json"

@@ -149,6 +149,32 @@ class MissingInputError(IntakeError):
     reason = "missing_input"
 
 
+# The explanation model's refusals (abdoserve.export.explain): a request for the maps of an
+# answer that cannot have any, answered per request with its own code.
+
+
+class NoTwinError(IntakeError):
+    """The version that answered has no PyTorch twin to compute saliency with (an ONNX or
+    TorchScript import of an architecture this project does not build)."""
+
+    code = StatusCode.UNIMPLEMENTED
+    reason = "explain_no_twin"
+
+
+class TwinMismatchError(IntakeError):
+    """The twin does not give the served version's output: its map would explain another
+    network."""
+
+    code = StatusCode.INTERNAL
+    reason = "explain_twin_mismatch"
+
+
+class VersionError(IntakeError):
+    """VERSION does not name a version of the task's network."""
+
+    reason = "explain_version"
+
+
 def describe_tag(tag: int) -> str:
     """'(0028,0030) Pixel Spacing', named as the DICOM dictionary (and pydicom) names it."""
     value = Tag(tag)

@@ -25,6 +25,10 @@ class AxisSamples:
     weight: np.ndarray  # float32, weight of the upper neighbour
     inside: np.ndarray  # bool, the sample lies within the source image
     all_inside: bool
+    # source coordinate of output sample 0 and the step between samples: the affine map
+    # that `to_source` inverts (the explanation maps go back onto the source pixels)
+    start: float = 0.0
+    step: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +82,20 @@ def _grid(
     )
 
 
+def to_source(values: np.ndarray, grid: Grid, shape: tuple[int, int]) -> np.ndarray:
+    """A (matrix, matrix) map on `grid` back onto the source image's (rows, columns)
+    pixels, bilinear; source pixels the grid does not cover are 0."""
+    matrix = values.shape[0]
+    axes = []
+    for axis, size in ((grid.rows, shape[0]), (grid.columns, shape[1])):
+        coordinates = (np.arange(size, dtype=np.float64) - axis.start) / axis.step
+        axes.append(_axis(coordinates, matrix))
+    back = Grid(rows=axes[0], columns=axes[1], spacing_mm=0.0)
+    projected = resample(values, back)
+    fill_outside(projected, back, 0.0)
+    return projected
+
+
 def _axis(coordinates: np.ndarray, size: int) -> AxisSamples:
     # A pixel covers +-0.5 around its centre: samples within that extent are inside.
     inside = (coordinates >= -0.5) & (coordinates <= size - 0.5)
@@ -87,7 +105,9 @@ def _axis(coordinates: np.ndarray, size: int) -> AxisSamples:
     if size == 1:
         weight[:] = 0.0
     upper = np.minimum(lower + 1, size - 1)
-    return AxisSamples(lower, upper, weight, inside, bool(inside.all()))
+    step = float(coordinates[1] - coordinates[0]) if coordinates.size > 1 else 1.0
+    start = float(coordinates[0]) if coordinates.size else 0.0
+    return AxisSamples(lower, upper, weight, inside, bool(inside.all()), start, step)
 
 
 def resample(pixels: np.ndarray, grid: Grid, out: np.ndarray | None = None) -> np.ndarray:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         ServerUnavailableError,
         TaskNotFoundError,
     )
+    from abdoserve_client.explanation import Explanation
     from abdoserve_client.model_identity import ModelIdentity
     from abdoserve_client.results import (
         BoneDensityResult,
@@ -48,6 +49,7 @@ _EXPORTS = {
     "FibrosisResult": "abdoserve_client.results",
     "BoneDensityResult": "abdoserve_client.results",
     "EsophagealCancerResult": "abdoserve_client.results",
+    "Explanation": "abdoserve_client.explanation",
     "ModelIdentity": "abdoserve_client.model_identity",
     "ModelInfo": "abdoserve_client.results",
     "TaskInfo": "abdoserve_client.results",
@@ -60,6 +62,7 @@ __all__ = [
     "BoneDensityResult",
     "DeadlineExceededError",
     "EsophagealCancerResult",
+    "Explanation",
     "FibrosisResult",
     "InvalidRequestError",
     "LiverMassResult",

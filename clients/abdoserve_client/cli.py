@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clinical.add_argument("--clinical-json", type=Path, help="JSON object of clinical inputs")
     add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.add_argument(
+        "--explain",
+        type=Path,
+        metavar="DIR",
+        help="also write the answer's explanation maps into DIR: <n>.png and <n>.dcm "
+        "(DICOM Secondary Capture) per key image, and explanation.json",
+    )
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +153,15 @@ def _infer(args: argparse.Namespace) -> int:
     with AbdoServeClient(args.url, **client_options(args)) as client:
         result = client.infer(args.task, instances, clinical)
         info = client.task_info(args.task)
+        explanation = (
+            None if args.explain is None else client.explain(args.task, instances, result, clinical)
+        )
+    if explanation is not None:
+        written = explanation.write(args.explain)
+        print(
+            f"explanation of version {explanation.version}: {len(written)} files in {args.explain}",
+            file=sys.stderr,
+        )
     if args.json:
         print(as_json(result))
     else:

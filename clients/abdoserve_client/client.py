@@ -20,6 +20,13 @@ from tritonclient.utils import InferenceServerException
 
 from abdoserve_client.endpoints import channel_target, describe
 from abdoserve_client.errors import AbdoServeError, from_triton
+from abdoserve_client.explanation import OUTPUT_NAMES as EXPLANATION_OUTPUTS
+from abdoserve_client.explanation import (
+    Explanation,
+    explain_model,
+    parse_explanation,
+    version_tensor,
+)
 from abdoserve_client.instances import Instance, load_instances
 from abdoserve_client.metrics import ClientMetrics, timed
 from abdoserve_client.protocol import (
@@ -222,6 +229,35 @@ class AbdoServeClient:
             response = self._send(task, info, data, clinical, deadline)
             log.debug("%s answered in %.1f ms", task, 1e3 * (time.perf_counter() - started))
             return parse_response(info, response)
+
+    def explain(
+        self,
+        task: str,
+        instances: Sequence[Instance],
+        result: StudyResult,
+        clinical: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """The explanation maps of `result`, the answer this study got: its key images
+        with saliency from the version that answered (`result.model.version`), as PNG and
+        DICOM Secondary Capture. Costs a second pass over the study on the server (see
+        docs/benchmarks.md); the study is sent inline."""
+        with timed(self.metrics, task):
+            deadline = self._deadline()
+            info = self._task_info(task, deadline)
+            version = result.model.version
+            tensors = [
+                *dicom_tensors(load_instances(instances), packed=info.accepts_packed),
+                bytes_tensor("CLINICAL", [clinical_json(clinical)]),
+                version_tensor(version),
+            ]
+            model = explain_model(task)
+            response = self._call(
+                f"explain {task}",
+                lambda timeout: self._transport.infer(model, tensors, EXPLANATION_OUTPUTS, timeout),
+                deadline,
+                task,
+            )
+            return parse_explanation(task, version, response)
 
     def _send(
         self,

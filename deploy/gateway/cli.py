@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from abdoserve.deploy.gateway.worklist import WorklistOptions
 
 from abdoserve_client.cli import add_connection_arguments, client_options
 
@@ -98,10 +102,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="describe every source image again in an SR image library (TID 1600); "
         "optional, and 3-4x slower to write",
     )
+    work.add_argument(
+        "--no-explanation-maps",
+        action="store_true",
+        help="send the SR alone: no saliency maps (Secondary Captures) and no key-object "
+        "selection beside it (default: sent; docs/gateway.md)",
+    )
+    add_worklist_arguments(parser)
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--metrics-host", default="127.0.0.1", help="(%(default)s)")
     metrics.add_argument("--metrics-port", type=int, default=8005, help="(%(default)s)")
     add_connection_arguments(parser)
+
+
+def add_worklist_arguments(parser: argparse.ArgumentParser) -> None:
+    web = parser.add_argument_group(
+        "web worklist (served when --web-port is given; docs/gateway.md)"
+    )
+    web.add_argument("--web-host", default="127.0.0.1", help="listen address (%(default)s)")
+    web.add_argument("--web-port", type=int, help="HTTPS (or HTTP) port of the worklist")
+    web.add_argument(
+        "--web-users",
+        type=Path,
+        help="users file, NAME:argon2-hash lines (abdoserve gateway-user adds one)",
+    )
+    web.add_argument(
+        "--web-proxy-user-header",
+        metavar="NAME",
+        help="trust this request header, set by a reverse proxy, as the signed-in user",
+    )
+    web.add_argument(
+        "--web-audit-log",
+        type=Path,
+        help="append-only audit log (default SPOOL/worklist/audit.jsonl)",
+    )
+    web.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the worklist")
+    web.add_argument("--tls-key", type=Path, help="PEM private key of the worklist")
+    web.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA: mutual TLS, only browsers or a proxy with a certificate it signed get in",
+    )
+
+
+def worklist_options(args: argparse.Namespace) -> WorklistOptions | None:
+    """The worklist's options, or None when --web-port is not given."""
+    from abdoserve.deploy.gateway.worklist import WorklistOptions
+    from abdoserve.deploy.guard import TlsFiles
+
+    if args.web_port is None:
+        return None
+    if args.web_users is None and args.web_proxy_user_header is None:
+        raise ValueError("--web-port needs --web-users or --web-proxy-user-header")
+    return WorklistOptions(
+        host=args.web_host,
+        port=args.web_port,
+        users=args.web_users,
+        proxy_user_header=args.web_proxy_user_header,
+        audit_log=args.web_audit_log,
+        tls=TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_client_ca),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     from abdoserve.deploy.gateway.scp import ScpOptions
     from abdoserve.deploy.gateway.sender import Destination
     from abdoserve.deploy.gateway.service import Gateway, GatewayOptions, client_infer
+    from abdoserve.deploy.gateway.viewer_objects import client_explain
+    from abdoserve.deploy.gateway.worklist.users import UsersError, load_users
+    from abdoserve.deploy.guard import GuardError
     from abdoserve.deploy.processes import wait_for_signal
 
     # highdicom says at INFO which modules it copies, per report: not for an operator's log
@@ -118,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         rules = load_rules(args.rules)
         destinations = [Destination.parse(text) for text in args.destination]
-    except (RulesError, ValueError, OSError) as error:
+        worklist = worklist_options(args)
+        if worklist is not None and worklist.users is not None:
+            load_users(worklist.users)  # a bad users file stops the start, naming its line
+    except (RulesError, UsersError, GuardError, ValueError, OSError) as error:
         print(f"gateway: {error}")
         return 2
     if not destinations:
@@ -143,14 +209,18 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         keep_instances=args.keep_instances,
         image_library=args.sr_image_library,
+        worklist=worklist,
     )
-    gateway = Gateway(options, rules, client_infer(args.url, client_options(args)))
+    explain = None if args.no_explanation_maps else client_explain(args.url, client_options(args))
+    gateway = Gateway(options, rules, client_infer(args.url, client_options(args)), explain)
     gateway.start()
     print(
         f"gateway {args.ae_title} on {args.host}:{args.port}, server {args.url}, "
         f"metrics http://{args.metrics_host}:{args.metrics_port}/metrics, spool {args.spool}",
         flush=True,
     )
+    if gateway.worklist is not None:
+        print(f"worklist {gateway.worklist.url}", flush=True)
     try:
         why = wait_for_signal()
     finally:

@@ -92,6 +92,21 @@ class GatewayMetrics:
         self.report_send_failures = self._counter(
             "report_send_failures_total", "Report sends that failed (retried)", ["destination"]
         )
+        self.explanations_sent = self._counter(
+            "explanations_sent_total",
+            "Answers whose maps and key-object selection were queued beside the SR",
+            ["task"],
+        )
+        self.viewer_objects_stored = self._counter(
+            "viewer_objects_stored_total",
+            "Explanation maps (Secondary Captures) and key-object selections a destination took",
+            ["destination"],
+        )
+        self.explanation_failures = self._counter(
+            "explanation_failures_total",
+            "Answers whose maps could not be made (the SR went without them)",
+            ["task"],
+        )
         self.result_latency = Histogram(
             f"{PREFIX}_result_latency_seconds",
             "From a study's last instance received to its report stored at a destination",

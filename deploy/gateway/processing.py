@@ -30,6 +30,8 @@ from abdoserve.deploy.gateway.report import ReportContext, build_report, result_
 from abdoserve.deploy.gateway.routing import RoutedRequest, RuleSet
 from abdoserve.deploy.gateway.sender import Destination
 from abdoserve.deploy.gateway.spool import ClaimedStudy, Spool
+from abdoserve.deploy.gateway.viewer_objects import AnsweredRequest, ViewerObjects
+from abdoserve.deploy.gateway.waiting import WaitingRequests
 from abdoserve_client.errors import AbdoServeError, InvalidRequestError, TaskNotFoundError
 from abdoserve_client.results import StudyResult
 
@@ -85,14 +87,17 @@ class StudyProcessor:
         *,
         keep_instances: bool = False,
         image_library: bool = False,
+        viewer: ViewerObjects | None = None,
     ) -> None:
         self.spool = spool
+        self.viewer = viewer  # the maps and key images beside each SR; None: off
         self.rules = rules
         self.infer = infer
         self.metrics = metrics
         self.destinations = tuple(destinations)
         self.keep_instances = keep_instances
         self.image_library = image_library
+        self.waiting = WaitingRequests(spool.root)  # needs-input requests' instances, kept
 
     def process(self, study: ClaimedStudy) -> None:
         """Every request of the study to its outcome, then the instances released.
@@ -118,6 +123,12 @@ class StudyProcessor:
         job = Job(study, request, key, [headers.files[sop] for sop in request.instances])
         if request.missing or request.problem:
             return self._needs_input(job)
+        return self.answer(job, headers.by_instance)
+
+    def answer(self, job: Job, by_instance: Mapping[str, Dataset]) -> dict[str, Any]:
+        """Ask the server and report: the one path of every request with all its inputs
+        (a routed one, or a waiting one completed on the worklist)."""
+        request = job.request
         try:
             data = [file.read_bytes() for file in job.files]
             result = self.infer(request.task, data, request.clinical)
@@ -128,7 +139,7 @@ class StudyProcessor:
             return self._failed(job, "GAVE_UP", str(error))
         except AbdoServeError as error:  # an unexpected answer: kept for a person to look at
             return self._failed(job, error.code, error.message)
-        sources = [headers.by_instance[sop] for sop in request.instances]
+        sources = [by_instance[sop] for sop in request.instances]
         try:
             return self._answered(job, result, sources, answered_at)
         except ValueError as error:  # an answer that does not fit its images: kept, said
@@ -138,6 +149,8 @@ class StudyProcessor:
         request = job.request
         self.metrics.requests_needs_input.labels(request.task).inc()
         why = request.problem or "missing " + ", ".join(request.missing)
+        if not request.problem:  # images chosen, inputs missing: kept for the worklist
+            self.waiting.keep(job.study, job.key, request, job.files)
         log.warning("study %s: %s needs input (%s)", job.study.study_uid, request.task, why)
         return {
             **job.summary(),
@@ -196,13 +209,27 @@ class StudyProcessor:
             "answered": answered_at,
             "queued": time.time(),
         }
+        viewer_objects = self._viewer_objects(job, result, sources)
         return {
             **job.summary(),
             "status": "answered",
             "report_uid": report_uid,
             "result": copy,
             "timings": timings,  # epoch seconds: where a study's latency went
+            **({"viewer_objects": viewer_objects} if viewer_objects else {}),
         }
+
+    def _viewer_objects(
+        self, job: Job, result: StudyResult, sources: Sequence[Dataset]
+    ) -> dict[str, Any] | None:
+        """The maps and key-object selection, after the SR is queued (viewer_objects.py)."""
+        if self.viewer is None:
+            return None
+        request = job.request
+        answered = AnsweredRequest(
+            job.study.study_uid, job.key, request.task, job.files, request.clinical, result, sources
+        )
+        return self.viewer.send(answered)
 
 
 @dataclass(frozen=True)

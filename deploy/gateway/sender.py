@@ -135,7 +135,10 @@ class ReportSender(threading.Thread):
         if "last_arrival" in meta:
             latency = max(0.0, time.time() - float(meta["last_arrival"]))
             self.metrics.result_latency.labels(self.destination.name).observe(latency)
-        self.metrics.reports_stored.labels(self.destination.name).inc()
+        if meta.get("kind") == "explanation":  # a map or key-object selection, not a report
+            self.metrics.viewer_objects_stored.labels(self.destination.name).inc()
+        else:
+            self.metrics.reports_stored.labels(self.destination.name).inc()
         self.spool.delivered(report)
         log.info("report %s stored at %s", report.stem, self.destination.name)
         return True

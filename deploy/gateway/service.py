@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from abdoserve.deploy.gateway.completion import Completions
 from abdoserve.deploy.gateway.inference import (
     Infer,
     Interrupted,
@@ -30,6 +31,8 @@ from abdoserve.deploy.gateway.routing import RuleSet
 from abdoserve.deploy.gateway.scp import ScpOptions, StorageServer, StoreHandler
 from abdoserve.deploy.gateway.sender import Destination, ReportSender
 from abdoserve.deploy.gateway.spool import ClaimedStudy, Spool
+from abdoserve.deploy.gateway.viewer_objects import Explain, ViewerObjects
+from abdoserve.deploy.gateway.worklist import WorklistOptions, WorklistServer
 from abdoserve_client.results import StudyResult
 
 log = logging.getLogger("abdoserve.gateway")
@@ -50,12 +53,16 @@ class GatewayOptions:
     keep_instances: bool = False
     image_library: bool = False  # TID 1600 in each SR: optional, and 3-4x slower to build
     poll_s: float = 0.25
+    worklist: WorklistOptions | None = None  # the web worklist; None: not served
 
 
 class Gateway:
     """Use as a context manager, or `start()` and `stop()`."""
 
-    def __init__(self, options: GatewayOptions, rules: RuleSet, infer: Infer) -> None:
+    def __init__(
+        self, options: GatewayOptions, rules: RuleSet, infer: Infer, explain: Explain | None = None
+    ) -> None:
+        """`explain`: the maps beside each SR (viewer_objects.py); None: no maps."""
         self.options = options
         self.spool = Spool(options.spool)
         self.metrics = GatewayMetrics()
@@ -70,6 +77,9 @@ class Gateway:
             options.destinations,
             keep_instances=options.keep_instances,
             image_library=options.image_library,
+            viewer=None
+            if explain is None
+            else ViewerObjects(self.spool, self.metrics, options.destinations, explain),
         )
         handler = StoreHandler(
             self.spool,
@@ -79,6 +89,13 @@ class Gateway:
             min_free_bytes=options.scp.min_free_bytes,
         )
         self.scp = StorageServer(options.scp, handler)
+        # Requests completed with inputs given on the worklist (or given before a stop).
+        self.completions = Completions(self.processor, self.stopping, self._wake_senders)
+        self.worklist = (
+            None
+            if options.worklist is None
+            else WorklistServer(options.worklist, options.spool, self._given)
+        )
         self.senders = [
             ReportSender(
                 d, self.spool, self.metrics, self.stopping, calling_ae=options.scp.ae_title
@@ -107,14 +124,20 @@ class Gateway:
             self._submit(study)
         for sender in self.senders:
             sender.start()
+        self.completions.start()
+        if self.worklist is not None:
+            self.worklist.start()
         self.scp.start()
         self._scheduler.start()
 
     def stop(self) -> None:
         self.scp.stop()  # no new instances: senders retry elsewhere or later
+        if self.worklist is not None:
+            self.worklist.stop()  # no new inputs; given ones are on disk
         self.stopping.set()
         self._scheduler.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.completions.join(timeout=30)
         for sender in self.senders:
             sender.join(timeout=30)
         if self._metrics_server is not None:
@@ -146,8 +169,15 @@ class Gateway:
             self.metrics.study_errors.inc()
             log.exception("study %s could not be processed; it stays claimed", study.study_uid)
             return
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
         for sender in self.senders:
             sender.wake.set()
+
+    def _given(self) -> None:
+        """Inputs were given on the worklist: complete the request now, then send it."""
+        self.completions.wake.set()
 
     def idle(self) -> bool:
         """Nothing arriving, in work or waiting to be sent (for tests and benchmarks)."""

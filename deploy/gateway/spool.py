@@ -193,12 +193,12 @@ class Spool:
         return path
 
     def write_result(self, study_uid: str, name: str, data: bytes) -> Path:
-        """A result file (the SR, its JSON copy) kept under results/<study>/."""
-        folder = self.results / study_uid
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
+        """A result file (the SR, its JSON copy, an explanation map) kept under
+        results/<study>/; `name` may hold a subfolder (`<key>.explain/0.png`)."""
+        path = self.results / study_uid / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._write_durably(data), path)
-        _fsync_folder(folder)
+        _fsync_folder(path.parent)
         return path
 
     def keep_failed(
@@ -229,8 +229,9 @@ class Spool:
         folder = self.outbox / destination
         if not folder.is_dir():
             return []
-        files = [(path.stat().st_mtime, path) for path in folder.glob("*.dcm")]
-        return [path for _, path in sorted(files)]
+        # a file the sender delivers between the listing and its stat is no longer waiting
+        timed = [(_mtime(path), path) for path in folder.glob("*.dcm")]
+        return [path for mtime, path in sorted(item for item in timed if item[0] is not None)]
 
     def delivered(self, report: Path) -> None:
         report.unlink(missing_ok=True)

@@ -7,6 +7,11 @@ Orthanc's REST API lists the SR. The gateway's own timings (outcome records) spl
 the quiet period, inference, writing the SR, and delivery to Orthanc. Side by side, in
 the same run, the same studies go straight to the server through the client: what the
 gateway adds beyond its quiet period is the difference.
+
+`--maps compare` runs two gateways side by side, one sending the explanation maps and the
+key-object selection beside each SR (viewer_objects.py) and one not, studies alternating
+between them (each waits until the one before is wholly delivered): the ratio of their
+last-instance-to-SR p50 is what the maps cost the SR.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 # The example rules ship with the gateway package (a package resource, not a checkout path).
 RULES = Path(str(resources.files(gateway_package) / "rules.example.yaml"))
 POLL_S = 0.01
+WITHOUT, WITH = "without maps", "with maps"
+MAP_SIDES = {"off": (WITHOUT,), "on": (WITH,), "compare": (WITHOUT, WITH)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="a running server's gRPC address (default: start one)")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument(
+        "--maps",
+        choices=tuple(MAP_SIDES),
+        default="off",
+        help="explanation maps beside the SR: off, on, or compare both in one run (off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="abdoserve-bench-gateway-") as scratch:
         folder = Path(scratch)
-        studies = write_studies(args.task, args.studies, folder / "studies")
+        sides = MAP_SIDES[args.maps]
+        studies = write_studies(args.task, args.studies * len(sides), folder / "studies")
         with ExitStack() as stack:
             url = args.url or stack.enter_context(own_server(args.repository, folder))
             rows = measure(args, url, studies, folder, stack)
-    print(table(rows, args.quiet_s))
+    for side in sides:
+        print(f"{side}:\n{table([row for row in rows if row['side'] == side], args.quiet_s)}")
+    if len(sides) > 1:
+        print(maps_ratio(rows))
     if args.json:
         args.json.write_text(json.dumps(report(args, rows), indent=2) + "\n")
         print(f"raw numbers: {args.json}")
@@ -82,30 +99,36 @@ def own_server(repository: Path, folder: Path) -> Iterator[str]:
 
 def measure(
     args: argparse.Namespace, url: str, studies: list[list[Path]], folder: Path, stack: ExitStack
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     from abdoserve.deploy.gateway.routing import load_rules
     from abdoserve.deploy.gateway.scp import ScpOptions
     from abdoserve.deploy.gateway.sender import Destination
     from abdoserve.deploy.gateway.service import Gateway, GatewayOptions, client_infer
+    from abdoserve.deploy.gateway.viewer_objects import client_explain
     from abdoserve.loadtests.dicom_peers import orthanc
     from abdoserve_client.client import AbdoServeClient
 
     pacs = stack.enter_context(orthanc(folder / "orthanc"))
-    options = GatewayOptions(
-        spool=folder / "spool",
-        scp=ScpOptions(port=free_port()),
-        destinations=[Destination(pacs.aet, "127.0.0.1", pacs.dicom_port)],
-        quiet_s=args.quiet_s,
-        metrics_port=None,
-    )
-    gateway = stack.enter_context(
-        Gateway(options, load_rules(RULES), client_infer(url, {"timeout_s": 60.0}))
-    )
+    gateways = {}
+    for side in MAP_SIDES[args.maps]:
+        options = GatewayOptions(
+            spool=folder / f"spool-{side.replace(' ', '-')}",
+            scp=ScpOptions(port=free_port()),
+            destinations=[Destination(pacs.aet, "127.0.0.1", pacs.dicom_port)],
+            quiet_s=args.quiet_s,
+            metrics_port=None,
+        )
+        explain = client_explain(url, {"timeout_s": 120.0}) if side == WITH else None
+        infer = client_infer(url, {"timeout_s": 60.0})
+        gateways[side] = stack.enter_context(Gateway(options, load_rules(RULES), infer, explain))
     client = stack.enter_context(AbdoServeClient(url, timeout_s=60.0))
     rows = []
+    sides = list(gateways)
     for number, paths in enumerate(studies, start=1):
-        rows.append(one_study(gateway, pacs, client, args.task, paths))
-        print(f"study {number}/{len(studies)}: {rows[-1]['total_s']:.3f} s", flush=True)
+        side = sides[number % len(sides)]
+        row = one_study(gateways[side], pacs, client, args.task, paths)
+        rows.append({**row, "side": side})
+        print(f"study {number}/{len(studies)} ({side}): {row['total_s']:.3f} s", flush=True)
     return rows
 
 
@@ -123,6 +146,9 @@ def one_study(
     while not pacs.find_instances(Modality="SR", StudyInstanceUID=study_uid):
         time.sleep(POLL_S)
     stored = time.time()
+    while not gateway.idle():  # the maps, where on, finish before the next study starts
+        time.sleep(POLL_S)
+    settled = time.time()
     timings = outcome_timings(gateway.spool.results / study_uid)
     clinical = json.loads((paths[0].parent / "request.json").read_text())
     started = time.perf_counter()
@@ -135,6 +161,7 @@ def one_study(
         "report_s": timings["queued"] - timings["answered"],
         "delivery_s": stored - timings["queued"],
         "direct_infer_s": direct,
+        "settled_s": settled - acknowledged,
     }
 
 
@@ -164,7 +191,7 @@ COLUMNS = (
 )
 
 
-def table(rows: list[dict[str, float]], quiet_s: float) -> str:
+def table(rows: list[dict[str, Any]], quiet_s: float) -> str:
     lines = [f"{'':48} {'p50 ms':>9} {'p95 ms':>9}"]
     for key, label in COLUMNS:
         p50, p95 = quantiles([row[key] for row in rows])
@@ -180,14 +207,42 @@ def table(rows: list[dict[str, float]], quiet_s: float) -> str:
     return "\n".join(lines)
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, float]]) -> dict[str, Any]:
+def maps_ratio(rows: list[dict[str, Any]]) -> str:
+    """With maps against without, measured in the same run: SR latency and all delivered."""
+    figures = {}
+    for side in (WITHOUT, WITH):
+        mine = [row for row in rows if row["side"] == side]
+        figures[side] = {
+            key: quantiles([row[key] for row in mine])[0] for key in ("total_s", "settled_s")
+        }
+    sr = figures[WITH]["total_s"] / figures[WITHOUT]["total_s"]
+    settled = figures[WITH]["settled_s"] / figures[WITHOUT]["settled_s"]
+    return (
+        f"with maps / without, p50: last instance -> SR stored {sr:.2f}x "
+        f"({figures[WITH]['total_s']:.0f} vs {figures[WITHOUT]['total_s']:.0f} ms); "
+        f"-> everything delivered {settled:.2f}x "
+        f"({figures[WITH]['settled_s']:.0f} vs {figures[WITHOUT]['settled_s']:.0f} ms)"
+    )
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "task": args.task,
         "studies": args.studies,
         "quiet_s": args.quiet_s,
+        "maps": args.maps,
         "quantiles_ms": {
-            key: dict(zip(("p50", "p95"), quantiles([row[key] for row in rows]), strict=True))
-            for key, _ in COLUMNS
+            side: {
+                key: dict(
+                    zip(
+                        ("p50", "p95"),
+                        quantiles([r[key] for r in rows if r["side"] == side]),
+                        strict=True,
+                    )
+                )
+                for key, _ in COLUMNS
+            }
+            for side in MAP_SIDES[args.maps]
         },
         "rows": rows,
     }

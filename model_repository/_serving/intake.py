@@ -64,18 +64,22 @@ class StudyIntake:
         self.prepare = None  # type: ignore[assignment]
 
     def clinical(self, request: Any) -> dict[str, Any]:
-        """The CLINICAL JSON object; absent means {} where the task reads no clinical input,
-        and is refused by name where it reads some."""
-        tensor = self.pb_utils.get_input_tensor_by_name(request, "CLINICAL")
-        if tensor is None:
-            if self.spec.clinical_inputs or isinstance(self.spec.geometry, RoiCrop):
-                raise MissingInputError(
-                    "input tensor 'CLINICAL' is missing: this task reads clinical inputs"
-                )
-            return {}
-        clinical = glue.single_study(tensor.as_numpy(), "CLINICAL")
-        validation.check_bytes_input(clinical, "CLINICAL")
-        elements = glue.bytes_elements(clinical)
-        if len(elements) != 1:
-            raise ClinicalInputError("input 'CLINICAL' must hold exactly one JSON object")
-        return load_clinical_json(elements[0], self.spec.limits)
+        return read_clinical(self.pb_utils, request, self.spec)
+
+
+def read_clinical(pb_utils: Any, request: Any, spec: TaskSpec) -> dict[str, Any]:
+    """The CLINICAL JSON object; absent means {} where the task reads no clinical input,
+    and is refused by name where it reads some."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "CLINICAL")
+    if tensor is None:
+        if spec.clinical_inputs or isinstance(spec.geometry, RoiCrop):
+            raise MissingInputError(
+                "input tensor 'CLINICAL' is missing: this task reads clinical inputs"
+            )
+        return {}
+    clinical = glue.single_study(tensor.as_numpy(), "CLINICAL")
+    validation.check_bytes_input(clinical, "CLINICAL")
+    elements = glue.bytes_elements(clinical)
+    if len(elements) != 1:
+        raise ClinicalInputError("input 'CLINICAL' must hold exactly one JSON object")
+    return load_clinical_json(elements[0], spec.limits)

@@ -40,9 +40,14 @@ class LocalNets:
         parameters: Mapping[str, str],
         folder: Path,
         versions: Sequence[int],
+        *,
+        open_on_demand: bool = False,
     ) -> None:
         self.pb_utils = pb_utils
         self.spec = spec
+        self.parameters = dict(parameters)
+        self.folder = folder
+        self.open_on_demand = open_on_demand  # the explanation model: any version asked
         self.runners: dict[int, StudyRunner] = {
             version: configured_runner(spec, parameters, folder / str(version))
             for version in versions
@@ -56,6 +61,8 @@ class LocalNets:
         """The studies' outputs from `version`, in order, as one batch; NetFailed if the
         run fails or any output leaves the contract."""
         runner = self.runners.get(version)
+        if runner is None and self.open_on_demand:
+            runner = self._open(version)
         if runner is None:
             raise self._failed(version, f"version {version} is not loaded in this model")
         try:
@@ -79,6 +86,14 @@ class LocalNets:
 
     async def call(self, version: int, samples: np.ndarray, features: np.ndarray) -> np.ndarray:
         return self.call_blocking(version, samples, features)
+
+    def _open(self, version: int) -> StudyRunner | None:
+        folder = self.folder / str(version)
+        if not (folder / "model.onnx").is_file() and not any(folder.glob("*.xml")):
+            return None
+        runner = configured_runner(self.spec, self.parameters, folder)
+        self._locks.setdefault(version, threading.Lock())
+        return self.runners.setdefault(version, runner)
 
     def _failed(self, version: int, message: str) -> NetFailed:
         error = self.pb_utils.TritonError(f"{self.spec.name}: {message}")

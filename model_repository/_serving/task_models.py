@@ -17,6 +17,8 @@ from pathlib import Path
 
 CONFIG_FILE = "config.pbtxt"
 FUSED_CODE_VERSION = 1  # the fused model's own Triton version: its code, and version 1
+# Set on a fused build's explanation model: the model whose folder holds the versions.
+VERSIONS_MODEL_PARAMETER = "versions_model"
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from abdoserve.export.configs import model_names, render_task, to_text
+from abdoserve.export.configs import explain_name, model_names, render_task, to_text
 from abdoserve.export.locations import PYTHON_MODELS
 from abdoserve.preprocessing.tasks import TASKS
 
 # The committed configs, in this checkout.
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.DataType.TYPE_FP32}
-ALL_MODELS = [name for task in TASKS for name in model_names(task)]
+ALL_MODELS = [name for task in TASKS for name in (*model_names(task), explain_name(task))]
 
 
 def parse(path: Path) -> mc.ModelConfig:
@@ -56,6 +56,7 @@ def test_python_model_links_resolve_to_the_shared_sources(task: str) -> None:
         (preprocess, "preprocess.py"),
         (net, "net.py"),
         (postprocess, "postprocess.py"),
+        (explain_name(task), "explain.py"),
     ):
         link = SOURCE_REPOSITORY / name / "1" / "model.py"
         assert link.is_symlink()
@@ -125,3 +126,18 @@ def test_built_repository_carries_provenance_into_postprocess_and_ensemble(
         assert parameters["weights_untrained"].string_value == "true"
     for name in model_names(task)[1:]:
         assert (built_repository / name / "1" / "model.py").is_file()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_explain_model_takes_the_ensembles_inputs_and_version_and_answers_the_client(
+    task: str,
+) -> None:
+    from abdoserve_client.explanation import OUTPUT_NAMES, explain_model
+
+    explain = committed(explain_model(task))
+    ensemble = committed(task)
+    inputs = {item.name: (item.data_type, list(item.dims)) for item in explain.input}
+    public = {item.name: (item.data_type, list(item.dims)) for item in ensemble.input}
+    assert inputs == {**public, "VERSION": (mc.DataType.TYPE_INT32, [1])}
+    assert [item.name for item in explain.output] == list(OUTPUT_NAMES)
+    assert all(item.data_type == mc.DataType.TYPE_STRING for item in explain.output)

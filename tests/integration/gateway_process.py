@@ -39,6 +39,9 @@ class GatewayProcess:
     destinations: Sequence[str]
     quiet_s: float = 1.0
     extra: Sequence[str] = ()
+    # The maps and key images beside each SR: off unless a test is about them
+    # (test_gateway_viewer_objects.py), so the SR tests count reports alone.
+    explanation_maps: bool = False
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
@@ -78,6 +81,8 @@ class GatewayProcess:
         ]
         for destination in self.destinations:
             command += ["--destination", destination]
+        if not self.explanation_maps:
+            command.append("--no-explanation-maps")
         return [*command, *self.extra]
 
     def start(self) -> GatewayProcess:

@@ -23,12 +23,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.phantom.common import write_study
 from abdoserve.export.phantom.studies import build_study
-from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, echoscu, start_orthanc, storescu
+from abdoserve.loadtests.dicom_peers import DcmtkError, Orthanc, echoscu, storescu
 from tests.htj2k import SYNTAXES as HTJ2K_SYNTAXES
 from tests.htj2k import transcode
+from tests.integration.gateway_fixtures import built_repository, running_orthanc, running_triton
 from tests.integration.gateway_process import AE_TITLE, GatewayProcess, wait_until
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "gateway" / "rules.example.yaml"
@@ -40,28 +41,19 @@ DISTINCTIVE_ID = "PID-8472-QX"
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from abdoserve.export.repository import build_repository
-
-    out = tmp_path_factory.mktemp("gateway-tasks") / "model_repository"
-    build_repository(out, TASKS)
-    return out
+    return built_repository(tmp_path_factory, "gateway-tasks", TASKS)
 
 
 @pytest.fixture(scope="module")
 def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    log_file = tmp_path_factory.mktemp("gateway-triton") / "triton.log"
-    options = ServerOptions(repository=repository, ports=free_ports(), log_file=log_file)
-    with EmbeddedServer(options) as running:
+    with running_triton(repository, tmp_path_factory, "gateway-triton") as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    instance = start_orthanc(tmp_path_factory.mktemp("orthanc"), aet="ORTHANC")
-    try:
+    with running_orthanc(tmp_path_factory, "orthanc") as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture

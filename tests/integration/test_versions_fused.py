@@ -11,7 +11,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -141,3 +141,19 @@ def test_canary_promote_and_rollback_on_the_fused_model_lose_nothing(served: Ser
     assert (on_disk.production, on_disk.previous) == (1, None)
     # The fused model's own Triton version stays its code's: 1.
     assert list(read_config(served.repository / TASK).version_policy.specific.versions) == [1]
+
+
+def test_the_maps_of_a_fused_answer_come_from_the_version_that_answered(served: Served) -> None:
+    """A fused build keeps the explanation model: it runs the version the answer names
+    in its own process and checks the twin against it, for the build's version and for
+    the imported one."""
+    study = build_study(TASK, seed=3)
+    with AbdoServeClient(served.url, timeout_s=120) as client:
+        answered = client.infer(TASK, study.instances, study.clinical)
+        assert answered.model.version == "1"  # rolled back by the test above, or never moved
+        for version in ("1", "2"):
+            named = replace(answered, model=replace(answered.model, version=version))
+            explained = client.explain(TASK, study.instances, named)
+            assert explained.description["version"] == version
+            assert explained.description["twin"]["max_abs_difference"] <= 1e-4
+            assert len(explained.pngs) == len(explained.captures) == len(study.instances)

@@ -38,6 +38,8 @@ def test_study_batched_graph_equals_pytorch(task: str, tmp_path: Path) -> None:
     assert [item.name for item in graph.output] == ["OUTPUT"]
     samples_dims = [dim.dim_value or -1 for dim in graph.input[0].type.tensor_type.shape.dim]
     assert samples_dims == [-1, -1, *spec.sample_shape]
+    output_dims = [dim.dim_value or -1 for dim in graph.output[0].type.tensor_type.shape.dim]
+    assert output_dims == [-1, -1, spec.output.width]  # as the config: Triton compares them
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

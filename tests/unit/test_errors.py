@@ -505,6 +505,9 @@ PINNED_REASONS = {
     "NestingTooDeepError": "nesting_too_deep",
     "CodestreamMismatchError": "codestream_mismatch",
     "MissingInputError": "missing_input",
+    "NoTwinError": "explain_no_twin",
+    "TwinMismatchError": "explain_twin_mismatch",
+    "VersionError": "explain_version",
 }
 
 
