@@ -101,6 +101,7 @@ def gateway(
         grpc_url=url(triton),
         destinations=pacs_destination(orthanc),
         extra=web,
+        explanation_maps=True,  # the answered page shows them
     )
     with process:
         yield process
@@ -213,6 +214,21 @@ def wait_for_answered_page(browser: WebDriver) -> None:
     wait_until(answered, "the answered page")
 
 
+def check_answered_mass_page(browser: WebDriver, answer: dict[str, Any]) -> None:
+    """The answer, its version, the key images and the explanation maps on the page."""
+    wait_for_answered_page(browser)
+    version = browser.find_element(By.ID, "model-version").text
+    assert version == str(answer["model"]["version"])
+    label = browser.find_element(By.CSS_SELECTOR, '#answer td[data-name="label"]').text
+    assert label == answer["result"]["label"]
+    key_images = browser.find_elements(By.CSS_SELECTOR, "img.key-image")
+    assert len(key_images) == 3  # the three phases, kept as PNGs after the instances went
+    assert all(image.get_property("naturalWidth") == 512 for image in key_images)
+    maps = browser.find_elements(By.CSS_SELECTOR, "img.explanation-map")
+    assert len(maps) == 3  # one per phase, from the version that answered
+    assert all(image.get_property("naturalWidth") == 512 for image in maps)
+
+
 def report_class(report: Dataset) -> str:
     """The liver mass category the SR codes (LMC-A..E -> A..E)."""
     found = coded_values(report, "LMC")
@@ -322,14 +338,7 @@ def test_a_liver_mass_roi_drawn_with_the_mouse_sends_the_sr_infer_gives_for_it( 
     assert recorded["result"]["result"]["label"] == answer["result"]["label"]
     assert not (gateway.spool / "waiting" / study).exists()  # removed once answered
 
-    wait_for_answered_page(browser)
-    version = browser.find_element(By.ID, "model-version").text
-    assert version == str(answer["model"]["version"])
-    label = browser.find_element(By.CSS_SELECTOR, '#answer td[data-name="label"]').text
-    assert label == answer["result"]["label"]
-    key_images = browser.find_elements(By.CSS_SELECTOR, "img.key-image")
-    assert len(key_images) == 3  # the three phases, kept as PNGs after the instances went
-    assert all(image.get_property("naturalWidth") == 512 for image in key_images)
+    check_answered_mass_page(browser, answer)
     actions = [(entry["action"], entry.get("study_uid")) for entry in audit(gateway)]
     assert ("give_inputs", study) in actions and ("give_inputs_refused", study) in actions
     given = next(entry for entry in audit(gateway) if entry["action"] == "give_inputs")

@@ -307,3 +307,42 @@ def test_a_proxy_header_names_the_user_and_a_bad_name_is_nobody(
     refused = client.get("/", headers={"X-Remote-User": "<script>"}, follow_redirects=False)
     assert refused.status_code == 303
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/requests/../{key}",  # the spool's own folders, by a dot-dot
+        "/requests/%2e%2e/%2e%2e",
+        "/requests/{study}/..",
+        "/requests/{study}/{key}/slices/99.png",  # no such slice
+        "/requests/{study}/{key}/explain/0.png",  # not answered: no maps
+        "/requests/1.2.3.4/{key}",  # a UID that names nothing
+        "/requests/{study}/" + "b" * 24,
+    ],
+)
+def test_a_logged_in_user_reaches_nothing_but_the_studies_by_any_path(
+    client: TestClient, spool_root: Path, path: str
+) -> None:
+    log_in(client)
+    page, study_uid = waiting_page(client, spool_root)
+    response = client.get(path.format(study=study_uid, key=KEY), follow_redirects=False)
+    assert response.status_code in (400, 404)
+    assert PATIENT not in response.text
+    assert client.get(page).status_code == 200  # and the worklist still serves
+
+
+def test_a_form_far_larger_than_any_input_is_refused_and_nothing_is_given(
+    client: TestClient, spool_root: Path
+) -> None:
+    log_in(client)
+    path, study_uid = waiting_page(client, spool_root)
+    form = {
+        "csrf_token": token(client.get(path).text),
+        "roi_box": "200,150,260,230",
+        "roi_view": "512,512",
+        "padding": "x" * (4 * 1024 * 1024),
+    }
+    response = client.post(f"{path}/inputs", data=form, follow_redirects=False)
+    assert response.status_code in (400, 413)
+    assert WaitingRequests(spool_root).get(study_uid, KEY).given() is None  # type: ignore[union-attr]
