@@ -279,8 +279,11 @@ def record_acceptance(
     from abdoserve.deploy.validation import acceptance_record
     from abdoserve.export.model_card import CARD_FILE, read_card, write_card
     from abdoserve.serving.drift_bins import REFERENCE_FILE
+    from abdoserve.serving.task_models import on_disk
 
-    folder = args.repository / f"{args.task}_net" / str(args.version)
+    models = on_disk(args.repository, args.task)
+    versions = models.versions if models is not None else f"{args.task}_net"
+    folder = args.repository / versions / str(args.version)
     if not folder.is_dir():
         return f"figures and drift baseline not recorded: no {folder} (run where the repository is)"
     # The cohort's profile is the version's drift baseline (abdoserve.deploy.drift_watch).

@@ -157,3 +157,29 @@ def test_the_maps_of_a_fused_answer_come_from_the_version_that_answered(served: 
             assert explained.description["version"] == version
             assert explained.description["twin"]["max_abs_difference"] <= 1e-4
             assert len(explained.pngs) == len(explained.captures) == len(study.instances)
+
+
+def test_validation_through_the_fused_model_records_its_figures_and_baseline(
+    served: Served, tmp_path: Path
+) -> None:
+    import json
+
+    from abdoserve.export.model_card import CARD_FILE, read_card
+    from abdoserve.export.phantom.cohort import write_cohort
+    from abdoserve.serving.drift_bins import REFERENCE_FILE
+
+    cohort = tmp_path / "cohort"
+    write_cohort(TASK, 6, cohort, seed=5)
+    lenient = tmp_path / "thresholds.json"
+    lenient.write_text(json.dumps({TASK: {"mae": {"max": 100.0}}}))
+    printed = served.model(
+        "validate", TASK, "2",
+        "--studies", str(cohort), "--labels", str(cohort / "labels.csv"),
+        "--out", str(tmp_path / "report"), "--thresholds", str(lenient),
+        "--repository", str(served.repository),
+    )  # fmt: skip
+    assert "6 studies" in printed and "passed" in printed, printed
+    folder = served.repository / TASK / "2"
+    assert read_card(folder / CARD_FILE).acceptance is not None
+    assert json.loads((folder / REFERENCE_FILE).read_text())["studies"] == 6
+    assert "validation passed" in served.model("list", TASK)
