@@ -55,7 +55,10 @@ def test_the_fused_model_has_the_ensembles_contract_and_the_composing_settings(
 def test_a_fused_build_replaces_the_ensemble_and_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "repository"
     build_repository(out, [TASK], pipeline="fused")
-    assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", TASK]
+    # one model per task, and the explanation model beside it (it runs the version itself)
+    assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", TASK, f"{TASK}_explain"]
+    explain = (out / f"{TASK}_explain" / "config.pbtxt").read_text()
+    assert 'key: "versions_model"' in explain and f'string_value: "{TASK}"' in explain
     assert json.loads((out / "BUILD.json").read_text())["pipeline"] == "fused"
     assert is_built(out, [TASK], pipeline="fused")
     assert not is_built(out, [TASK])  # an ensemble build was asked for

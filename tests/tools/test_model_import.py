@@ -155,11 +155,15 @@ def other_architecture_onnx(folder: Path, *, poison: bool = False) -> Path:
 
 def check_version_two(repository: Path, source: Path, framework: str) -> ModelCard:
     folder = repository / NET / "2"
+    # The reference architecture's weights come with a twin for the explanation maps;
+    # TorchScript and ONNX have none.
+    twin = ["twin.pt"] if framework in ("pytorch", "chainer") else []
     assert sorted(path.name for path in folder.iterdir()) == [
         CARD_FILE,
         "model.onnx",
         "model.py",
         "provenance.json",
+        *twin,
     ]
     assert sorted(path.name for path in (repository / NET).iterdir()) == ["1", "2", "config.pbtxt"]
     card = read_card(folder / CARD_FILE)
@@ -197,7 +201,8 @@ def test_a_state_dict_becomes_version_2_within_parity(repository: Path, tmp_path
     assert json.loads(net_config.parameters["version_cards"].string_value) == {"2": card.card_id}
     assert list(net_config.version_policy.specific.versions) == [1]
     assert sorted(set(after) - set(before)) == [
-        f"{NET}/2/{name}" for name in (CARD_FILE, "model.onnx", "model.py", "provenance.json")
+        f"{NET}/2/{name}"
+        for name in (CARD_FILE, "model.onnx", "model.py", "provenance.json", "twin.pt")
     ]
     served_1 = (repository / NET / "1" / "model.onnx").read_bytes()
     assert (repository / NET / "2" / "model.onnx").read_bytes() != served_1
