@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from abdoserve.export.explain import Explainer, read_version
 from abdoserve.serving import dicom_input
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.intake import read_clinical
@@ -32,26 +31,38 @@ class TritonPythonModel:
         repository = Path(args["model_repository"]).parent
         fused = parameters.get(VERSIONS_MODEL_PARAMETER)
         if fused:  # a fused build: the version runs here, as the fused model runs it
-            folder = repository / fused
-            local = LocalNets(pb_utils, self.spec, parameters, folder, (), open_on_demand=True)
-            served = local.call_blocking
+            self.folder = repository / fused
+            local = LocalNets(pb_utils, self.spec, parameters, self.folder, (), open_on_demand=True)
+            self.served = local.call_blocking
         else:
             net = NetClient(pb_utils, self.spec)
-            folder = repository / net.net_model
-            served = net.call_blocking
-        identities = VersionIdentities(self.spec.name, parameters, folder)
-        self.explain = Explainer(self.spec, folder, identities.__getitem__, served)
+            self.folder = repository / net.net_model
+            self.served = net.call_blocking
+        self.identities = VersionIdentities(self.spec.name, parameters, self.folder)
+        self.explainer: Any = None
+
+    def explain(self) -> Any:
+        """torch and captum are imported with the first request, not with every server
+        (five stubs' worth of memory and start-up for maps nobody may ask for)."""
+        if self.explainer is None:
+            from abdoserve.export.explain import Explainer
+
+            self.explainer = Explainer(
+                self.spec, self.folder, self.identities.__getitem__, self.served
+            )
+        return self.explainer
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self.handle(request) for request in requests]
 
     def handle(self, request: Any) -> Any:
         try:
+            explain = self.explain()
+            from abdoserve.export.explain import read_version
+
             version = read_version(glue.require_input(pb_utils, request, "VERSION"))
             instances = dicom_input.read_instances(pb_utils, request, self.spec.limits)
-            explanation = self.explain(
-                instances, read_clinical(pb_utils, request, self.spec), version
-            )
+            explanation = explain(instances, read_clinical(pb_utils, request, self.spec), version)
         except NetFailed as failed:
             return pb_utils.InferenceResponse(output_tensors=[], error=failed.triton_error)
         except Exception as error:  # every failure answers this request only

@@ -341,6 +341,7 @@ def settled(supervisor: Supervisor) -> bool:
             ("preprocess", Tuning().preprocess_instances),
             ("net", Tuning().net_instances),
             ("postprocess", Tuning().postprocess_instances),
+            ("explain", 1),
         )
     }
     return counts == wanted

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,27 @@ class FakePbUtils:
 
 
 def our_metrics() -> set[str]:
-    """Sample names of our families, as IntakeMetrics declares them."""
+    """Sample names of the families every served request feeds, as IntakeMetrics
+    declares them."""
+    return declared_metrics(lambda: IntakeMetrics(FakePbUtils(), "bone_density_ct"))
+
+
+def every_family() -> set[str]:
+    """Ours, with the families that appear once versions compare, fail or are answered
+    for a task (routing, drift): what a rule or the dashboard may name."""
+
+    def declare() -> None:
+        IntakeMetrics(FakePbUtils(), "bone_density_ct")
+        RoutingMetrics(FakePbUtils(), "bone_density_ct")
+        for task in ("bone_density_ct", "liver_mass_ct"):  # a score, and classes
+            DriftMetrics(FakePbUtils(), task, get_task(task).output)
+
+    return declared_metrics(declare)
+
+
+def declared_metrics(declare: Callable[[], object]) -> set[str]:
     FakeMetricFamily.declared.clear()
-    IntakeMetrics(FakePbUtils(), "bone_density_ct")
-    RoutingMetrics(FakePbUtils(), "bone_density_ct")
-    for task in ("bone_density_ct", "liver_mass_ct"):  # a score, and classes
-        DriftMetrics(FakePbUtils(), task, get_task(task).output)
+    declare()
     names: set[str] = set()
     for name, kind in FakeMetricFamily.declared.items():
         suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
@@ -157,7 +173,7 @@ def gateway_metrics() -> set[str]:
 
 def known_metrics() -> set[str]:
     return (
-        our_metrics()
+        every_family()
         | supervisor_metrics()
         | gateway_metrics()
         | TRITON_METRICS
