@@ -232,6 +232,29 @@ def answered_versions(
     return found
 
 
+def versions_kept_when_sent_again(
+    launched: Launched, references: dict[int, dict[int, np.ndarray]]
+) -> dict[int, int]:
+    """Each study twice (round robin: the other replica the second time); a study keeps
+    its version, unless its candidate call failed and production answered it (route
+    fallback, by design: counted, never a lost study). The first pass's versions."""
+    fallbacks = fallback_answers(launched)
+    first = answered_versions(launched, references, range(STUDIES))
+    again = answered_versions(launched, references, range(STUDIES))
+    changed = {seed for seed in first if again[seed] != first[seed]}
+    assert all({first[seed], again[seed]} == {1, 2} for seed in changed), (first, again)
+    assert len(changed) <= fallback_answers(launched) - fallbacks, (first, again)
+    return first
+
+
+def fallback_answers(launched: Launched) -> float:
+    """Studies production answered because the candidate failed, on both replicas."""
+    return sum(
+        launched.metric(replica, "abdoserve_version_answers_total", route="fallback")
+        for replica in (1, 2)
+    )
+
+
 def both_replicas_serve(
     launched: Launched, references: dict[int, dict[int, np.ndarray]], wanted: set[int]
 ) -> bool:
@@ -315,9 +338,7 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
             ),
             "both replicas answering the canary",
         )
-        first = answered_versions(launched, references, range(STUDIES))
-        again = answered_versions(launched, references, range(STUDIES))  # other replicas
-        assert again == first, "a study sent again changed version"
+        first = versions_kept_when_sent_again(launched, references)
         share = sum(version == 2 for version in first.values()) / STUDIES
         assert 0.10 <= share <= 0.45, share
         assert routing_on_disk(repository / POST).mode == "canary"
