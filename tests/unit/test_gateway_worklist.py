@@ -177,7 +177,7 @@ def test_the_state_listing_reads_every_state_from_the_spool(spool_root: Path) ->
     assert rows["failed"][0].reason == "X: m"
     assert rows["received"][0].reason == "1 instances received"
     waiting_request = WaitingRequests(spool_root).get(waiting.study_uid, KEY)
-    assert waiting_request is not None
+    assert waiting_request is not None and waiting_request.given() is None  # nobody gave yet
     WaitingRequests(spool_root).give(waiting_request, {"roi": [1, 2, 3, 4]}, "alice")
     rows = list_studies(spool_root)
     assert len(rows["needs_input"]) == 0
@@ -271,7 +271,7 @@ def test_a_user_sees_the_slices_and_gives_the_roi_once(
     again = {**form, "roi_box": "0,0,50,50"}  # a double submit changes nothing
     assert client.post(f"{path}/inputs", data=again, follow_redirects=False).status_code == 303
     given = WaitingRequests(spool_root).get(study_uid, KEY).given()  # type: ignore[union-attr]
-    assert given is not None
+    assert given is not None  # the first submit's inputs, not the second's:
     assert (dict(given.inputs), given.user) == ({"roi": [150, 200, 229, 259]}, "alice")
     entries = AuditLog(tmp_path / "audit.jsonl").entries()
     assert [entry["action"] for entry in entries] == [
