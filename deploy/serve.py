@@ -25,7 +25,7 @@ from abdoserve.deploy.tuning_options import (
     repository_tag,
 )
 from abdoserve.export.configs import Tuning
-from abdoserve.export.fused import PIPELINES, Pipeline
+from abdoserve.export.fused import PIPELINES, Pipeline, default_pipeline
 from abdoserve.export.locations import BUILD_DIR, DEFAULT_REPOSITORY
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving.cpu_runtimes import CPU_RUNTIMES, DEFAULT_CPU_RUNTIME
@@ -55,11 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pipeline",
         choices=PIPELINES,
-        default="ensemble",
-        help="how each task runs when the repository is built: ensemble (preprocess, net "
-        "and postprocess models, default) or fused (one Python model per task, the same "
-        "contract, two Python-backend hops fewer: see docs/benchmarks.md); fused gets a "
-        "folder of its own under build/",
+        default=None,
+        help="how each task runs: fused (one Python model per task, default: two "
+        "Python-backend hops fewer than the ensemble, measured in docs/benchmarks.md) or "
+        "ensemble (preprocess, net and postprocess models); the ensemble gets a folder of "
+        "its own under build/. A --repository already built is served in its own shape "
+        "unless this is given",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
@@ -222,14 +223,23 @@ def prepare_repository(args: argparse.Namespace) -> None:
     built; a tuning or runtime other than the defaults gets a folder of its own under
     build/ unless --repository names one (which may hold some of the tasks: those it
     holds are served)."""
-    from abdoserve.export.repository import build_repository, built_tasks, is_built
+    from abdoserve.export.repository import (
+        build_repository,
+        built_pipeline,
+        built_tasks,
+        is_built,
+    )
 
     tuning = replica_tuning(args, args.replicas)
     tasks = tuple(TASKS)
     if args.repository == DEFAULT_REPOSITORY:
+        args.pipeline = args.pipeline or default_pipeline("python")
         args.repository = default_repository(tuning, args.cpu_runtime, args.pipeline)
     else:
         tasks = built_tasks(args.repository) or tasks
+        # A repository the user names keeps its shape: serving it must not rebuild it.
+        args.pipeline = args.pipeline or built_pipeline(args.repository)
+        args.pipeline = args.pipeline or default_pipeline("python")
     built = {"tuning": tuning, "cpu_runtime": args.cpu_runtime, "pipeline": args.pipeline}
     if args.rebuild or not is_built(args.repository, tasks, **built):
         print(f"building the model repository at {args.repository} ...", flush=True)
@@ -244,7 +254,7 @@ def prepared_repository(repository: Path, replicas: int) -> Path:
         replicas=replicas,
         rebuild=False,
         cpu_runtime=DEFAULT_CPU_RUNTIME,
-        pipeline="ensemble",
+        pipeline=None,
     )
     vars(serving).update({name: None for _, name, _ in TUNING_OPTIONS})
     prepare_repository(serving)
@@ -252,14 +262,14 @@ def prepared_repository(repository: Path, replicas: int) -> Path:
     return path
 
 
-def default_repository(tuning: Tuning, cpu_runtime: str, pipeline: Pipeline = "ensemble") -> Path:
+def default_repository(tuning: Tuning, cpu_runtime: str, pipeline: Pipeline) -> Path:
     """build/model_repository for the defaults, else a folder named after what differs,
     so that builds coexist (`model_repository-pre1-...`, `model_repository-openvino`,
-    `model_repository-fused`)."""
+    `model_repository-ensemble`)."""
     parts = [repository_tag(tuning)] if tuning != Tuning() else []
     if cpu_runtime != DEFAULT_CPU_RUNTIME:
         parts.append(cpu_runtime)
-    if pipeline != "ensemble":
+    if pipeline != default_pipeline("python"):
         parts.append(pipeline)
     return BUILD_DIR / "-".join(["model_repository", *parts])
 

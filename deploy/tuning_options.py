@@ -10,8 +10,12 @@ from abdoserve.export.configs import Tuning
 
 # (flag, Tuning field, help)
 TUNING_OPTIONS = (
-    ("--preprocess-instances", "preprocess_instances", "preprocess model instances per task"),
-    ("--net-instances", "net_instances", "network model instances per task"),
+    (
+        "--preprocess-instances",
+        "preprocess_instances",
+        "instances per task of the fused model, or of the ensemble's preprocess model",
+    ),
+    ("--net-instances", "net_instances", "the ensemble's network model instances per task"),
     ("--net-threads", "net_intra_op_threads", "ONNX Runtime intra-op threads per instance"),
     ("--queue-delay-us", "max_queue_delay_us", "dynamic batching max queue delay"),
     (

@@ -53,10 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pipeline",
         choices=PIPELINES,
-        default="ensemble",
-        help="ensemble: preprocess, net and postprocess models per task (default; the GPU "
-        "runtimes swap the net); fused: one Python model per task with the same inputs, "
-        "outputs and parameters, two Python-backend hops fewer (CPU runtimes only)",
+        default=None,
+        help="fused: one Python model per task with the ensemble's inputs, outputs and "
+        "parameters, two Python-backend hops fewer (CPU runtimes only; the default with "
+        "--net-runtime python); ensemble: preprocess, net and postprocess models per task "
+        "(the default with a GPU --net-runtime, whose native backend runs the net)",
     )
     parser.add_argument(
         "--spec-overrides",

@@ -1,5 +1,10 @@
 """The fused CPU pipeline: a task's ensemble turned into one Python model of the same name.
 
+It is the default shape where every step is Python (the embedded CPU server): measured
+against the ensemble and against PyTriton in docs/benchmarks.md. Where the net runs in a
+native backend (a GPU server's TensorRT or ONNX Runtime) the ensemble stays, so that
+the net batches on its own across studies.
+
 A build writes the ensemble and its three composing models first (every check and
 export is the same); fusing then writes one model from them: the preprocess model's
 inputs and scheduling, the ensemble's outputs and published parameters, the `_net`'s
@@ -24,6 +29,12 @@ from abdoserve.serving.task_models import FUSED_CODE_VERSION, VERSIONS_MODEL_PAR
 Pipeline = Literal["ensemble", "fused"]
 PIPELINES: tuple[Pipeline, ...] = ("ensemble", "fused")
 PIPELINE_SOURCE = "pipeline.py"
+
+
+def default_pipeline(net_runtime: str) -> Pipeline:
+    """The shape a build takes when none is asked for: fused where the net is a Python
+    model too, the ensemble where it runs in a native backend."""
+    return "fused" if net_runtime == "python" else "ensemble"
 
 
 def read_config(folder: Path) -> mc.ModelConfig:

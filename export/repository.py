@@ -28,7 +28,7 @@ from abdoserve.export.calibration import CalibrationPlan
 from abdoserve.export.configs import Tuning, model_names, render_task, to_text
 from abdoserve.export.cpu_runtime import RuntimeBuild, build_cpu_runtime
 from abdoserve.export.errors import ExportError
-from abdoserve.export.fused import Pipeline, fuse_task
+from abdoserve.export.fused import Pipeline, default_pipeline, fuse_task
 from abdoserve.export.gpu_net import (
     GpuRuntime,
     engine_script,
@@ -82,7 +82,7 @@ def build_repository(
     net_runtime: NetRuntime = "python",
     cpu_runtime: str = DEFAULT_CPU_RUNTIME,
     calibration: CalibrationPlan = DEFAULT_CALIBRATION,
-    pipeline: Pipeline = "ensemble",
+    pipeline: Pipeline | None = None,
 ) -> dict[str, ExportResult]:
     """Write a complete repository to `out` (replaced atomically when done).
 
@@ -91,9 +91,11 @@ def build_repository(
     `cpu_runtime` picks the Python `_net`'s runtime (`abdoserve.serving.cpu_runtimes`);
     `calibration` how many phantom studies calibrate INT8 and measure the deviation.
     `pipeline`: "ensemble" (three composing models), or "fused" (one Python model per
-    task, the same contract; CPU runtimes only, see abdoserve.export.fused).
+    task, the same contract; CPU runtimes only, see abdoserve.export.fused); by default
+    fused for the "python" net runtime and the ensemble for the GPU ones.
     """
     runtime = checked_cpu_runtime(net_runtime, cpu_runtime)
+    pipeline = pipeline or default_pipeline(net_runtime)
     if pipeline == "fused" and net_runtime != "python":
         raise ExportError("the fused pipeline runs a CPU runtime: not with a GPU --net-runtime")
     staging = out.with_name(out.name + ".partial")
@@ -317,6 +319,15 @@ def built_tasks(out: Path) -> tuple[str, ...]:
     return tuple(name for name in json.loads(record.read_text()) if name in TASKS)
 
 
+def built_pipeline(out: Path) -> Pipeline | None:
+    """The shape of the finished build in `out` (None if there is no build)."""
+    record = out / BUILD_RECORD
+    if not record.is_file():
+        return None
+    shape = json.loads(record.read_text()).get("pipeline", "ensemble")
+    return "fused" if shape == "fused" else "ensemble"
+
+
 def source_digest() -> str:
     """A hash of what a build copies or renders from code: the Python models and the
     config renderer. A build made before a change to either is rebuilt."""
@@ -328,6 +339,9 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+FUSED_FILES = ("model.py", "model.onnx")  # a fused model's code and network, in version 1
+
+
 def is_built(
     out: Path,
     tasks: Iterable[str] = tuple(TASKS),
@@ -335,7 +349,7 @@ def is_built(
     *,
     net_runtime: NetRuntime = "python",
     cpu_runtime: str = DEFAULT_CPU_RUNTIME,
-    pipeline: Pipeline = "ensemble",
+    pipeline: Pipeline | None = None,
 ) -> bool:
     """Whether `out` holds a finished build of these tasks with this tuning, runtimes and
     pipeline, from the current sources (a build from older code is stale)."""
@@ -343,15 +357,20 @@ def is_built(
     if not record.is_file():
         return False
     built = json.loads(record.read_text())
+    pipeline = pipeline or default_pipeline(net_runtime)
     if built.get("pipeline", "ensemble") != pipeline or built.get("sources") != source_digest():
         return False
     if built.get("tuning") != asdict(tuning) or built.get("net_runtime") != net_runtime:
         return False
     if built.get("cpu_runtime") != _built_cpu_runtime(net_runtime, cpu_runtime):
         return False  # also a build from before the CPU runtimes: its answers name none
-    if pipeline == "fused":
-        return all(task in built and (out / task / "1" / "model.py").is_file() for task in tasks)
     model_file = CPU_RUNTIMES[cpu_runtime].model_file if net_runtime == "python" else "model.onnx"
+    if pipeline == "fused":
+        return all(
+            task in built
+            and all((out / task / "1" / name).is_file() for name in (*FUSED_FILES, model_file))
+            for task in tasks
+        )
     return all(
         task in built
         and (out / f"{task}_net" / "1" / "model.onnx").is_file()

@@ -73,7 +73,7 @@ class Explainer:
         if version not in self._twins:
             folder = self.net_folder / str(version)
             if version < 1 or not folder.is_dir():
-                raise VersionError(f"{self.spec.name}_net has no version {version}")
+                raise VersionError(f"{self.net_folder.name} has no version {version}")
             self._twins[version] = twin.load_twin(self.spec, folder)
         return self._twins[version]
 

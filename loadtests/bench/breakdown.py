@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,17 +108,33 @@ def stage_models(task: str, model: str) -> dict[str, str]:
     return {stage: f"{task}_{stage}" for stage in COMPOSING}
 
 
+def served_stages(task: str, model: str, counted: Mapping[str, object]) -> dict[str, str]:
+    """`stage_models` as the server has them: a task served fused (`serve`'s default)
+    has no composing models, and is its one stage."""
+    stages = stage_models(task, model)
+    if all(name in counted for name in stages.values()):
+        return stages
+    return {"pipeline": model}
+
+
 def read_counters(
     url: str, task: str, headers: dict[str, str], model: str
 ) -> dict[str, ModelCounters]:
     """The statistics API's counters of `model` and of its stages."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     found = {}
     names = [model, *stage_models(task, model).values()]
     with grpcclient.InferenceServerClient(url) as client:
         for name in dict.fromkeys(names):
-            stats = client.get_inference_statistics(name, headers=headers).model_stats
+            try:
+                stats = client.get_inference_statistics(name, headers=headers).model_stats
+            except InferenceServerException:
+                if name == model:
+                    raise
+                continue  # a fused task: no composing model of this name
+
             inference = stats[0].inference_stats
             compute = (
                 inference.compute_input.ns + inference.compute_infer.ns
@@ -206,7 +222,8 @@ def breakdown(
     server_cpu = None
     if before.server_cpu_s is not None and after.server_cpu_s is not None:
         server_cpu = 1e3 * (after.server_cpu_s - before.server_cpu_s) / studies
-    stages = {stage: delta[name] for stage, name in stage_models(task, model).items()}
+    stage_names = served_stages(task, model, delta)
+    stages = {stage: delta[name] for stage, name in stage_names.items()}
     queue_ms = {
         stage: counters.per_request_ms(counters.queue_ns) for stage, counters in stages.items()
     }
@@ -230,7 +247,7 @@ def breakdown(
         form=row.pipeline,
         execute_ms={
             stage: value
-            for stage, name in stage_models(task, model).items()
+            for stage, name in stage_names.items()
             if (value := execute_ms(before, after, name)) is not None
         },
     )

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +219,21 @@ def served_tuning(url: str, task: str) -> Tuning:
 
     _, preprocess, net, postprocess = model_names(task)
     with grpcclient.InferenceServerClient(url) as client:
+        served = client.get_model_config(task).config
+        if served.platform != "ensemble":  # fused: one model holds the settings it has
+            return fused_tuning_of(served)
         configs = [client.get_model_config(name).config for name in (preprocess, net, postprocess)]
     return tuning_of(*configs)
+
+
+def fused_tuning_of(fused: Any) -> Tuning:
+    """The tuning a fused model's config says: its instances are the preprocess model's
+    and its runtime parameters the net's; the ensemble's other knobs keep their defaults."""
+    return replace(
+        tuning_of(fused, fused, fused),
+        net_instances=Tuning().net_instances,
+        postprocess_instances=Tuning().postprocess_instances,
+    )
 
 
 def tuning_of(pre: Any, net: Any, post: Any) -> Tuning:

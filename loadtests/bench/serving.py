@@ -273,9 +273,11 @@ def serving(
 
     if plan.url:
         tuning = served_tuning(plan.url, plan.tasks[0])
-    if not is_built(plan.repository, plan.built_tasks, tuning):
+    # The ensemble, each task's fused model installed beside it (served_target): the forms
+    # compare the two shapes, and PyTriton and in-process read the `_net` folders.
+    if not is_built(plan.repository, plan.built_tasks, tuning, pipeline="ensemble"):
         print(f"building {plan.repository} for {', '.join(plan.built_tasks)} ...", flush=True)
-        build_repository(plan.repository, plan.built_tasks, tuning=tuning)
+        build_repository(plan.repository, plan.built_tasks, tuning=tuning, pipeline="ensemble")
     slot = slot_bytes(list(pools.values()))
     if plan.url:
         with running_server(plan.url, plan.tasks, tuning, observed, slot) as target:

@@ -69,16 +69,33 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         positions, studies = [], []
         for position, request in enumerate(requests):
+            if self.abandoned(request):
+                responses[position] = glue.cancelled_response(pb_utils)
+                continue
             try:
-                studies.append(self.intake(request)[1])
+                prepared = self.intake(request)[1]
             except Exception as error:  # this request only
                 responses[position] = glue.error_response(pb_utils, error)
                 continue
+            # Decoding is the long step: a client gone meanwhile gets no network run, as
+            # the ensemble stops a cancelled request between its steps.
+            if self.abandoned(request):
+                responses[position] = glue.cancelled_response(pb_utils)
+                continue
             positions.append(position)
+            studies.append(prepared)
         if studies:
             for position, reply in zip(positions, self.answer(studies), strict=True):
                 responses[position] = reply
         return responses
+
+    def abandoned(self, request: Any) -> bool:
+        """Whether the client cancelled or went away; counted, since Triton counts the
+        error response of a Python model as a success."""
+        if not request.is_cancelled():
+            return False
+        self.intake.metrics.cancelled()
+        return True
 
     def answer(self, studies: list[PreparedStudy]) -> list[Any]:
         """Responses for the prepared studies, in order; a failed run fails its studies."""

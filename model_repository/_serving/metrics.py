@@ -46,6 +46,14 @@ class IntakeMetrics:
             kind=family.COUNTER,
         )
         self._reasons: dict[str, Any] = {}
+        # The fused model's: a request whose client left is answered CANCELLED, which
+        # Triton counts as a success of a Python model (the ensemble counts it itself).
+        self._cancelled_family = cancelled = family(
+            name="abdoserve_cancelled_requests_total",
+            description="Requests dropped because their client cancelled or left, by task",
+            kind=family.COUNTER,
+        )
+        self._cancelled = cancelled.Metric(labels={"task": task})
         # Families must outlive their metrics (Triton refuses observations otherwise).
         self._image_family = images = family(
             name="abdoserve_images_per_request",
@@ -84,6 +92,9 @@ class IntakeMetrics:
         for stage, seconds in stage_seconds.items():
             self._stage[stage].observe(seconds)
         self._stage["total"].observe(total_seconds)
+
+    def cancelled(self) -> None:
+        self._cancelled.increment(1.0)
 
     def rejected(self, error: Exception) -> None:
         reason = rejection_reason(error)

@@ -121,6 +121,12 @@ def error_response(pb_utils: Any, error: Exception) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
+def cancelled_response(pb_utils: Any) -> Any:
+    """The answer to a request whose client cancelled it or went away."""
+    error = pb_utils.TritonError("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 def _triton_code(pb_utils: Any, code: StatusCode) -> Any:
     names = {
         StatusCode.INVALID_ARGUMENT: "INVALID_ARG",

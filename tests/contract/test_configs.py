@@ -89,10 +89,10 @@ def test_ensemble_maps_resolve_with_matching_types(task: str) -> None:
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_onnx_graph_matches_the_net_config(task: str, built_repository: Path) -> None:
+def test_onnx_graph_matches_the_net_config(task: str, ensemble_repository: Path) -> None:
     _, _, net, _ = model_names(task)
-    config = parse(built_repository / net / "config.pbtxt")
-    graph = onnx.load(str(built_repository / net / "1" / "model.onnx")).graph
+    config = parse(ensemble_repository / net / "config.pbtxt")
+    graph = onnx.load(str(ensemble_repository / net / "1" / "model.onnx")).graph
     expected = {
         **{item.name.lower(): item for item in config.input},
         **{item.name.lower(): item for item in config.output},
@@ -115,17 +115,41 @@ def test_onnx_graph_matches_the_net_config(task: str, built_repository: Path) ->
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_built_repository_carries_provenance_into_postprocess_and_ensemble(
-    task: str, built_repository: Path
+def test_ensemble_repository_carries_provenance_into_postprocess_and_ensemble(
+    task: str, ensemble_repository: Path
 ) -> None:
     ensemble, _, net, postprocess = model_names(task)
     for name in (ensemble, net, postprocess):
-        parameters = parse(built_repository / name / "config.pbtxt").parameters
+        parameters = parse(ensemble_repository / name / "config.pbtxt").parameters
         assert parameters["weights_source"].string_value == "reference-untrained"
         assert len(parameters["weights_sha256"].string_value) == 64
         assert parameters["weights_untrained"].string_value == "true"
     for name in model_names(task)[1:]:
-        assert (built_repository / name / "1" / "model.py").is_file()
+        assert (ensemble_repository / name / "1" / "model.py").is_file()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_fused_model_keeps_the_ensembles_contract_parameters_and_network(
+    task: str, ensemble_repository: Path, built_repository: Path
+) -> None:
+    """`serve`'s default shape, fused from the same build: the ensemble's inputs are the
+    preprocess model's, its outputs and published parameters the ensemble's, and the
+    net's files lie in the fused model's version 1."""
+    ensemble, preprocess, net, postprocess = model_names(task)
+    fused = parse(built_repository / task / "config.pbtxt")
+    assert fused.backend == "python" and not fused.platform
+    assert list(fused.input) == list(parse(ensemble_repository / preprocess / "config.pbtxt").input)
+    assert list(fused.output) == list(parse(ensemble_repository / ensemble / "config.pbtxt").output)
+    for name in (ensemble, net, postprocess):
+        for key, value in parse(ensemble_repository / name / "config.pbtxt").parameters.items():
+            if key != "routing":  # the postprocess model's; the fused model has its own
+                assert fused.parameters[key] == value, (name, key)
+    version = built_repository / task / "1"
+    assert (version / "model.onnx").read_bytes() == (
+        ensemble_repository / net / "1" / "model.onnx"
+    ).read_bytes()
+    assert (version / "model.py").is_file()
+    assert not any((built_repository / name).exists() for name in model_names(task)[1:])
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -13,22 +13,38 @@ from abdoserve.deploy.isolation import HOST_SHM, server_shm
 from abdoserve.deploy.model_control import ADMIN_HEADER, GRPC_HEADER_PREFIX
 
 
-@pytest.fixture(scope="session")
-def server(
-    built_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[EmbeddedServer]:
-    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
-    options = ServerOptions(repository=built_repository, ports=free_ports(), log_file=log_file)
+def running(repository: Path, folder: Path) -> Iterator[EmbeddedServer]:
+    """A server on `repository`; its stubs' shared memory stays in its own /dev/shm."""
+    options = ServerOptions(
+        repository=repository, ports=free_ports(), log_file=folder / "triton.log"
+    )
     host_before = set(os.listdir(HOST_SHM))
-    with EmbeddedServer(options) as running:
-        assert running.process is not None
-        regions = os.listdir(server_shm(running.process.pid))
+    with EmbeddedServer(options) as started:
+        assert started.process is not None
+        regions = os.listdir(server_shm(started.process.pid))
         assert regions, "no stub shared memory in the server's private /dev/shm?"
-        yield running
+        yield started
         # The regions live in the server's own tmpfs: the host never sees one.
         assert not set(regions) & set(os.listdir(HOST_SHM))
     leaked = set(os.listdir(HOST_SHM)) - host_before
     assert not leaked, f"shared memory left in {HOST_SHM}: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="session")
+def server(
+    built_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedServer]:
+    """The shape `serve` runs by default: one fused model per task."""
+    yield from running(built_repository, tmp_path_factory.mktemp("triton"))
+
+
+@pytest.fixture(scope="session")
+def ensemble_server(
+    ensemble_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedServer]:
+    """The ensemble shape (`serve --pipeline ensemble`, and a GPU server's): the tests
+    of what only it has (the composing models) and of the two shapes side by side."""
+    yield from running(ensemble_repository, tmp_path_factory.mktemp("triton-ensemble"))
 
 
 @pytest.fixture(scope="session")

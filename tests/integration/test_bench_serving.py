@@ -130,10 +130,15 @@ def check_task(
 
 
 def check_breakdown(
-    result: dict[str, Any], levels: tuple[int, ...], forms: tuple[str, ...]
+    result: dict[str, Any],
+    levels: tuple[int, ...],
+    forms: tuple[str, ...],
+    *,
+    fused_server: bool = False,
 ) -> None:
     """Where a study's time went, per form and level: every part measured, and the
-    composing models' queue and compute within the ensemble's own time."""
+    composing models' queue and compute within the ensemble's own time (a fused model,
+    or a server whose tasks are fused, has one stage)."""
     parts = [part for each in result["rounds"] for part in each["breakdown"]]
     assert [(part["form"], part["concurrency"]) for part in parts] == [
         (form, level) for _ in result["rounds"] for form in forms for level in levels
@@ -143,7 +148,7 @@ def check_breakdown(
             assert part[key] > 0, key
         stages = (
             {"pipeline"}
-            if part["form"].startswith("fused")
+            if fused_server or part["form"].startswith("fused")
             else {"preprocess", "net", "postprocess"}
         )
         assert set(part["compute_ms"]) == stages
@@ -158,14 +163,16 @@ def check_breakdown(
 def test_quick_against_the_running_server(
     server: EmbeddedServer,
     grpc_url: str,
-    built_repository: Path,
+    ensemble_repository: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """`serve`'s default (fused) server; in process and PyTriton read the ensemble
+    build's `_net`, the same export."""
     key_file = tmp_path / "admin.key"
     key_file.write_text(server.options.admin_key)
     assert server.process is not None
-    argv = ["--quick", "--url", grpc_url, "--repository", str(built_repository)]
+    argv = ["--quick", "--url", grpc_url, "--repository", str(ensemble_repository)]
     argv += ["--without-scores"]  # the lever: every response checked to lack SCORES
     argv += ["--admin-key-file", str(key_file), "--server-pid", str(server.process.pid)]
     assert run_bench(argv + outputs(tmp_path)) == 0  # the default: three rounds
@@ -202,7 +209,7 @@ def test_quick_against_the_running_server(
     forms = ("grpc_bytes", "served")
     compared = (*forms, "pytriton") if peer else forms
     check_task(document, "liver_fibrosis_ct", requests=10, forms=compared, rounds=3)
-    check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms)
+    check_breakdown(document["tasks"]["liver_fibrosis_ct"], (1, 4), forms, fused_server=True)
     ratios = document["tasks"]["liver_fibrosis_ct"]["ratios"]
     if peer:
         assert set(ratios["served_over_pytriton"]) == {"1", "4"}

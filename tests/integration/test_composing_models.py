@@ -1,4 +1,5 @@
-"""The composing models called directly over gRPC, bypassing the ensemble.
+"""The composing models called directly over gRPC, bypassing the ensemble (the shape
+`serve --pipeline ensemble` and a GPU server run; the default fused shape has none).
 
 Triton 2.51 cannot restrict a model to the ensemble, so `<task>_net`,
 `<task>_postprocess` (which calls `<task>_net` itself) and `<task>_preprocess` answer
@@ -90,6 +91,17 @@ def run_chain(client: grpcclient.InferenceServerClient, task: str) -> Chain:
     output = call(client, f"{task}_net", net_inputs(prepared), ["OUTPUT"])["OUTPUT"]
     answered = call(client, f"{task}_postprocess", postprocess_inputs(prepared), OUTPUTS)
     return Chain(prepared, output, answered)
+
+
+@pytest.fixture(scope="module")
+def server(ensemble_server: EmbeddedServer) -> EmbeddedServer:
+    """Only the ensemble has composing models: `serve`'s default fuses them away."""
+    return ensemble_server
+
+
+@pytest.fixture(scope="module")
+def grpc_url(server: EmbeddedServer) -> str:
+    return f"{server.options.host}:{server.ports.grpc}"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
 from abdoserve.export.calibration import CalibrationPlan
-from abdoserve.export.configs import Tuning, model_names
+from abdoserve.export.configs import Tuning
 from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
@@ -48,8 +48,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for runtime, task in SERVED.items():
         out = root / runtime
         build_repository(out, [task], tuning=TUNING, cpu_runtime=runtime, calibration=PLAN)
-        for name in model_names(task):
-            shutil.copytree(out / name, served / name)
+        shutil.copytree(out / task, served / task)  # `serve`'s default: one fused model
     return served
 
 
@@ -70,7 +69,7 @@ def own_runner_output(
     prepared = StudyPreparer(spec)(study.instances, study.clinical)
     runner = open_runner(
         cpu_runtime(runtime),
-        repository / f"{task}_net" / "1",
+        repository / task / "1",  # the fused model's version 1 holds the net's files
         intra_op_threads=TUNING.net_intra_op_threads,
         max_samples=TUNING.max_samples_per_run,
     )

@@ -23,6 +23,7 @@ from abdoserve.deploy.embedded import free_port
 from abdoserve.deploy.prometheus_server import PrometheusServer
 from abdoserve.export.phantom.cohort import write_cohort
 from abdoserve.serving.drift_bins import REFERENCE_FILE
+from abdoserve.serving.task_models import on_disk
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.instances import folder_files, folder_request, load_instances
 from tests.integration.serve_process import (
@@ -142,7 +143,9 @@ def test_a_validated_version_drifts_where_its_traffic_departs_from_its_cohort(
         env={**os.environ, "HOME": str(served.home)},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    baseline = json.loads((repository / f"{TASK}_net" / "1" / REFERENCE_FILE).read_text())
+    models = on_disk(repository, TASK)
+    assert models is not None and models.fused  # `serve`'s default shape
+    baseline = json.loads((repository / models.versions / "1" / REFERENCE_FILE).read_text())
     kvp = baseline["features"]["kvp"]
     assert baseline["studies"] == COHORT and kvp["counts"][kvp["edges"].index(120.0)] == COHORT
     assert "drift baseline" in done.stdout

@@ -121,5 +121,5 @@ def test_a_version_the_network_lacks_is_refused_by_name(grpc_url: str) -> None:
     with AbdoServeClient(grpc_url, timeout_s=120) as client:
         result = client.bone_density_ct(study.instances)
         absent = dataclasses.replace(result, model=dataclasses.replace(result.model, version="7"))
-        with pytest.raises(InvalidRequestError, match="bone_density_ct_net has no version 7"):
+        with pytest.raises(InvalidRequestError, match="bone_density_ct has no version 7"):
             client.explain("bone_density_ct", study.instances, absent)

@@ -1,34 +1,31 @@
-"""The fused CPU pipeline (`--pipeline fused`): one Python model per task that answers
-exactly as the ensemble does, refuses bad studies alone, and keeps its intake metrics."""
+"""The two pipeline shapes side by side: the fused model per task (`serve`'s default on
+the embedded CPU server) answers exactly as the ensemble (`--pipeline ensemble`, and a
+GPU server's shape) does, with the same contract; each refuses a bad study alone in its
+batch, and the fused model keeps the intake metrics."""
 
 from __future__ import annotations
 
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from abdoserve.deploy.embedded import EmbeddedServer, ServerOptions, free_ports
+from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.phantom import build_study
-from abdoserve.export.repository import BUILD_RECORD, build_repository
+from abdoserve.export.repository import BUILD_RECORD
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve_client import AbdoServeClient
 from abdoserve_client.errors import AbdoServeError
 
 
 @pytest.fixture(scope="module")
-def fused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    folder = tmp_path_factory.mktemp("fused")
-    repository = folder / "model_repository"
-    build_repository(repository, tuple(TASKS), pipeline="fused")
-    options = ServerOptions(repository=repository, ports=free_ports(), log_file=folder / "log")
-    with EmbeddedServer(options) as server:
-        yield server
+def fused(server: EmbeddedServer) -> EmbeddedServer:
+    """`serve`'s default shape: the session's server."""
+    return server
 
 
 def url(server: EmbeddedServer) -> str:
@@ -45,10 +42,10 @@ def test_the_fused_repository_holds_one_model_per_task(fused: EmbeddedServer) ->
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_a_fused_task_answers_exactly_as_its_ensemble(
-    fused: EmbeddedServer, grpc_url: str, task: str
+    fused: EmbeddedServer, ensemble_server: EmbeddedServer, task: str
 ) -> None:
     study = build_study(task, seed=31)
-    with AbdoServeClient(url(fused)) as one, AbdoServeClient(grpc_url) as ensemble:
+    with AbdoServeClient(url(fused)) as one, AbdoServeClient(url(ensemble_server)) as ensemble:
         assert one.task_info(task) == ensemble.task_info(task)  # the same published contract
         got = one.infer(task, study.instances, study.clinical)
         want = ensemble.infer(task, study.instances, study.clinical)
@@ -57,11 +54,15 @@ def test_a_fused_task_answers_exactly_as_its_ensemble(
     assert got.model == want.model and got.model.untrained
 
 
-def test_a_bad_study_is_refused_alone_in_a_fused_batch(fused: EmbeddedServer) -> None:
+@pytest.mark.parametrize("shape", ["fused", "ensemble"])
+def test_a_bad_study_is_refused_alone_in_its_batch(
+    fused: EmbeddedServer, ensemble_server: EmbeddedServer, shape: str
+) -> None:
     task = "bone_density_ct"
     good = build_study(task, seed=32).instances
     truncated = [*good[:-1], good[-1][: len(good[-1]) // 3]]
-    with AbdoServeClient(url(fused), retries=0, timeout_s=120) as client:
+    served = fused if shape == "fused" else ensemble_server
+    with AbdoServeClient(url(served), retries=0, timeout_s=120) as client:
         reference = client.bone_density_ct(good).study_values
 
         def send(number: int) -> np.ndarray | AbdoServeError:

@@ -116,7 +116,7 @@ def test_a_failure_to_make_maps_loses_no_sr(
 ) -> None:
     # First in the file: the explain model keeps a twin once loaded, so this task's is
     # taken away before any study of it was explained (and put back after).
-    twin = repository / "liver_fibrosis_ct_net" / "1" / "twin.pt"
+    twin = repository / "liver_fibrosis_ct" / "1" / "twin.pt"  # fused: the version's folder
     aside = tmp_path / "twin.pt"
     shutil.move(twin, aside)
     try:

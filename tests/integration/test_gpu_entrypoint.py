@@ -145,10 +145,11 @@ def test_grpc_speaks_mutual_tls(container: tuple[int, int, Pki]) -> None:
 
 @pytest.fixture(scope="module")
 def healing_pod(
-    built_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    ensemble_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    """The entrypoint on a built repository, plain (the TLS case is above): (process,
-    gRPC port, the supervisor's port that the Kubernetes probes read)."""
+    """The entrypoint on a built repository in the GPU image's shape (the ensemble),
+    plain (the TLS case is above): (process, gRPC port, the supervisor's port that the
+    Kubernetes probes read). The CPU shape heals in test_self_healing."""
     folder = tmp_path_factory.mktemp("pod")
     grpc, health = free_port(), free_port()
     ports = [f"--grpc-port={grpc}", f"--http-port={free_port()}"]
@@ -156,7 +157,7 @@ def healing_pod(
     with (folder / "entrypoint.log").open("wb") as log:
         process = subprocess.Popen(
             ["sh", str(ENTRYPOINT), *ports],
-            env=container_env(folder, built_repository),
+            env=container_env(folder, ensemble_repository),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

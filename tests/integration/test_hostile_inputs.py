@@ -14,6 +14,7 @@ from abdoserve.deploy.embedded import EmbeddedServer
 from abdoserve.export.phantom import TRANSFER_SYNTAXES, build_study
 from abdoserve.loadtests.hostile import HostileRequest, catalogue, flood_request, send
 from abdoserve.loadtests.resources import peak_rss_mib
+from tests.integration.triton_calls import decoding_stubs
 from tests.mutations import random_mutation
 
 CASES = catalogue()
@@ -26,9 +27,7 @@ def test_a_hostile_request_is_refused_naming_its_limit_and_costs_little(
 ) -> None:
     assert server.process is not None
     before = stubs.stubs_of(server.process.pid)
-    preprocess = [
-        pid for pid, stub in before.items() if stub.model == f"{request_.task}_preprocess"
-    ]
+    preprocess = decoding_stubs(before, request_.task)
     peaks = {pid: peak_rss_mib(pid) for pid in preprocess}
     refusal = send(grpc_url, request_)
     assert refusal is not None, f"{request_.name} was answered"
@@ -46,7 +45,7 @@ FUZZED_STUDIES = 40
 def test_mutated_studies_are_answered_or_refused_and_no_stub_restarts(
     server: EmbeddedServer, grpc_url: str
 ) -> None:
-    """A smaller fuzz run against the served ensemble (the full one is a unit test)."""
+    """A smaller fuzz run against the served pipeline (the full one is a unit test)."""
     assert server.process is not None
     before = set(stubs.stubs_of(server.process.pid))
     rng = random.Random(20261130)
@@ -83,7 +82,7 @@ def test_a_request_that_inflates_past_its_total_is_refused_and_its_neighbours_an
     assert server.process is not None
     task = "esophageal_cancer_ct"
     before = stubs.stubs_of(server.process.pid)
-    preprocess = [pid for pid, stub in before.items() if stub.model == f"{task}_preprocess"]
+    preprocess = decoding_stubs(before, task)
     flood = flood_request()
     honest = [
         HostileRequest(

@@ -1,5 +1,6 @@
 """An imported version does not serve (issue 20, item 1): Triton 2.51 on a one-task
-repository whose `_net` holds version 1 (the build) and version 2 (`model import`, other
+ensemble repository (the fused shape pins its code the same way: test_versions_fused.py)
+whose `_net` holds version 1 (the build) and version 2 (`model import`, other
 weights) loads the pinned version 1 alone, at start and on the supervisor's reload, and
 the answers are version 1's network to the last digit. Without the pin the same server
 loads version 2 (Triton's default policy is the latest version) and answers with it."""
@@ -52,7 +53,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
     from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("imported") / "model_repository"
-    build_repository(out, (TASK,))
+    build_repository(out, (TASK,), pipeline="ensemble")  # the fused shape: test_versions_fused
     result = import_model(out, TASK, checkpoint, intended_use="the integration test")
     assert result.version == 2 and (out / NET / "2" / CARD_FILE).is_file()
     return out

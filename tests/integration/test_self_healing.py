@@ -31,14 +31,12 @@ from abdoserve_client.errors import AbdoServeError
 TASK = "bone_density_ct"
 LARGE_TASK = "esophageal_cancer_ct"  # up to 128 slices: the largest studies
 TRIM_BYTES = 16 * 1024 * 1024  # below every grown region, above every idle one
-PREPROCESS = f"{TASK}_preprocess"
+# `serve`'s default shape: one fused model per task, as many instances as preprocessing
+# has. The ensemble's composing models heal in test_gpu_entrypoint's pod.
+FUSED = TASK
 RELOADS = "abdoserve_supervisor_model_reloads_total"
 WAIT_S = 120.0  # upper bound of every wait below, so a broken build fails instead of hanging
-EXPECTED_STUBS = {
-    PREPROCESS: Tuning().preprocess_instances,
-    f"{TASK}_net": Tuning().net_instances,
-    f"{TASK}_postprocess": Tuning().postprocess_instances,
-}
+EXPECTED_STUBS = {FUSED: Tuning().preprocess_instances}
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -196,9 +194,9 @@ def test_a_killed_stub_is_reloaded_under_traffic_and_no_call_fails(
         Traffic(grpc_url(supervisor), study.instances) as traffic,
     ):
         reference = traffic.answers[0]
-        signal_a_stub(supervisor, PREPROCESS, signal.SIGKILL)
+        signal_a_stub(supervisor, FUSED, signal.SIGKILL)
         wait_until(
-            lambda: metric(supervisor, RELOADS, model=PREPROCESS, reason="stub_failed") == 1,
+            lambda: metric(supervisor, RELOADS, model=FUSED, reason="stub_failed") == 1,
             "the reload",
         )
         served_before = len(traffic.answers)
@@ -210,9 +208,7 @@ def test_a_killed_stub_is_reloaded_under_traffic_and_no_call_fails(
     assert 503 in probe.statuses, "health never turned red while the model was degraded"
     assert probe.statuses[0] == 200 and probe.statuses[-1] == 200
     assert (
-        metric(
-            supervisor, "abdoserve_supervisor_stub_failures_total", model=PREPROCESS, kind="dead"
-        )
+        metric(supervisor, "abdoserve_supervisor_stub_failures_total", model=FUSED, kind="dead")
         == 1
     )
     assert supervisor.server.process.pid == server_pid  # type: ignore[union-attr]
@@ -226,7 +222,7 @@ def test_a_stopped_stub_is_killed_before_it_can_resume_and_crash_the_server(
     server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
     with Traffic(grpc_url(supervisor), study.instances) as traffic:
         reference = traffic.answers[0]
-        victim = signal_a_stub(supervisor, f"{TASK}_net", signal.SIGSTOP)
+        victim = signal_a_stub(supervisor, FUSED, signal.SIGSTOP)
         time.sleep(10)  # the stall the hostile test used; the supervisor acts long before
         with contextlib.suppress(ProcessLookupError):  # killed and reaped: cannot resume
             os.kill(victim, signal.SIGCONT)
@@ -236,7 +232,7 @@ def test_a_stopped_stub_is_killed_before_it_can_resume_and_crash_the_server(
     assert supervisor.server.process.poll() is None  # type: ignore[union-attr]
     assert supervisor.server.process.pid == server_pid  # type: ignore[union-attr]
     assert stubs.process_state(victim) in (None, "Z")
-    kind = {"model": f"{TASK}_net", "kind": "stopped"}
+    kind = {"model": FUSED, "kind": "stopped"}
     assert metric(supervisor, "abdoserve_supervisor_stub_failures_total", **kind) == 1
     assert metric(supervisor, "abdoserve_supervisor_server_restarts_total") == 0
     assert_whole(supervisor, reference)
@@ -306,7 +302,7 @@ def test_stop_is_graceful_with_a_dead_stub_and_leaves_nothing_behind(
     supervisor = Supervisor(options, SupervisorOptions(health_port=None)).start()
     prefix = supervisor.region_prefix
     server_pid = supervisor.server.process.pid  # type: ignore[union-attr]
-    victim = next(s.pid for s in stubs.stubs_of(server_pid).values() if s.model == PREPROCESS)
+    victim = next(s.pid for s in stubs.stubs_of(server_pid).values() if s.model == FUSED)
     os.kill(victim, signal.SIGKILL)
     code = supervisor.stop()
     assert code == 0, "tritonserver did not exit by itself (SIGKILL after the timeout)"
@@ -373,7 +369,7 @@ def test_memory_comes_back_after_a_study_near_the_limit(supervisor: Supervisor) 
     after = footprint_mib(supervisor)
     assert during["/dev/shm"] > before["/dev/shm"] + 32, "the large study grew nothing?"
     assert sum(after.values()) <= 1.1 * sum(before.values()), (before, during, after)
-    reloads = metric(supervisor, RELOADS, model=f"{LARGE_TASK}_preprocess", reason="memory")
+    reloads = metric(supervisor, RELOADS, model=LARGE_TASK, reason="memory")
     assert reloads >= 1
 
 
@@ -402,7 +398,7 @@ def test_a_trim_under_a_queue_loses_no_call(small_repository: Path, tmp_path: Pa
             thread.start()
         for thread in threads:
             thread.join()
-        reloads = metric(running, RELOADS, model=f"{LARGE_TASK}_preprocess", reason="memory")
+        reloads = metric(running, RELOADS, model=LARGE_TASK, reason="memory")
     assert reloads >= 1, "no trim happened under the queue: the test proves nothing"
     assert failures == [], failures[:3]
 

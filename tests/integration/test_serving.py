@@ -60,7 +60,14 @@ def test_series_answer_is_independent_of_file_order(
 
 
 def test_server_lists_every_task_ready(server: EmbeddedServer) -> None:
+    # `serve`'s default: one model per task, beside it the task's explanation model
     names = set(server.model_names())
+    assert names == {*TASKS, *(f"{task}_explain" for task in TASKS)}
+    assert server.is_ready()
+
+
+def test_the_ensemble_lists_its_composing_models(ensemble_server: EmbeddedServer) -> None:
+    names = set(ensemble_server.model_names())
     for task in TASKS:
         assert {task, f"{task}_preprocess", f"{task}_net", f"{task}_postprocess"} <= names
-    assert server.is_ready()
+    assert ensemble_server.is_ready()

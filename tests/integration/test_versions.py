@@ -1,6 +1,8 @@
 """Versions side by side on a live server (issue 20, item 3), through the model commands'
-own code (abdoserve.deploy.versions) against Triton 2.51: a one-task repository whose
-`_net` holds version 1 (the build) and version 2 (`model import`, other weights).
+own code (abdoserve.deploy.versions) against Triton 2.51: a one-task ensemble repository
+whose `_net` holds version 1 (the build) and version 2 (`model import`, other weights).
+The ensemble is what a GPU server runs; `serve`'s default fused shape has its own
+lifecycle tests (test_versions_fused.py, test_versions_replicas.py, test_versions_pod.py).
 
 Each answer is checked against the PyTorch network of the version it names, so a
 wrong label on the right numbers (or the reverse) fails. Traffic runs through every
@@ -54,7 +56,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
     from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("versions") / "model_repository"
-    build_repository(out, (TASK,))
+    build_repository(out, (TASK,), pipeline="ensemble")  # the fused shape: test_versions_fused
     assert import_model(out, TASK, checkpoint).version == 2
     return out
 

@@ -1,5 +1,5 @@
 """Versions on the fused pipeline (issue 22: one model per task keeps the lifecycle):
-`abdoserve serve --pipeline fused` on a repository whose fused bone_density_ct holds an
+`abdoserve serve` (fused by default) on a repository whose fused bone_density_ct holds an
 imported version 2 beside its code, driven by the model commands as the operator who
 started serve runs them. Canary splits studies by key and keeps a study on its version,
 promote and rollback change the answering version with one reload each and no failed
@@ -69,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     folder = tmp_path_factory.mktemp("fused")
     repository = folder / "model_repository"
-    build_repository(repository, [TASK], pipeline="fused")
+    build_repository(repository, [TASK])  # fused: the default with the CPU runtimes
     network = reference_network(get_task(TASK)).module
     with torch.no_grad():
         [*_, last] = [layer for layer in network.modules() if isinstance(layer, torch.nn.Linear)]
@@ -79,7 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert (repository / TASK / "2" / "model.onnx").is_file()
     home = tmp_path_factory.mktemp("operator")
     ports = free_ports()
-    arguments = [*small_serve(repository, ports, folder), "--pipeline=fused"]
+    arguments = small_serve(repository, ports, folder)  # served in the shape it was built
     environment = {**os.environ, "HOME": str(home)}
     environment.pop("ABDOSERVE_ADMIN_KEY", None)
     output: list[str] = []

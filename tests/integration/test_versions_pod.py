@@ -73,7 +73,7 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
 
     folder = tmp_path_factory.mktemp("pod")
     repository = folder / "models"
-    build_repository(repository, [TASK])
+    build_repository(repository, [TASK])  # the CPU pod's init container: fused
     network = reference_network(get_task(TASK)).module
     with torch.no_grad():
         [*_, last] = [layer for layer in network.modules() if isinstance(layer, torch.nn.Linear)]
@@ -112,7 +112,7 @@ def test_the_model_commands_drive_the_pod_with_the_key_from_its_secret(pod: Pod)
     assert set(split.values()) == {"1", "2"}, split
     assert pod.versions() == split  # a study sent again keeps its version
     wait_for(
-        lambda: routing_on_disk(pod.repository / f"{TASK}_postprocess").mode == "canary",
+        lambda: routing_on_disk(pod.repository / TASK).mode == "canary",
         "the canary written into the volume's repository",
         pod.process,
     )
@@ -122,7 +122,7 @@ def test_the_model_commands_drive_the_pod_with_the_key_from_its_secret(pod: Pod)
     pod.model("rollback", TASK)
     assert set(pod.versions().values()) == {"1"}
     wait_for(
-        lambda: routing_on_disk(pod.repository / f"{TASK}_postprocess").production == 1,
+        lambda: routing_on_disk(pod.repository / TASK).production == 1,
         "the rollback written into the volume's repository",
         pod.process,
     )

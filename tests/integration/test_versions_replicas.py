@@ -40,6 +40,7 @@ from abdoserve.export.weights import reference_network
 from abdoserve.loadtests.slo import AGGREGATED, read_stats
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
+from abdoserve.serving.task_models import TaskModels, on_disk
 from abdoserve_client import AbdoServeClient
 from tests.integration.serve_process import (
     ABDOSERVE,
@@ -52,7 +53,9 @@ from tests.integration.test_loadtests import Run, run_scenario
 
 TASK = "bone_density_ct"
 SPEC = get_task(TASK)
-POST = f"{TASK}_postprocess"
+# `serve`'s default shape: the fused model holds the routing, and its versions lie
+# beside its code (abdoserve.serving.task_models)
+MODELS = TaskModels(TASK, fused=True)
 STUDIES = 40
 WAIT_S = 240.0
 
@@ -96,6 +99,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
 
     out = tmp_path_factory.mktemp("versions") / "model_repository"
     build_repository(out)  # every task: the hospital-day traffic sends them all
+    assert on_disk(out, TASK) == MODELS
     assert import_model(out, TASK, checkpoint).version == 2
     broken = constant_graph(tmp_path_factory.mktemp("broken") / "broken.onnx", 0.3)
     assert import_model(out, TASK, broken).version == 3
@@ -263,7 +267,7 @@ def both_replicas_serve(
 
 
 def card_of(repository: Path, version: int) -> str:
-    return read_card(repository / f"{TASK}_net" / str(version) / CARD_FILE).card_id
+    return read_card(repository / MODELS.versions / str(version) / CARD_FILE).card_id
 
 
 def test_list_shows_the_built_version_serving_and_the_imported_ones_with_cards(
@@ -271,7 +275,7 @@ def test_list_shows_the_built_version_serving_and_the_imported_ones_with_cards(
 ) -> None:
     lines = launched.model("list", TASK).splitlines()
     assert lines[0] == TASK
-    assert lines[1].split()[:3] == ["1", "serving", "READY"]
+    assert lines[1].split()[:4] == ["1", "serving", "IN", "PROCESS"]
     for line, version in zip(lines[2:4], ("2", "3"), strict=True):
         words = line.split()
         assert words[:4] == [version, "retired", "not", "loaded"]
@@ -315,7 +319,7 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
         )
         assert "10 studies" in printed and "passed" in printed, printed
         assert (tmp_path / "report" / "report.md").is_file()
-        assert read_card(repository / f"{TASK}_net" / "2" / CARD_FILE).acceptance is not None
+        assert read_card(repository / MODELS.versions / "2" / CARD_FILE).acceptance is not None
         wait_until(
             lambda: "validation passed" in launched.model("list", TASK), "the verdict read in"
         )
@@ -341,7 +345,7 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
         first = versions_kept_when_sent_again(launched, references)
         share = sum(version == 2 for version in first.values()) / STUDIES
         assert 0.10 <= share <= 0.45, share
-        assert routing_on_disk(repository / POST).mode == "canary"
+        assert routing_on_disk(repository / MODELS.router).mode == "canary"
 
         launched.model("promote", TASK, "2")
         wait_until(lambda: both_replicas_serve(launched, references, {2}), "version 2 everywhere")
@@ -352,7 +356,7 @@ def test_import_validate_shadow_canary_promote_rollback_across_replicas_with_not
         wait_until(lambda: both_replicas_serve(launched, references, {1}), "version 1 again")
     assert traffic.failures == [], traffic.failures[:5]
     assert traffic.answered > 0
-    on_disk = routing_on_disk(repository / POST)
+    on_disk = routing_on_disk(repository / MODELS.router)
     assert (on_disk.production, on_disk.candidate) == (1, None)
     # The hospital day through the guard, all five tasks, across every transition.
     locust.join()
@@ -388,7 +392,7 @@ def test_a_broken_canary_is_rolled_back_by_disagreement_and_the_alert_fires(
         wait_until(
             lambda: (
                 "automatic rollback of version 3: disagreement"
-                in routing_on_disk(repository / POST).reason
+                in routing_on_disk(repository / MODELS.router).reason
             ),
             "the supervisors to roll version 3 back",
         )

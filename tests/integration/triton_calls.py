@@ -49,3 +49,9 @@ def infer(
         study=result.as_numpy("STUDY")[0],
         answer=json.loads(result.as_numpy("ANSWER")[0, 0]),
     )
+
+
+def decoding_stubs(found: Mapping[int, Any], task: str) -> list[int]:
+    """The pids of the stubs that decode `task`'s DICOM (`found`: `stubs.stubs_of`): its
+    fused model's (`serve`'s default) or, in the ensemble, its preprocess model's."""
+    return [pid for pid, stub in found.items() if stub.model in (task, f"{task}_preprocess")]

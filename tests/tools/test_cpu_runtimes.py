@@ -230,7 +230,7 @@ def test_build_json_and_is_built_tell_the_runtimes_apart(tmp_path: Path) -> None
     assert is_built(out, ["liver_mass_ct"], cpu_runtime="openvino-int8")
     for other in ("onnxruntime", "onnxruntime-int8", "openvino"):
         assert not is_built(out, ["liver_mass_ct"], cpu_runtime=other)
-    (out / "liver_mass_ct_net" / "1" / "model.int8.xml").unlink()
+    (out / "liver_mass_ct" / "1" / "model.int8.xml").unlink()  # fused: version 1 holds it
     assert not is_built(out, ["liver_mass_ct"], cpu_runtime="openvino-int8")
 
 
@@ -239,13 +239,23 @@ def test_the_runtime_reaches_the_configs_that_answer(tmp_path: Path) -> None:
 
     out = tmp_path / "repository"
     build_repository(out, ["liver_mass_ct"], cpu_runtime="onnxruntime-int8", calibration=PLAN)
+    config = (out / "liver_mass_ct" / "config.pbtxt").read_text()  # the fused model's
+    assert 'string_value: "onnxruntime-int8"' in config and "runtime_deviation" in config
+    ensemble = tmp_path / "ensemble"
+    build_repository(
+        ensemble,
+        ["liver_mass_ct"],
+        cpu_runtime="onnxruntime-int8",
+        calibration=PLAN,
+        pipeline="ensemble",
+    )
     for model in ("liver_mass_ct_net", "liver_mass_ct_postprocess", "liver_mass_ct"):
-        config = (out / model / "config.pbtxt").read_text()
+        config = (ensemble / model / "config.pbtxt").read_text()
         assert 'string_value: "onnxruntime-int8"' in config, model
         assert "runtime_deviation" in config, model
     default = tmp_path / "default"
     build_repository(default, ["liver_mass_ct"])
-    config = (default / "liver_mass_ct_postprocess" / "config.pbtxt").read_text()
+    config = (default / "liver_mass_ct" / "config.pbtxt").read_text()
     assert 'string_value: "onnxruntime"' in config and "runtime_deviation" not in config
     assert json.loads((default / "BUILD.json").read_text())["cpu_runtime"] == "onnxruntime"
 
@@ -260,7 +270,10 @@ def test_serve_passes_the_runtime_through_and_gives_it_a_folder_of_its_own() -> 
     serve.add_arguments(parser)
     assert parser.parse_args([]).cpu_runtime == "onnxruntime"
     assert parser.parse_args(["--cpu-runtime", "openvino-int8"]).cpu_runtime == "openvino-int8"
-    assert serve.default_repository(Tuning(), "onnxruntime") == serve.DEFAULT_REPOSITORY
-    assert serve.default_repository(Tuning(), "openvino").name == "model_repository-openvino"
-    tuned = serve.default_repository(Tuning(net_instances=1), "onnxruntime-int8").name
+    assert serve.default_repository(Tuning(), "onnxruntime", "fused") == serve.DEFAULT_REPOSITORY
+    openvino = serve.default_repository(Tuning(), "openvino", "fused")
+    assert openvino.name == "model_repository-openvino"
+    ensemble = serve.default_repository(Tuning(), "openvino", "ensemble")
+    assert ensemble.name == "model_repository-openvino-ensemble"
+    tuned = serve.default_repository(Tuning(net_instances=1), "onnxruntime-int8", "fused").name
     assert tuned.startswith("model_repository-pre2-net1") and tuned.endswith("-onnxruntime-int8")

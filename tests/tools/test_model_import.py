@@ -41,7 +41,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from abdoserve.export.repository import build_repository
 
     out = tmp_path_factory.mktemp("built") / "model_repository"
-    build_repository(out, (TASK,))
+    build_repository(out, (TASK,), pipeline="ensemble")
     return out
 
 
@@ -337,7 +337,7 @@ def test_an_overridden_matrix_is_on_the_card(tmp_path: Path) -> None:
 
     repository = tmp_path / "model_repository"
     overrides = {"geometry.matrix": 224}
-    build_repository(repository, (TASK,), overrides={TASK: overrides})
+    build_repository(repository, (TASK,), overrides={TASK: overrides}, pipeline="ensemble")
     source = state_dict_file(tmp_path, spec_overrides=overrides)
     card = import_model(repository, TASK, source).card
     assert [(d.field, d.default, d.served) for d in card.spec_differences] == [
@@ -365,7 +365,7 @@ def test_a_rebuild_keeps_imported_versions_their_cards_and_the_routing(
     (repository / NET / "config.pbtxt").write_text(to_text(net))
     imported = snapshot(repository / NET / "2")
 
-    build_repository(repository, (TASK,), tuning=Tuning(net_instances=1))
+    build_repository(repository, (TASK,), tuning=Tuning(net_instances=1), pipeline="ensemble")
     assert sorted(p.name for p in (repository / NET).iterdir()) == ["1", "2", "config.pbtxt"]
     after = snapshot(repository / NET / "2")
     assert {name: digest for name, digest in after.items() if name != "model.py"} == {
@@ -388,7 +388,9 @@ def test_a_rebuild_whose_network_inputs_changed_leaves_imported_versions_behind(
     from abdoserve.export.repository import build_repository
 
     import_model(repository, TASK, state_dict_file(tmp_path))
-    build_repository(repository, (TASK,), overrides={TASK: {"geometry.matrix": 160}})
+    build_repository(
+        repository, (TASK,), overrides={TASK: {"geometry.matrix": 160}}, pipeline="ensemble"
+    )
     assert sorted(p.name for p in (repository / NET).iterdir()) == ["1", "config.pbtxt"]
     assert "imported versions [2] are not carried into the rebuild: the network's tensors" in (
         caplog.text
@@ -423,7 +425,7 @@ def test_a_version_imported_into_the_ensemble_comes_through_a_fused_rebuild_and_
     assert json.loads(config.parameters["routing"].string_value)["production"] == 2
     assert json.loads(config.parameters["version_cards"].string_value) == {"2": result.card.card_id}
 
-    build_repository(repository, (TASK,))  # and back to the ensemble
+    build_repository(repository, (TASK,), pipeline="ensemble")  # and back to the ensemble
     assert (repository / NET / "2" / "model.py").is_file()
     assert snapshot(repository / NET / "2")["model.onnx"] == onnx_digest
     assert json.loads(read_config(post).parameters["routing"].string_value)["production"] == 2

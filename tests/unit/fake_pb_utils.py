@@ -14,6 +14,7 @@ class FakeTritonError(Exception):
     INTERNAL = "internal"
     UNSUPPORTED = "unsupported"
     UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
 
     def __init__(self, message: str, code: str = "internal") -> None:
         super().__init__(message)
@@ -27,6 +28,15 @@ class FakeTensor:
 
     def as_numpy(self) -> np.ndarray:
         return self.value
+
+
+class FakeRequest(dict[str, FakeTensor]):
+    """A request's input tensors by name, and whether its client has gone."""
+
+    cancelled = False
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
 
 @dataclass

@@ -26,7 +26,13 @@ from abdoserve.preprocessing.specs import TaskSpec
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import TASKS
 from abdoserve.serving import validation
-from tests.unit.fake_pb_utils import FakePbUtils, FakeResponse, FakeTensor, FakeTritonError
+from tests.unit.fake_pb_utils import (
+    FakePbUtils,
+    FakeRequest,
+    FakeResponse,
+    FakeTensor,
+    FakeTritonError,
+)
 
 PYTHON_MODELS = Path(__file__).resolve().parents[2] / "model_repository" / "_python_models"
 SENDER_TEXT = "PHANTOM^ABDOMEN"  # sender-controlled text that must never be echoed
@@ -425,9 +431,9 @@ def net_model(spec: TaskSpec, folder: Path) -> Any:
     return load_model("net", spec.name, folder)
 
 
-def tensors(**arrays: np.ndarray) -> dict[str, FakeTensor]:
+def tensors(**arrays: np.ndarray) -> FakeRequest:
     """One request: each array gets the batch axis of one study."""
-    return {name: FakeTensor(name, value[None, ...]) for name, value in arrays.items()}
+    return FakeRequest({name: FakeTensor(name, value[None, ...]) for name, value in arrays.items()})
 
 
 def assert_invalid(reply: FakeResponse, tensor: str) -> str:

@@ -20,7 +20,7 @@ from abdoserve.export.phantom import build_study
 from abdoserve.preprocessing.study import StudyPreparer
 from abdoserve.preprocessing.tasks import get_task
 from abdoserve.serving.routing import Routing
-from tests.unit.fake_pb_utils import FakePbUtils, FakeResponse
+from tests.unit.fake_pb_utils import FakePbUtils, FakeResponse, FakeTritonError
 from tests.unit.test_composing_validation import load_model, output_of, tensors
 from tests.unit.test_postprocess_routing import RecordingFamily, recorded
 
@@ -145,3 +145,20 @@ def test_a_version_that_is_not_there_fails_the_load(
 ) -> None:
     with pytest.raises(Exception, match="7"):
         fused(tmp_path, Routing(production=1, candidate=7, mode="shadow", percent=10.0))
+
+
+def test_a_request_whose_client_left_is_answered_cancelled_and_counted(
+    pb_utils: RecordingPbUtils, tmp_path: Path
+) -> None:
+    """Triton counts a Python model's error response as a success: the fused model counts
+    the requests it drops itself, and runs no network for them."""
+    model = fused(tmp_path, Routing(production=1))
+    gone = request(1)
+    gone.cancelled = True
+    replies = model.execute([request(0), gone, request(2)])
+    assert replies[1].error is not None and replies[1].error.code == FakeTritonError.CANCELLED
+    assert replies[1].output_tensors == []
+    assert [answer_of(replies[n])["result"]["BMD"] for n in (0, 2)] == pytest.approx([0.9] * 2)
+    assert recorded("abdoserve_cancelled_requests_total", task=TASK) == [1.0]
+    assert len(recorded("abdoserve_version_answers_total", version="1")) == 2
+    model.finalize()
