@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measure(host: str, server_pid: int, request: HostileRequest) -> str:
     """One table row: case, request size, outcome, seconds, peak RSS rise, stubs kept."""
-    watched = live_stubs(server_pid, f"{request.task}_preprocess")
+    watched = live_stubs(server_pid, request.task)
     before = stubs.stubs_of(server_pid)
     peaks = {pid: peak_rss_mib(pid) for pid in watched}
     started = time.perf_counter()
@@ -138,21 +138,24 @@ def measure(host: str, server_pid: int, request: HostileRequest) -> str:
     )
 
 
-def live_stubs(server_pid: int, model: str, timeout_s: float = 30.0) -> list[int]:
-    """The model's live stubs, waiting for one while a supervisor reloads the model (its
-    memory trim replaces every stub of a model whose shared memory grew past its line)."""
+def live_stubs(server_pid: int, task: str, timeout_s: float = 30.0) -> list[int]:
+    """The live stubs that decode the task's studies (its fused model's, `serve`'s
+    default, or its ensemble's preprocess model's), waiting for one while a supervisor
+    reloads the model (its memory trim replaces every stub of a model whose shared
+    memory grew past its line)."""
+    models = (task, f"{task}_preprocess")
     deadline = time.monotonic() + timeout_s
     while True:
         found = [
             pid
             for pid, stub in stubs.stubs_of(server_pid).items()
-            if stub.model == model and not stub.dead
+            if stub.model in models and not stub.dead
         ]
         if found:
             return found
         if time.monotonic() > deadline:
             sys.exit(
-                f"bench hostile: no live {model} stub under tritonserver {server_pid} "
+                f"bench hostile: no live {task} stub under tritonserver {server_pid} "
                 "(is its task served?)"
             )
         time.sleep(0.1)

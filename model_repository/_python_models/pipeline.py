@@ -69,16 +69,14 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         positions, studies = [], []
         for position, request in enumerate(requests):
-            if self.abandoned(request):
-                responses[position] = glue.cancelled_response(pb_utils)
-                continue
             try:
                 prepared = self.intake(request)[1]
             except Exception as error:  # this request only
                 responses[position] = glue.error_response(pb_utils, error)
                 continue
             # Decoding is the long step: a client gone meanwhile gets no network run, as
-            # the ensemble stops a cancelled request between its steps.
+            # the ensemble stops a cancelled request between its steps. (Triton drops a
+            # request cancelled while queued itself; one check costs ~55 us of stub IPC.)
             if self.abandoned(request):
                 responses[position] = glue.cancelled_response(pb_utils)
                 continue
@@ -107,11 +105,19 @@ class TritonPythonModel:
                 self.nets.run,
             )
         except Exception as error:  # never raised out of execute
-            return [glue.error_response(pb_utils, error) for _ in studies]
+            return [self.failed(error) for _ in studies]
         return [self.respond(study, result) for study, result in zip(studies, routed, strict=True)]
+
+    def failed(self, error: Exception) -> Any:
+        """A study that failed past its intake: counted as an internal error, since Triton
+        counts a Python model's error response as a success (the ensemble's own
+        counters see it fail)."""
+        self.intake.metrics.rejected(error)
+        return glue.error_response(pb_utils, error)
 
     def respond(self, prepared: PreparedStudy, result: Routed | NetFailed) -> Any:
         if isinstance(result, NetFailed):
+            self.intake.metrics.failed_internally()
             return pb_utils.InferenceResponse(output_tensors=[], error=result.triton_error)
         roles = dict(zip(prepared.roles, prepared.role_sources, strict=True))
         try:
@@ -123,7 +129,7 @@ class TritonPythonModel:
                 roles,
             )
         except Exception as error:
-            return glue.error_response(pb_utils, error)
+            return self.failed(error)
         self.drift.observe(result.version, prepared.profile, study)
         self.router.compare_later(
             prepared.study_key, result, prepared.samples, prepared.features, study

@@ -17,10 +17,26 @@ IMAGE_BUCKETS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("decode", "arrange", "pixels", "total")
 
 
+INTERNAL = "internal"
+
+
+def known_reasons() -> tuple[str, ...]:
+    """Every reason a refusal can carry: each is counted from 0 at load, so that a rate
+    sees the first refusal (a series born at its first increment hides it)."""
+    found, pending = set(), list(IntakeError.__subclasses__())
+    while pending:
+        kind = pending.pop()
+        pending.extend(kind.__subclasses__())
+        reason = getattr(kind, "reason", None)
+        if isinstance(reason, str):
+            found.add(reason)
+    return (*sorted(found), INTERNAL)
+
+
 def rejection_reason(error: Exception) -> str:
     """The error class's stable `reason` (see abdoserve.preprocessing.errors); anything
     unexpected is 'internal'."""
-    return error.reason if isinstance(error, IntakeError) else "internal"
+    return error.reason if isinstance(error, IntakeError) else INTERNAL
 
 
 class IntakeMetrics:
@@ -45,7 +61,10 @@ class IntakeMetrics:
             description="Requests refused with an error, by task and reason",
             kind=family.COUNTER,
         )
-        self._reasons: dict[str, Any] = {}
+        self._reasons = {
+            reason: self._rejected.Metric(labels={"task": task, "reason": reason})
+            for reason in known_reasons()
+        }
         # The fused model's: a request whose client left is answered CANCELLED, which
         # Triton counts as a success of a Python model (the ensemble counts it itself).
         self._cancelled_family = cancelled = family(
@@ -95,6 +114,10 @@ class IntakeMetrics:
 
     def cancelled(self) -> None:
         self._cancelled.increment(1.0)
+
+    def failed_internally(self) -> None:
+        """A request that failed past the intake (the fused model's network or answer)."""
+        self._reasons[INTERNAL].increment(1.0)
 
     def rejected(self, error: Exception) -> None:
         reason = rejection_reason(error)

@@ -60,9 +60,9 @@ def stub_pids(server: EmbeddedServer) -> set[int]:
 @pytest.fixture(scope="module")
 def stubs_before(server: EmbeddedServer) -> Iterator[set[int]]:
     before = stub_pids(server)
-    tuning = Tuning()  # one stub per model instance, and one for the explanation model
-    per_task = tuning.preprocess_instances + tuning.net_instances + tuning.postprocess_instances
-    per_task += 1
+    # `serve`'s default: the fused model's instances (preprocessing's count), and one
+    # stub for the explanation model
+    per_task = Tuning().preprocess_instances + 1
     assert len(before) == per_task * len(TASKS)
     yield before
     assert stub_pids(server) == before, "a Python-backend stub restarted or died"

@@ -54,7 +54,7 @@ from abdoserve_client.errors import AbdoServeError
 
 TASK = "bone_density_ct"
 TUNING = Tuning(preprocess_instances=1, net_instances=1, net_intra_op_threads=1)
-STUBS = 4  # one instance each of the task's preprocess, net, postprocess and explain models
+STUBS = 2  # one instance each of the task's fused model (`serve`'s default) and explain model
 WAIT_S = 180.0
 
 

@@ -1,13 +1,15 @@
-"""A real Prometheus scrapes the test server: our series and Triton's arrive with the
-counts of the requests sent, the recording rules evaluate, the alert rules stay
-healthy, and no label carries a patient identifier."""
+"""A real Prometheus scrapes the test server (`serve`'s default shape: one fused model
+per task): our series and Triton's arrive with the counts of the requests sent, the
+recording rules evaluate and count the fused models' refusals as failures, the alert
+rules stay healthy, and no label carries a patient identifier. The rules' arithmetic
+for both shapes, side by side, is in their promtool test."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from abdoserve.deploy.embedded import EmbeddedServer, free_port
 from abdoserve.deploy.prometheus_server import JOB, PrometheusServer, binary
 from abdoserve.export.phantom import build_study
+from abdoserve.preprocessing.tasks import TASKS
 from tests.integration.triton_calls import infer
 from tests.tools.test_prometheus_files import TRITON_METRICS, all_rules, our_metrics
 
@@ -27,10 +30,14 @@ SETTLE_TIMEOUT_S = 20.0
 GOOD = {"bone_density_ct": 7, "liver_fibrosis_ct": 3}
 BAD = {("bone_density_ct", "not_dicom"): 2, ("liver_fibrosis_ct", "wrong_modality"): 2}
 COUNTERS = {
+    # The Python backend counts an error response as a success: a fused model's
+    # refused studies are Triton successes, and its failure counter stays still.
     **{
         f'sum(nv_inference_request_success{{model="{task}"}})': count
+        + sum(refused for (bad_task, _), refused in BAD.items() if bad_task == task)
         for task, count in GOOD.items()
     },
+    **{f'sum(nv_inference_request_failure{{model="{task}"}})': 0 for task in GOOD},
     **{
         f'sum(abdoserve_rejected_requests_total{{task="{task}",reason="{reason}"}})': count
         for (task, reason), count in BAD.items()
@@ -40,7 +47,8 @@ COUNTERS = {
     # Received before validation: the refused studies count too.
     'sum(abdoserve_images_per_request_count{task="bone_density_ct"})': 7 + 2,
 }
-FAILURES = 'sum(nv_inference_request_failure{model="liver_fibrosis_ct"})'
+# Per scrape target, as the PodMonitor labels a pod: the autoscaling rule's labels.
+POD = {"namespace": "local", "pod": "fused"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +59,9 @@ def prometheus(
     target = f"{server.options.host}:{server.ports.metrics}"
     data_dir = tmp_path_factory.mktemp("prometheus")
     # Scrape and evaluate rules every second so the test waits seconds, not minutes.
-    with PrometheusServer([target], port=free_port(), data_dir=data_dir, interval_s=1) as running:
+    with PrometheusServer(
+        [target], port=free_port(), data_dir=data_dir, interval_s=1, target_labels={target: POD}
+    ) as running:
         wait_for_scrape_after(running, 0.0, time.monotonic() + SETTLE_TIMEOUT_S)
         yield running
 
@@ -87,12 +97,7 @@ def settled(prometheus: PrometheusServer, exprs: list[str]) -> dict[str, float]:
         previous = current
 
 
-def send_requests(grpc_url: str) -> None:
-    client = grpcclient.InferenceServerClient(grpc_url)
-    for task, count in GOOD.items():
-        study = build_study(task, seed=3)
-        for _ in range(count):
-            infer(client, task, study.instances, study.clinical)
+def send_bad(client: grpcclient.InferenceServerClient, *, once: bool = False) -> None:
     mri = build_study("liver_fibrosis_mri", seed=3).instances[:1]
     fibrosis_clinical = build_study("liver_fibrosis_ct", seed=3).clinical
     bad_studies = {
@@ -100,9 +105,18 @@ def send_requests(grpc_url: str) -> None:
         ("liver_fibrosis_ct", "wrong_modality"): (list(mri), fibrosis_clinical),
     }
     for (task, reason), (instances, clinical) in bad_studies.items():
-        for _ in range(BAD[(task, reason)]):
+        for _ in range(1 if once else BAD[(task, reason)]):
             with pytest.raises(InferenceServerException):
                 infer(client, task, instances, clinical)
+
+
+def send_requests(grpc_url: str) -> None:
+    client = grpcclient.InferenceServerClient(grpc_url)
+    for task, count in GOOD.items():
+        study = build_study(task, seed=3)
+        for _ in range(count):
+            infer(client, task, study.instances, study.clinical)
+    send_bad(client)
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,11 @@ class Observed:
 @pytest.fixture(scope="module")
 def observed(prometheus: PrometheusServer, grpc_url: str) -> Observed:
     """Counters before and after the known requests (the session server is shared)."""
-    exprs = [*COUNTERS, FAILURES]
+    # A refusal counter's series appears at its first increment, a sample rate() never
+    # sees as an increase: refuse one study of each kind first, so the rules see the
+    # counted ones.
+    send_bad(grpcclient.InferenceServerClient(grpc_url), once=True)
+    exprs = list(COUNTERS)
     before = settled(prometheus, exprs)
     send_requests(grpc_url)
     return Observed(before, settled(prometheus, exprs))
@@ -133,9 +151,51 @@ def test_counters_increase_by_exactly_what_was_sent(observed: Observed) -> None:
     assert increases == COUNTERS
 
 
-def test_failed_requests_reach_triton_failure_counter(observed: Observed) -> None:
-    # At least once each: Triton 2.51 counts a failed ensemble request twice.
-    assert observed.increase(FAILURES) >= BAD[("liver_fibrosis_ct", "wrong_modality")]
+def wait_for(prometheus: PrometheusServer, expr: str, holds: Callable[[float], bool]) -> float:
+    """The value of `expr` once `holds` it (rules run on their own 1 s tick)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not holds(found := value(prometheus, expr)):
+        assert time.monotonic() < deadline, f"{expr} still {found}"
+        time.sleep(0.2)
+    return found
+
+
+def test_the_rules_count_a_fused_models_refusals_as_failures(
+    prometheus: PrometheusServer, observed: Observed
+) -> None:
+    # Triton's failure counter stayed still (COUNTERS): the refusals reach the failure
+    # rule from abdoserve_rejected_requests_total, matched per scrape target. The most
+    # over 5 minutes: each sample is the rate of its last minute only. A ratio may have
+    # read 1 while only the first refusals were in its minute.
+    for task in ("liver_fibrosis_ct", "bone_density_ct"):
+        failures = f'max_over_time(task:nv_inference_request_failure:rate1m{{task="{task}"}}[5m])'
+        wait_for(prometheus, failures, lambda found: found > 0)
+        ratio = (
+            f'max_over_time(task:nv_inference_request_failure:ratio_rate1m{{task="{task}"}}[5m])'
+        )
+        assert 0 < wait_for(prometheus, ratio, math.isfinite) <= 1
+    # No study answered, refused or cancelled: 0, not absent.
+    for rule in ("success", "failure", "cancelled"):
+        [sample] = prometheus.query(
+            f'task:nv_inference_request_{rule}:rate1m{{task="liver_mass_ct"}}'
+        )
+        assert sample.value == 0, rule
+
+
+def test_the_tasks_are_the_fused_models_and_not_the_explain_models(
+    prometheus: PrometheusServer, observed: Observed
+) -> None:
+    tasks = {
+        sample.labels["task"]
+        for sample in prometheus.query("task:nv_inference_request_success:rate1m")
+    }
+    assert tasks == set(TASKS)
+    # The models that queue: each fused model and its explain model (no ensemble here).
+    queued = {
+        sample.labels["model"]
+        for sample in prometheus.query("model:nv_inference_queue_seconds_per_request:rate1m")
+    }
+    assert queued == set(TASKS) | {f"{task}_explain" for task in TASKS}
 
 
 def test_rejects_are_counted_by_reason(prometheus: PrometheusServer, observed: Observed) -> None:
@@ -157,8 +217,9 @@ def test_recording_rules_evaluate_to_numbers(
     prometheus: PrometheusServer, observed: Observed
 ) -> None:
     rules = {
-        'model:nv_inference_queue_over_compute:ratio_rate1m{model="bone_density_ct_preprocess"}',
-        'model:nv_inference_batch_size:avg_rate1m{model="bone_density_ct_net"}',
+        # `serve`'s default: the task's one fused model queues, computes and batches
+        'model:nv_inference_queue_over_compute:ratio_rate1m{model="bone_density_ct"}',
+        'model:nv_inference_batch_size:avg_rate1m{model="bone_density_ct"}',
         'task:nv_inference_request_success:rate1m{task="bone_density_ct"}',
         'task_stage:abdoserve_preprocess_duration_seconds:p95_rate5m{task="bone_density_ct",stage="total"}',
     }
@@ -170,9 +231,16 @@ def test_recording_rules_evaluate_to_numbers(
         time.sleep(0.2)
     assert value(prometheus, 'task:nv_inference_request_success:rate1m{task="bone_density_ct"}') > 0
     assert (
-        value(prometheus, 'model:nv_inference_batch_size:avg_rate1m{model="bone_density_ct_net"}')
-        >= 1
+        value(prometheus, 'model:nv_inference_batch_size:avg_rate1m{model="bone_density_ct"}') >= 1
     )
+    # The autoscaling signal of a pod serving fused models: a number, never NaN.
+    labels = ",".join(f'{name}="{label}"' for name, label in POD.items())
+    queued = wait_for(
+        prometheus,
+        f"namespace_pod:abdoserve_queue_seconds_per_study:rate1m{{{labels}}}",
+        math.isfinite,
+    )
+    assert queued >= 0
 
 
 def test_every_rule_is_healthy_and_no_model_is_missing(

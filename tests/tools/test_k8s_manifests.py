@@ -559,12 +559,15 @@ def test_the_adapter_serves_the_recording_rule_per_pod() -> None:
     assert re.fullmatch(rule["name"]["matches"], HPA_RULE)
     assert "<<.LabelMatchers>>" in rule["metricsQuery"]
     assert "<<.GroupBy>>" in rule["metricsQuery"]
-    # The rule is per (namespace, pod): the composing models' queues over the
-    # ensembles' (the studies') answers.
+    # The rule is per (namespace, pod): the queues of the models that queue (all but
+    # the ensembles and the explain models) over the tasks' answers (a fused model's
+    # refusals taken off); its promtool test has the numbers.
     expr = " ".join(expressions[HPA_RULE].split())
     assert expr.count("sum by (namespace, pod)") == 3
-    assert expr.count('queue_duration_us{model=~".+_(preprocess|net|postprocess)"}') == 1
-    assert expr.count('success{model!~".+_(preprocess|net|postprocess)"}') == 2
+    assert expr.count('queue_duration_us{model!~".+_explain"}') == 1
+    assert expr.count('success{model!~".+_(preprocess|net|postprocess|explain)"}') == 3
+    assert expr.count("abdoserve_rejected_requests_total") == 1
+    assert expr.count('nv_inference_count{model=~".+_preprocess"}') == 2
 
 
 def test_the_adapters_queries_are_valid_promql(tmp_path: Path) -> None:

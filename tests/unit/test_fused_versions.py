@@ -137,7 +137,28 @@ def test_a_failing_production_is_each_studys_error(
     for reply in replies:
         assert reply.error is not None and reply.output_tensors == []
         assert "version 3 answered outside its contract" in reply.error.message
+    # Triton counts these error responses as successes: the model counts each failure
+    assert recorded("abdoserve_rejected_requests_total", reason="internal") == [1.0, 1.0]
     model.finalize()
+
+
+def test_every_refusal_reason_is_counted_from_zero(pb_utils: RecordingPbUtils) -> None:
+    """A series born at its first increment hides that increment from rate(): each
+    reason exists from the model's load."""
+    from abdoserve.preprocessing import errors
+    from abdoserve.serving.metrics import IntakeMetrics, known_reasons
+
+    IntakeMetrics(pb_utils, TASK)
+    reasons = known_reasons()
+    assert {"not_dicom", "wrong_modality", "input_too_large", "internal"} <= set(reasons)
+    assert errors.NotDicomError.reason in reasons
+    created = {
+        dict(pairs)["reason"]
+        for (name, pairs) in RecordingFamily.recorded
+        if name == "abdoserve_rejected_requests_total"
+    }
+    assert created == set(reasons)
+    assert recorded("abdoserve_rejected_requests_total") == []  # none incremented
 
 
 def test_a_version_that_is_not_there_fails_the_load(
