@@ -161,7 +161,6 @@ class StudyProcessor:
 
     def _failed(self, job: Job, code: str, message: str) -> dict[str, Any]:
         reason = _failure_reason(code)
-        self.metrics.requests_failed.labels(job.request.task, reason).inc()
         outcome = {
             **job.summary(),
             "status": "failed",
@@ -170,6 +169,8 @@ class StudyProcessor:
             "message": message,
         }
         folder = self.spool.keep_failed(job.study, job.key, job.files, outcome)
+        # Counted once kept: whoever the count alerts finds the study and its reason.
+        self.metrics.requests_failed.labels(job.request.task, reason).inc()
         log.error(
             "study %s: %s failed (%s): %s; kept in %s",
             job.study.study_uid,

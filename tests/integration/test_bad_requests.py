@@ -192,36 +192,27 @@ def test_200_concurrent_mixed_requests_all_succeed(
     assert len(results) == 200
     for task, study in results:
         np.testing.assert_allclose(study, expected[task], rtol=1e-6)
-    # Dynamic batching really batches: queued studies reached `execute` together, at the
-    # network above all (the postprocess' BLS calls of one batch reach it at once).
+    # Dynamic batching really batches: queued studies reached the fused model's
+    # `execute` together (one network batch per version for each).
     after = execution_counts(client, admin_headers)
-    counts = {
-        role: [sum(after[task, role][n] - before[task, role][n] for task in TASKS) for n in (0, 1)]
-        for role in ROLES
-    }
-    assert {role: inferences for role, (inferences, _) in counts.items()} == dict.fromkeys(
-        ROLES, 200
+    inferences, executions = (
+        sum(after[task][n] - before[task][n] for task in TASKS) for n in (0, 1)
     )
-    assert counts["net"][1] < 200, counts
-
-
-ROLES = ("preprocess", "postprocess", "net")
+    assert inferences == 200 and executions < 200, (inferences, executions)
 
 
 def execution_counts(
     client: grpcclient.InferenceServerClient, headers: dict[str, str]
-) -> dict[tuple[str, str], tuple[int, int]]:
-    """(inference_count, execution_count) of every task's composing models (statistics
-    are an admin API: the key opens them)."""
+) -> dict[str, tuple[int, int]]:
+    """(inference_count, execution_count) of every task's model (statistics are an
+    admin API: the key opens them)."""
     counts = {}
     for task in TASKS:
-        for role in ROLES:
-            stats = client.get_inference_statistics(f"{task}_{role}", headers=headers)
-            found = stats.model_stats
-            counts[task, role] = (
-                sum(item.inference_count for item in found),
-                sum(item.execution_count for item in found),
-            )
+        found = client.get_inference_statistics(task, headers=headers).model_stats
+        counts[task] = (
+            sum(item.inference_count for item in found),
+            sum(item.execution_count for item in found),
+        )
     return counts
 
 

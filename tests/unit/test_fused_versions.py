@@ -97,6 +97,7 @@ def test_a_canary_answers_its_share_from_the_version_beside_it(
     seeds = range(12)
     garbage = tensors(DICOM=np.array([b"not dicom"], dtype=np.object_))
     replies = model.execute([*(request(seed) for seed in seeds), garbage])
+    assert model.metrics_writer.flush()  # metrics update off the request's path
     assert replies[-1].error is not None and "DICOM" in replies[-1].error.message
     answers = [answer_of(reply) for reply in replies[:-1]]
     versions = [int(answer["model"]["version"]) for answer in answers]
@@ -109,6 +110,7 @@ def test_a_canary_answers_its_share_from_the_version_beside_it(
     )
     assert len(recorded("abdoserve_drift_answer_score", version="2")) == versions.count(2)
     model.router.companions.jobs.join()
+    assert model.metrics_writer.flush()
     # Production ran beside each canary answer: 0.5 against 0.9 disagrees on no flag
     # (neither is osteoporotic) but differs by 0.4.
     deltas = recorded("abdoserve_version_score_delta", answering="2", companion="1")
@@ -121,6 +123,7 @@ def test_a_candidate_outside_the_contract_costs_no_study(
 ) -> None:
     model = fused(tmp_path, Routing(production=1, candidate=3, mode="canary", percent=100.0))
     replies = model.execute([request(seed) for seed in range(3)])
+    assert model.metrics_writer.flush()  # metrics update off the request's path
     answers = [answer_of(reply) for reply in replies]
     assert [answer["model"]["version"] for answer in answers] == ["1", "1", "1"]
     assert all(answer["result"]["BMD"] == pytest.approx(0.9) for answer in answers)
@@ -134,6 +137,7 @@ def test_a_failing_production_is_each_studys_error(
 ) -> None:
     model = fused(tmp_path, Routing(production=3))
     replies = model.execute([request(seed) for seed in range(2)])
+    assert model.metrics_writer.flush()  # metrics update off the request's path
     for reply in replies:
         assert reply.error is not None and reply.output_tensors == []
         assert "version 3 answered outside its contract" in reply.error.message
@@ -177,6 +181,7 @@ def test_a_request_whose_client_left_is_answered_cancelled_and_counted(
     gone = request(1)
     gone.cancelled = True
     replies = model.execute([request(0), gone, request(2)])
+    assert model.metrics_writer.flush()  # metrics update off the request's path
     assert replies[1].error is not None and replies[1].error.code == FakeTritonError.CANCELLED
     assert replies[1].output_tensors == []
     assert [answer_of(replies[n])["result"]["BMD"] for n in (0, 2)] == pytest.approx([0.9] * 2)
