@@ -32,6 +32,7 @@ from abdoserve.serving.companion import CompanionRunner
 from abdoserve.serving.drift_metrics import DriftMetrics
 from abdoserve.serving.intake import StudyIntake
 from abdoserve.serving.local_versions import LocalNets
+from abdoserve.serving.metric_writer import MetricsOffPath, MetricWriter
 from abdoserve.serving.net_versions import NetFailed, VersionIdentities
 from abdoserve.serving.routing import served_routing
 from abdoserve.serving.routing_metrics import RoutingMetrics
@@ -48,15 +49,18 @@ class TritonPythonModel:
             pb_utils, self.spec, parameters, folder, routing.versions(time.time())
         )
         self.identities = VersionIdentities(self.spec.name, parameters, folder)
-        metrics = RoutingMetrics(pb_utils, self.spec.name)
+        # Metric updates are stub-to-server round trips: made after the response goes.
+        self.metrics_writer = MetricWriter()
+        measured = MetricsOffPath(pb_utils, self.metrics_writer)
+        metrics = RoutingMetrics(measured, self.spec.name)
         self.router = VersionRouter(
             routing,
             self.nets.call,
             metrics,
             CompanionRunner(self.spec.output, self.nets.call_blocking, metrics),
         )
-        self.intake = StudyIntake(pb_utils, self.spec, version_folder)
-        self.drift = DriftMetrics(pb_utils, self.spec.name, self.spec.output)
+        self.intake = StudyIntake(measured, self.spec, version_folder)
+        self.drift = DriftMetrics(measured, self.spec.name, self.spec.output)
         self.model_name = str(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -138,5 +142,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.router.companions.stop()
+        self.metrics_writer.close()  # after the companions: they count too
         self.intake.release()
         self.nets = None  # type: ignore[assignment]

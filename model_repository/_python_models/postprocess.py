@@ -26,6 +26,7 @@ from abdoserve.serving import validation
 from abdoserve.serving.answer import study_answer
 from abdoserve.serving.companion import CompanionRunner
 from abdoserve.serving.drift_metrics import DriftMetrics
+from abdoserve.serving.metric_writer import MetricsOffPath, MetricWriter
 from abdoserve.serving.net_versions import NetClient, NetFailed, VersionIdentities
 from abdoserve.serving.routing import served_routing
 from abdoserve.serving.routing_metrics import RoutingMetrics
@@ -38,8 +39,11 @@ class TritonPythonModel:
         net = NetClient(pb_utils, self.spec)
         net_folder = Path(args["model_repository"]).parent / net.net_model
         self.identities = VersionIdentities(self.spec.name, parameters, net_folder)
-        metrics = RoutingMetrics(pb_utils, self.spec.name)
-        self.drift = DriftMetrics(pb_utils, self.spec.name, self.spec.output)
+        # Metric updates are stub-to-server round trips: made after the response goes.
+        self.metrics_writer = MetricWriter()
+        measured = MetricsOffPath(pb_utils, self.metrics_writer)
+        metrics = RoutingMetrics(measured, self.spec.name)
+        self.drift = DriftMetrics(measured, self.spec.name, self.spec.output)
         self.router = VersionRouter(
             served_routing(parameters),
             net.call,
@@ -92,3 +96,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.router.companions.stop()
+        self.metrics_writer.close()  # after the companions: they count too

@@ -17,13 +17,17 @@ import triton_python_backend_utils as pb_utils
 
 from abdoserve.serving import triton_adapter as glue
 from abdoserve.serving.intake import StudyIntake
+from abdoserve.serving.metric_writer import MetricsOffPath, MetricWriter
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         _, self.spec = glue.model_spec(pb_utils, args)
         version_folder = Path(args["model_repository"]) / args["model_version"]
-        self.intake = StudyIntake(pb_utils, self.spec, version_folder)
+        # Metric updates are stub-to-server round trips: made after the response goes.
+        self.metrics_writer = MetricWriter()
+        measured = MetricsOffPath(pb_utils, self.metrics_writer)
+        self.intake = StudyIntake(measured, self.spec, version_folder)
         self.model_name = str(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -54,4 +58,5 @@ class TritonPythonModel:
         return glue.response(pb_utils, outputs)
 
     def finalize(self) -> None:
+        self.metrics_writer.close()
         self.intake.release()

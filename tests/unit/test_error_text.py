@@ -471,6 +471,7 @@ def test_an_intake_error_never_carries_what_the_sender_wrote(
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="abdoserve"):
         reply = models[hostile.task].handle(request_tensors(hostile))
+        assert models[hostile.task].metrics_writer.flush()  # metrics update off its path
     assert reply.error is not None and reply.error.code == FakeTritonError.INVALID_ARG
     assert reply.error.message == adapted.message
     # Our loggers and Triton's log; pydicom's own logger is not routed anywhere.

@@ -126,6 +126,7 @@ def request(
 
 def run(model: Any, requests: list[dict[str, FakeTensor]]) -> list[FakeResponse]:
     replies: list[FakeResponse] = asyncio.run(model.execute(requests))
+    assert model.metrics_writer.flush()  # metrics update off the request's path
     return replies
 
 
@@ -195,6 +196,7 @@ def test_a_canary_answers_its_share_and_each_answer_names_the_version_that_ran(
     again = run(model, [request(number) for number in numbers])
     assert [answer_of(reply)["model"]["version"] for reply in again] == versions
     model.router.companions.jobs.join()
+    assert model.metrics_writer.flush()
     # Production ran beside every canary answer (C against B: all disagree), or the
     # comparison was dropped by its bounded queue, never the answer.
     name = "abdoserve_version_comparisons_total"
@@ -244,6 +246,7 @@ def test_a_shadow_never_answers_and_its_agreement_is_recorded(
         replies = run(model, [request(number) for number in range(start, start + 4)])
         assert {answer_of(reply)["model"]["version"] for reply in replies} == {"1"}
         model.router.companions.jobs.join()
+        assert model.metrics_writer.flush()
     pair = {"answering": "1", "companion": "3"}
     assert len(recorded("abdoserve_version_comparisons_total", result="agree", **pair)) == 20
     deltas = recorded("abdoserve_version_score_delta", **pair)
