@@ -223,27 +223,32 @@ def prepare_repository(args: argparse.Namespace) -> None:
     built; a tuning or runtime other than the defaults gets a folder of its own under
     build/ unless --repository names one (which may hold some of the tasks: those it
     holds are served)."""
-    from abdoserve.export.repository import (
-        build_repository,
-        built_pipeline,
-        built_tasks,
-        is_built,
-    )
+    from abdoserve.export.repository import build_repository, built_tasks, is_built
 
     tuning = replica_tuning(args, args.replicas)
     tasks = tuple(TASKS)
-    if args.repository == DEFAULT_REPOSITORY:
-        args.pipeline = args.pipeline or default_pipeline("python")
-        args.repository = default_repository(tuning, args.cpu_runtime, args.pipeline)
-    else:
+    named = args.repository != DEFAULT_REPOSITORY
+    args.pipeline = served_pipeline(args.pipeline, args.repository if named else None)
+    if named:
         tasks = built_tasks(args.repository) or tasks
-        # A repository the user names keeps its shape: serving it must not rebuild it.
-        args.pipeline = args.pipeline or built_pipeline(args.repository)
-        args.pipeline = args.pipeline or default_pipeline("python")
+    else:
+        args.repository = default_repository(tuning, args.cpu_runtime, args.pipeline)
     built = {"tuning": tuning, "cpu_runtime": args.cpu_runtime, "pipeline": args.pipeline}
     if args.rebuild or not is_built(args.repository, tasks, **built):
         print(f"building the model repository at {args.repository} ...", flush=True)
         build_repository(args.repository, tasks, **built)
+
+
+def served_pipeline(asked: Pipeline | None, named: Path | None) -> Pipeline:
+    """The shape `serve` runs: the one asked for; else, for a repository the user named
+    and that is built, its own (serving it must not rebuild it into the other); else
+    the CPU runtimes' default, fused."""
+    from abdoserve.export.repository import built_pipeline
+
+    if asked is not None:
+        return asked
+    found = built_pipeline(named) if named is not None else None
+    return found or default_pipeline("python")
 
 
 def prepared_repository(repository: Path, replicas: int) -> Path:
