@@ -566,7 +566,7 @@ def test_the_adapter_serves_the_recording_rule_per_pod() -> None:
     assert expr.count("sum by (namespace, pod)") == 3
     assert expr.count('queue_duration_us{model!~".+_explain"}') == 1
     assert expr.count('success{model!~".+_(preprocess|net|postprocess|explain)"}') == 3
-    assert expr.count("abdoserve_rejected_requests_total") == 1
+    assert expr.count('{__name__=~"abdoserve_(rejected|cancelled)_requests_total"}') == 1
     assert expr.count('nv_inference_count{model=~".+_preprocess"}') == 2
 
 
