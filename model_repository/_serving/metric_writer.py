@@ -27,27 +27,44 @@ _LOG = logging.getLogger(__name__)
 Update = Callable[[], None]
 
 
-class MetricWriter:
-    """One thread that makes the queued metric updates, in order."""
+QUEUE_BOUND = 100_000  # updates waiting: minutes of traffic, a few MiB at most
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Update | None] = queue.SimpleQueue()
+
+class MetricWriter:
+    """One thread that makes the queued metric updates, in order. Past `bound` waiting
+    updates (a writer stalled on the server), new ones are dropped, never the request:
+    memory stays bounded and the log says so once."""
+
+    def __init__(self, bound: int = QUEUE_BOUND) -> None:
+        self._queue: queue.Queue[Update | None] = queue.Queue(maxsize=bound)
         self._failed = False
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="abdoserve-metrics", daemon=True)
         self._thread.start()
 
     def submit(self, update: Update) -> None:
-        self._queue.put(update)
+        try:
+            self._queue.put_nowait(update)
+        except queue.Full:
+            if self.dropped == 0:
+                _LOG.error("metric updates are not being made; dropping them, not requests")
+            self.dropped += 1
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every update submitted so far is made; False if that took too long."""
         done = threading.Event()
-        self._queue.put(done.set)
+        try:
+            self._queue.put(done.set, timeout=timeout_s)
+        except queue.Full:
+            return False
         return done.wait(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Make what is queued, then stop the thread."""
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return  # stalled: the daemon thread goes with the stub
         self._thread.join(timeout_s)
 
     def _run(self) -> None:

@@ -76,3 +76,18 @@ def test_close_makes_what_is_queued() -> None:
         writer.submit(lambda number=number: seen.append(number))  # type: ignore[misc]
     writer.close()
     assert seen == list(range(100))
+
+
+def test_a_stalled_writer_drops_updates_past_its_bound_and_never_blocks() -> None:
+    """A writer stuck on the server (the update never returns) costs bounded memory:
+    updates past the bound are dropped and counted; submit never waits."""
+    writer = MetricWriter(bound=10)
+    stuck = threading.Event()
+    writer.submit(stuck.wait)  # the writer's thread blocks here
+    for _ in range(50):
+        writer.submit(lambda: None)
+    assert writer.dropped >= 39  # 10 queued (the first may already be taken), the rest dropped
+    assert not writer.flush(timeout_s=0.1)
+    stuck.set()
+    assert writer.flush()
+    writer.close()
