@@ -109,7 +109,10 @@ class MetricsOffPath:
         self.MetricFamily = deferred_families(pb_utils.MetricFamily, writer)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._pb_utils, name)
+        # Kept on first use: the intake reads its inputs through this on every request.
+        value = getattr(self._pb_utils, name)
+        setattr(self, name, value)
+        return value
 
 
 def deferred_families(family_class: Any, writer: MetricWriter) -> Any:
